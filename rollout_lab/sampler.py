@@ -1,0 +1,179 @@
+"""Sampler workers: a `vllm.LLM` per Ray actor, returning typed RolloutBatches."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from rollout_lab.config import RunConfig
+from rollout_lab.crash import EngineCrash, crash_signature
+from rollout_lab.records import RolloutBatch, Sample
+
+COUNTER_METRICS = {
+    "vllm:num_preemptions": "preemptions",
+    "vllm:prefix_cache_queries": "prefix_cache_queries",
+    "vllm:prefix_cache_hits": "prefix_cache_hits",
+    "vllm:prompt_tokens": "prompt_tokens",
+    "vllm:generation_tokens": "generation_tokens",
+}
+GAUGE_METRICS = {"vllm:kv_cache_usage_perc": "kv_cache_usage"}
+
+
+@dataclass
+class PromptRequest:
+    """One prompt to sample `num_samples` completions for."""
+
+    prompt_index: int
+    token_ids: list[int]
+
+
+def request_seed(base_seed: int, step: int, prompt_index: int, sample_index: int) -> int:
+    """A per-request seed that depends only on the request's coordinates, not on batching."""
+    seed = base_seed
+    for part in (step, prompt_index, sample_index):
+        seed = (seed * 1_000_003 + part + 1) % (2**31 - 1)
+    return seed
+
+
+def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
+    """vllm.LLM keyword arguments for this run's engine config."""
+    e = cfg.engine
+    kwargs = dict(
+        model=model_path,
+        dtype=e.dtype,
+        max_model_len=e.max_model_len,
+        max_num_seqs=e.max_num_seqs,
+        enable_prefix_caching=e.enable_prefix_caching,
+        enable_chunked_prefill=e.enable_chunked_prefill,
+        enforce_eager=e.enforce_eager,
+        seed=e.seed,
+        logprobs_mode=e.logprobs_mode,
+        disable_log_stats=False,
+        worker_extension_cls="rollout_lab.weight_sync.WeightSyncExtension",
+    )
+    if e.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_bytes
+    else:
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    if e.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
+    if e.block_size is not None:
+        kwargs["block_size"] = e.block_size
+    return kwargs
+
+
+class SamplerWorker:
+    """Owns one vLLM engine. Engine failures are raised as EngineCrash carrying a signature."""
+
+    def __init__(self, cfg: RunConfig, worker_index: int, model_path: str):
+        # Set before vLLM is imported: its env vars are read at import.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.engine.multiprocessing else "0"
+        self.cfg = cfg
+        self.worker_index = worker_index
+        self.start_crash = None
+        self.start_seconds = 0.0
+        self.counters_before: dict[str, float] = {}
+        started = time.perf_counter()
+        try:
+            from vllm import LLM
+
+            self.llm = LLM(**engine_kwargs(cfg, model_path))
+        except Exception as exc:  # an engine that cannot start is a result, not a traceback
+            self.start_crash = crash_signature(exc, phase="engine_start")
+        self.start_seconds = time.perf_counter() - started
+
+    def ready(self) -> float:
+        """Seconds the engine took to start; raises EngineCrash if it failed to start."""
+        if self.start_crash is not None:
+            raise EngineCrash(self.start_crash)
+        self.counters_before = self._counters()
+        return self.start_seconds
+
+    def generate(self, step: int, prompts: list[PromptRequest]) -> RolloutBatch:
+        """Sample every prompt `samples_per_prompt` times with per-token logprobs."""
+        from vllm import SamplingParams
+
+        w = self.cfg.workload
+        requests, params, coords = [], [], []
+        for prompt in prompts:
+            for sample_index in range(w.samples_per_prompt):
+                seed = None
+                if self.cfg.engine.seed_policy == "per_request":
+                    seed = request_seed(self.cfg.engine.seed, step, prompt.prompt_index, sample_index)
+                requests.append({"prompt_token_ids": prompt.token_ids})
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        max_tokens=w.max_tokens,
+                        temperature=w.temperature,
+                        top_p=w.top_p,
+                        top_k=w.top_k,
+                        seed=seed,
+                        logprobs=0,
+                    )
+                )
+                coords.append((prompt.prompt_index, sample_index))
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        except Exception as exc:
+            raise EngineCrash(crash_signature(exc, phase="generate", step=step)) from None
+        samples = []
+        for (prompt_index, sample_index), out in zip(coords, outputs, strict=True):
+            completion = out.outputs[0]
+            token_ids = list(completion.token_ids)
+            logprobs = [completion.logprobs[i][t].logprob for i, t in enumerate(token_ids)]
+            samples.append(
+                Sample(
+                    prompt_index=prompt_index,
+                    sample_index=sample_index,
+                    request_id=str(out.request_id),
+                    prompt_token_ids=list(out.prompt_token_ids),
+                    token_ids=token_ids,
+                    sampler_logprobs=logprobs,
+                    num_cached_tokens=int(out.num_cached_tokens or 0),
+                    num_preemptions=int(out.metrics.num_preemptions) if out.metrics is not None else -1,
+                    finish_reason=completion.finish_reason,
+                    text=completion.text,
+                )
+            )
+        return RolloutBatch(step=step, worker=self.worker_index, samples=samples, engine_stats=self._step_stats())
+
+    def load_weights(self, encoded_weights: list) -> int:
+        """Push new weights into the engine and drop prefix-cache entries computed with the old ones."""
+        try:
+            loaded = sum(self.llm.collective_rpc("rl_load_weights", args=(encoded_weights,)))
+        except Exception as exc:
+            raise EngineCrash(crash_signature(exc, phase="weight_sync")) from None
+        # Cached KV blocks hold activations of the old policy: reusing them would be a real bug.
+        self.llm.reset_prefix_cache()
+        return loaded
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """vLLM's logprob of each token of a fixed sequence given its prefix (positions 1..n-1)."""
+        from vllm import SamplingParams
+
+        out = self.llm.generate(
+            [{"prompt_token_ids": token_ids}],
+            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+            use_tqdm=False,
+        )[0]
+        return [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], token_ids[1:], strict=True)]
+
+    def _counters(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for metric in self.llm.get_metrics():
+            name = COUNTER_METRICS.get(metric.name) or GAUGE_METRICS.get(metric.name)
+            if name is not None and hasattr(metric, "value"):
+                values[name] = values.get(name, 0.0) + float(metric.value)
+        return values
+
+    def _step_stats(self) -> dict[str, float]:
+        """Counter deltas since the last call (what this step did) and current gauges."""
+        now = self._counters()
+        stats = {}
+        for name in COUNTER_METRICS.values():
+            stats[name] = now.get(name, 0.0) - self.counters_before.get(name, 0.0)
+        for name in GAUGE_METRICS.values():
+            stats[name] = now.get(name, 0.0)
+        self.counters_before = now
+        return stats

@@ -1,0 +1,117 @@
+"""The trainer: a transformers model that recomputes sampled tokens' logprobs and takes GRPO steps."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+from trl.trainer.utils import selective_log_softmax
+
+from rollout_lab import weight_sync
+from rollout_lab.config import TrainerConfig
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int = 0):
+    """Right-padded (input_ids, attention_mask) for prompt+completion pairs."""
+    lengths = [len(p) + len(c) for p, c in sequences]
+    input_ids = torch.full((len(sequences), max(lengths)), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ((prompt, completion), length) in enumerate(zip(sequences, lengths)):
+        input_ids[row, :length] = torch.tensor(prompt + completion)
+        attention_mask[row, :length] = 1
+    return input_ids, attention_mask
+
+
+class Trainer:
+    """Policy model + optimizer. Sequences are (prompt_token_ids, completion_token_ids) pairs."""
+
+    def __init__(self, model_path: str, cfg: TrainerConfig, seed: int = 0):
+        torch.manual_seed(seed)
+        torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, foreach=True)
+
+    def _completion_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+        """Teacher-forced logprob of every completion token, in float32, one tensor per sequence."""
+        input_ids, attention_mask = pad_sequences(sequences)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # Logits at position t predict token t+1; upcast so bf16 training still gets fp32 logprobs.
+        token_logprobs = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:])
+        out = []
+        for row, (prompt, completion) in enumerate(sequences):
+            start = len(prompt) - 1
+            out.append(token_logprobs[row, start : start + len(completion)])
+        return out
+
+    def _micro_batches(self, sequences):
+        size = self.cfg.micro_batch_size
+        for start in range(0, len(sequences), size):
+            yield start, sequences[start : start + size]
+
+    @torch.no_grad()
+    def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+        """Recompute each completion token's logprob under the current weights."""
+        self.model.eval()
+        out = []
+        for _, chunk in self._micro_batches(sequences):
+            out += [lp.cpu().double().numpy() for lp in self._completion_logprobs(chunk)]
+        return out
+
+    def update(
+        self, sequences: list[tuple[list[int], list[int]]], advantages: np.ndarray
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """One GRPO step; returns each completion token's logprob before the step, and stats.
+
+        On-policy, so the clipped ratio is 1 and the gradient is that of A * log pi per token,
+        averaged over all completion tokens of the batch (token-level, as in DAPO and TRL's
+        default). The logprobs come from the same forward pass that makes the gradient, so the
+        recorded trainer logprob is exactly what the update used, at no extra forward.
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        num_tokens = sum(len(c) for _, c in sequences)
+        total_loss, recomputed = 0.0, []
+        for start, chunk in self._micro_batches(sequences):
+            logprobs = self._completion_logprobs(chunk)
+            loss = sum(
+                -(float(advantages[start + i]) * lp).sum() for i, lp in enumerate(logprobs)
+            ) / max(num_tokens, 1)
+            loss.backward()
+            total_loss += float(loss.detach())
+            recomputed += [lp.detach().cpu().double().numpy() for lp in logprobs]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        return recomputed, {"loss": total_loss, "grad_norm": float(grad_norm)}
+
+    def named_weights(self, dtype: str) -> list:
+        """Weights under their checkpoint names in the engine's dtype, encoded for transport.
+
+        A tied output embedding is sent again under its own name: vLLM CPU 0.32 repacks lm_head
+        into a oneDNN handle of its own, and `reload_weights` leaves that handle stale when only
+        the input embedding arrives (repro/tied_lm_head_reload/repro.py).
+        """
+        target = getattr(torch, dtype)
+        named = [(name, p.detach().to("cpu", target)) for name, p in self.model.named_parameters()]
+        output = self.model.get_output_embeddings()
+        if output is not None and self.model.config.get_text_config().tie_word_embeddings:
+            head_name = next(name for name, module in self.model.named_modules() if module is output)
+            named.append((f"{head_name}.weight", output.weight.detach().to("cpu", target)))
+        return weight_sync.encode(named)
+
+    @torch.no_grad()
+    def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """Logprob of tokens 1..n-1 of a fixed sequence, the counterpart of vLLM's prompt logprobs."""
+        self.model.eval()
+        return self._completion_logprobs([(token_ids[:1], token_ids[1:])])[0].cpu().double().numpy()

@@ -1,0 +1,34 @@
+import pytest
+
+from rollout_lab.config import ConfigError, RunConfig, spike_threshold, validate
+
+
+def test_default_config_is_valid():
+    validate(RunConfig())
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("engine", "dtype", "float8", "engine.dtype='float8' is not valid"),
+        ("engine", "max_model_len", 0, "engine.max_model_len=0 must be a positive number"),
+        ("engine", "kv_cache_memory_bytes", -5, "engine.kv_cache_memory_bytes=-5"),
+        ("engine", "gpu_memory_utilization", 1.5, "gpu_memory_utilization=1.5"),
+        ("workload", "max_tokens", 600, "leaves no room for the prompt"),
+        ("engine", "seed_policy", "random", "engine.seed_policy='random'"),
+    ],
+)
+def test_invalid_values_name_the_key(section, key, value, message):
+    cfg = RunConfig()
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg)
+
+
+def test_spike_threshold_follows_the_loosest_dtype():
+    cfg = RunConfig()
+    assert spike_threshold(cfg) == 1e-3
+    cfg.engine.dtype = "bfloat16"
+    assert spike_threshold(cfg) == 1.0
+    cfg.loop.spike_threshold = 0.05
+    assert spike_threshold(cfg) == 0.05

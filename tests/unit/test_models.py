@@ -1,0 +1,52 @@
+"""resolve_model and prepare's bookkeeping, with a stub in place of a real model build."""
+import pytest
+
+from rollout_lab import models
+
+
+@pytest.fixture
+def builds(tmp_path, monkeypatch):
+    """A cache under tmp_path whose smollm2 builder only records that it ran."""
+    monkeypatch.setenv("ROLLOUT_LAB_CACHE", str(tmp_path))
+    calls = []
+
+    def build(out):
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setitem(models._BUILDERS, "smollm2", build)
+    return calls
+
+
+def test_prepare_builds_once_and_rebuilds_a_half_prepared_dir(builds, tmp_path):
+    path = models.prepare("smollm2")
+    assert path == tmp_path / "models" / "smollm2"
+    assert (path / "config.json").exists() and models.is_prepared("smollm2")
+    assert models.prepare("smollm2") == path and len(builds) == 1
+    (path / models.MARKER).unlink()
+    models.prepare("smollm2")
+    assert len(builds) == 2 and models.is_prepared("smollm2")
+
+
+def test_a_failed_prepare_leaves_no_model_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROLLOUT_LAB_CACHE", str(tmp_path))
+
+    def build(out):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setitem(models._BUILDERS, "smollm2", build)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        models.prepare("smollm2")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".smollm2.lock"]
+
+
+def test_resolve_model(builds, tmp_path):
+    assert models.resolve_model("smollm2") == str(tmp_path / "models" / "smollm2")
+    assert models.resolve_model(str(tmp_path)) == str(tmp_path.resolve())
+    assert models.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    for bad in ("/no/such/dir", "./no-such-dir", "~/no-such-dir", "gpt2", "a/b/c", ""):
+        with pytest.raises(models.ModelError, match="smollm2, hybrid-tiny, mamba2-tiny"):
+            models.resolve_model(bad)
+    with pytest.raises(models.ModelError, match="no embedded model 'llama'"):
+        models.prepare("llama")

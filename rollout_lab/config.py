@@ -89,9 +89,11 @@ class RayConfig:
     # null starts a local Ray; "auto" joins the cluster this machine belongs to.
     address: Optional[str] = None
     sampler_num_cpus: float = 1.0
-    sampler_num_gpus: float = 0.0
     trainer_num_cpus: float = 1.0
-    trainer_num_gpus: float = 0.0
+    # GPUs per actor. null: from the cluster: none without GPUs; with fewer GPUs than actors,
+    # every actor gets an equal share of one GPU (fractions); else one GPU each.
+    sampler_num_gpus: Optional[float] = None
+    trainer_num_gpus: Optional[float] = None
 
 
 @dataclass
@@ -137,6 +139,15 @@ def spike_threshold(cfg: RunConfig) -> float:
         return cfg.loop.spike_threshold
     worst = max(cfg.engine.dtype, cfg.trainer.dtype, key=lambda d: SPIKE_THRESHOLDS[d])
     return SPIKE_THRESHOLDS[worst]
+
+
+def gpu_shares(cfg: RunConfig, cluster_gpus: float) -> tuple[float, float]:
+    """(GPUs per sampler worker, GPUs for the trainer) for a cluster with `cluster_gpus` GPUs."""
+    actors = cfg.loop.num_workers + 1
+    share = 0.0 if cluster_gpus < 1 else (1.0 if cluster_gpus >= actors else round(1.0 / actors, 3))
+    sampler = cfg.ray.sampler_num_gpus if cfg.ray.sampler_num_gpus is not None else share
+    trainer = cfg.ray.trainer_num_gpus if cfg.ray.trainer_num_gpus is not None else share
+    return sampler, trainer
 
 
 def _choice(key: str, value: Any, valid: tuple) -> None:

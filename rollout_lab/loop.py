@@ -19,7 +19,7 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from rollout_lab.config import RunConfig, spike_threshold, validate
+from rollout_lab.config import RunConfig, gpu_shares, spike_threshold, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics
 from rollout_lab.records import RolloutBatch, token_table, write_step
@@ -122,13 +122,14 @@ def run(cfg: RunConfig) -> RunResult:
     probe_ids = tokenizer(PROBE_TEXT)["input_ids"]
 
     _init_ray(cfg)
+    sampler_gpus, trainer_gpus = gpu_shares(cfg, ray.cluster_resources().get("GPU", 0.0))
     SamplerActor = ray.remote(SamplerWorker)
     TrainerActor = ray.remote(Trainer)
     samplers = [
-        SamplerActor.options(num_cpus=cfg.ray.sampler_num_cpus, num_gpus=cfg.ray.sampler_num_gpus).remote(cfg, i, model_path)
+        SamplerActor.options(num_cpus=cfg.ray.sampler_num_cpus, num_gpus=sampler_gpus).remote(cfg, i, model_path)
         for i in range(cfg.loop.num_workers)
     ]
-    trainer = TrainerActor.options(num_cpus=cfg.ray.trainer_num_cpus, num_gpus=cfg.ray.trainer_num_gpus).remote(
+    trainer = TrainerActor.options(num_cpus=cfg.ray.trainer_num_cpus, num_gpus=trainer_gpus).remote(
         model_path, cfg.trainer, cfg.engine.seed
     )
     logger = RunLogger(cfg, run_dir, run_id, config_dict)

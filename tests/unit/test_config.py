@@ -32,3 +32,16 @@ def test_spike_threshold_follows_the_loosest_dtype():
     assert spike_threshold(cfg) == 1.0
     cfg.loop.spike_threshold = 0.05
     assert spike_threshold(cfg) == 0.05
+
+
+def test_gpu_shares_fit_the_cluster():
+    from rollout_lab.config import gpu_shares
+
+    cfg = RunConfig()
+    assert gpu_shares(cfg, 0) == (0.0, 0.0)
+    assert gpu_shares(cfg, 1) == (0.5, 0.5)
+    assert gpu_shares(cfg, 2) == (1.0, 1.0)
+    cfg.loop.num_workers = 3
+    assert gpu_shares(cfg, 2) == (0.25, 0.25)
+    cfg.ray.trainer_num_gpus = 1.0
+    assert gpu_shares(cfg, 2) == (0.25, 1.0)

@@ -42,6 +42,9 @@ class EngineConfig:
     seed_policy: str = "per_request"
     # raw_logprobs: logprobs of the model's own distribution, what the trainer recomputes.
     logprobs_mode: str = "raw_logprobs"
+    # Record every scheduler step (requests, blocks, state slots, preemptions) through
+    # rollout_lab's scheduler hook, joined onto the token table. Costs: scripts/bench_instrument.py.
+    record_schedule: bool = True
     # Run the engine core inside the sampler actor's process (weight sync and our plugins need
     # no serialization); set true to use vLLM's separate engine-core process.
     multiprocessing: bool = False
@@ -108,9 +111,28 @@ class LoggerConfig:
 
 @dataclass
 class FaultConfig:
-    # name of a planted fault (see rollout_lab/faults); null runs the engine as shipped.
+    # A planted fault (rollout_lab/engine_hooks.py documents each); null runs vLLM as shipped.
     name: Optional[str] = None
     params: dict[str, Any] = field(default_factory=dict)
+
+
+# Each planted fault's parameters and their defaults (documented in engine_hooks.py).
+FAULT_DEFAULTS = {
+    "stale_state": {"p": 1.0, "seed": 0},
+    "index_overflow": {"threshold": 16, "stride": 1},
+    "logit_noise": {"scale": 0.05, "seed": 0},
+    "engine_crash": {"at_step": 3},
+}
+
+
+def fault_params(name: str, params: dict) -> dict:
+    """Defaults overlaid with the user's params; an unknown fault or key raises ConfigError."""
+    if name not in FAULT_DEFAULTS:
+        raise ConfigError(f"fault.name={name!r} is not valid; choose one of {', '.join(FAULT_DEFAULTS)}")
+    unknown = set(params) - set(FAULT_DEFAULTS[name])
+    if unknown:
+        raise ConfigError(f"fault {name} has no parameter {', '.join(sorted(unknown))}; it takes {', '.join(FAULT_DEFAULTS[name])}")
+    return FAULT_DEFAULTS[name] | dict(params)
 
 
 @dataclass
@@ -194,6 +216,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("loop.weight_sync_tolerance", lp.weight_sync_tolerance),
     ]:
         _positive(key, value, allow_none=True)
+    if cfg.fault.name is not None:
+        fault_params(cfg.fault.name, cfg.fault.params)
     if w.temperature < 0:
         raise ConfigError(f"workload.temperature={w.temperature} must be >= 0")
     if w.max_tokens >= e.max_model_len:

@@ -39,7 +39,8 @@ class RunResult:
 
     run_id: str
     run_dir: str
-    status: str = "ok"
+    # ok | crash | sync_mismatch | interrupted (stopped before its last step, records kept)
+    status: str = "interrupted"
     steps_completed: int = 0
     num_tokens: int = 0
     abs_diff_max: float = 0.0
@@ -108,6 +109,7 @@ def run(cfg: RunConfig) -> RunResult:
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y-%m-%d/%H-%M-%S')}-{cfg.run_name}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
     run_id = f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     threshold = spike_threshold(cfg)
     result = RunResult(run_id=run_id, run_dir=str(run_dir), spike_threshold=threshold)
@@ -196,6 +198,7 @@ def run(cfg: RunConfig) -> RunResult:
                 raise WeightSyncError(
                     f"after step {step} vLLM and trainer disagree by {metrics['sync/max_abs_diff']:.3g} > {sync_tolerance}"
                 )
+        result.status = "ok"
     except EngineCrash as crash:
         result.status, result.crash = "crash", crash.signature.to_dict()
     except ray.exceptions.RayError as exc:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rollout_lab.config import RunConfig
 from rollout_lab.crash import EngineCrash, crash_signature
+from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, token_facts
 from rollout_lab.records import RolloutBatch, Sample
 
 COUNTER_METRICS = {
@@ -17,6 +19,7 @@ COUNTER_METRICS = {
     "vllm:generation_tokens": "generation_tokens",
 }
 GAUGE_METRICS = {"vllm:kv_cache_usage_perc": "kv_cache_usage"}
+
 
 
 @dataclass
@@ -49,8 +52,10 @@ def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
         seed=e.seed,
         logprobs_mode=e.logprobs_mode,
         disable_log_stats=False,
-        worker_extension_cls="rollout_lab.weight_sync.WeightSyncExtension",
+        worker_extension_cls="rollout_lab.engine_hooks.LabWorkerExtension",
     )
+    if e.record_schedule:
+        kwargs["scheduler_cls"] = "rollout_lab.engine_hooks.RecordingScheduler"
     if e.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_bytes
     else:
@@ -68,6 +73,14 @@ class SamplerWorker:
     def __init__(self, cfg: RunConfig, worker_index: int, model_path: str):
         # Set before vLLM is imported: its env vars are read at import.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.engine.multiprocessing else "0"
+        self.schedule = None
+        if cfg.engine.record_schedule:
+            path = Path(cfg.run_dir or ".") / "schedule" / f"worker_{worker_index}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            os.environ[SCHEDULE_LOG_ENV] = str(path)
+            self.schedule = ScheduleReader(path)
+        self.fault = None
         self.cfg = cfg
         self.worker_index = worker_index
         self.start_crash = None
@@ -78,6 +91,8 @@ class SamplerWorker:
             from vllm import LLM
 
             self.llm = LLM(**engine_kwargs(cfg, model_path))
+            if cfg.fault.name is not None:
+                self.fault = self.llm.collective_rpc("rl_install_fault", args=(cfg.fault.name, dict(cfg.fault.params)))[0]
         except Exception as exc:  # an engine that cannot start is a result, not a traceback
             self.start_crash = crash_signature(exc, phase="engine_start")
         self.start_seconds = time.perf_counter() - started
@@ -117,6 +132,8 @@ class SamplerWorker:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         except Exception as exc:
             raise EngineCrash(crash_signature(exc, phase="generate", step=step)) from None
+        schedule = self.schedule.read_new() if self.schedule is not None else None
+        ends = join_schedule(schedule) if schedule is not None else {}
         samples = []
         for (prompt_index, sample_index), out in zip(coords, outputs, strict=True):
             completion = out.outputs[0]
@@ -136,7 +153,18 @@ class SamplerWorker:
                     text=completion.text,
                 )
             )
-        return RolloutBatch(step=step, worker=self.worker_index, samples=samples, engine_stats=self._step_stats())
+            if schedule is not None:
+                facts = token_facts(schedule, ends, samples[-1].request_id, len(out.prompt_token_ids), len(token_ids))
+                samples[-1].kv_blocks, samples[-1].state_slots = facts.kv_blocks, facts.state_slots
+                samples[-1].preemptions_before = facts.preemptions_before
+        stats = self._step_stats()
+        if schedule is not None and schedule.steps and schedule.num_blocks:
+            stats["kv_blocks_peak_fraction"] = max(
+                len({b for _, _, blocks in step["requests"].values() for group in blocks for b in group})
+                for step in schedule.steps
+            ) / schedule.num_blocks
+            stats["engine_steps"] = len(schedule.steps)
+        return RolloutBatch(step=step, worker=self.worker_index, samples=samples, engine_stats=stats)
 
     def load_weights(self, encoded_weights: list) -> int:
         """Push new weights into the engine and drop prefix-cache entries computed with the old ones."""

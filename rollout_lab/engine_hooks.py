@@ -1,39 +1,17 @@
-"""Everything rollout_lab installs inside vLLM, through vLLM's own extension hooks only.
+"""The scheduler hook rollout_lab installs inside vLLM (`scheduler_cls`; no edited vLLM).
 
-- `RecordingScheduler` (`scheduler_cls`): vLLM's scheduler plus one JSON line per step, written
-  to $ROLLOUT_LAB_SCHED_LOG (see instrument.py for the format and the join).
-- `LabWorkerExtension` (`worker_extension_cls`): weight sync, and `rl_install_fault`, which plants
-  a fault in the worker's model runner. Faults corrupt what the engine computes (block tables it
-  reads, logits), never our records; the trainer never sees them.
-
-Planted faults (ground truth for the lab's own detectors):
-  stale_state    Trigger: a request resumes after a preemption. With probability `p` (per
-                 request, seeded), it keeps reading through the block table it held before the
-                 preemption (KV blocks and, for hybrid models, the SSM state slot), whose blocks
-                 other requests may have been given since. Silent, rare, only under pressure.
-  index_overflow Emulates a 32-bit offset overflow: a block id b with b * stride >= `threshold`
-                 (stride = 1 block by default, so threshold is in blocks) is read from
-                 b mod threshold. Writes are unaffected. Only requests holding blocks past the
-                 threshold go wrong, so failures track cache size and the number of blocks in use.
-  logit_noise    Gaussian noise of std `scale` on every logit of every request: a magnitude-only
-                 perturbation whose structure depends on nothing (the negative control).
-  engine_crash   Raises RuntimeError in the forward pass at engine step `at_step`: a real
-                 exception inside the engine, for crash capture and crash minimization.
+`RecordingScheduler` is vLLM's scheduler plus one JSON line per step, written to
+$ROLLOUT_LAB_SCHED_LOG (instrument.py reads and joins them). The other ways in are the worker
+extension (weight_sync.py) and `LLM.collective_rpc(faults.install, ...)` (faults.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 
-import torch
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from rollout_lab.config import fault_params
 from rollout_lab.instrument import SCHEDULE_LOG_ENV
-from rollout_lab.weight_sync import WeightSyncExtension
-
 
 
 class RecordingScheduler(Scheduler):
@@ -65,108 +43,3 @@ class RecordingScheduler(Scheduler):
         self._step += 1
         return output
 
-
-def _chance(seed: int, request_id: str) -> float:
-    """A uniform number in [0, 1) fixed by (seed, request id): the same run corrupts the same requests."""
-    digest = hashlib.sha256(f"{seed}/{request_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64
-
-
-class _FaultState:
-    """What a planted fault tracks across engine steps, inside one worker."""
-
-    def __init__(self, runner, name: str, params: dict):
-        self.runner, self.name, self.params = runner, name, params
-        self.step = 0
-        self.block_rows: dict[str, tuple[list[int], ...]] = {}  # req -> blocks per group, this life
-        self.stale_rows: dict[str, tuple[list[int], ...]] = {}  # req -> blocks before its preemption
-        self.generator = torch.Generator(device="cpu").manual_seed(int(params.get("seed", 0)))
-
-    def observe(self, scheduler_output) -> None:
-        """Track each request's block ids; on resume, remember the pre-preemption ones."""
-        resumed = set(scheduler_output.scheduled_cached_reqs.resumed_req_ids or ())
-        for new in scheduler_output.scheduled_new_reqs:
-            if new.req_id in self.block_rows and new.num_computed_tokens == 0:
-                resumed.add(new.req_id)
-            self._start_life(new.req_id, new.block_ids, resumed)
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id, new_blocks in zip(cached.req_ids, cached.new_block_ids):
-            if req_id in resumed:
-                self._start_life(req_id, new_blocks or (), resumed)
-            elif new_blocks:
-                row = self.block_rows.setdefault(req_id, tuple([] for _ in new_blocks))
-                for group, blocks in zip(row, new_blocks):
-                    group.extend(blocks)
-
-    def _start_life(self, req_id: str, block_ids, resumed: set) -> None:
-        if req_id in resumed and self.name == "stale_state" and req_id in self.block_rows:
-            if _chance(int(self.params["seed"]), req_id) < float(self.params["p"]):
-                self.stale_rows[req_id] = tuple(list(g) for g in self.block_rows[req_id])
-        self.block_rows[req_id] = tuple(list(g) for g in block_ids)
-
-    def remap_block_table(self, group_id: int, block_table: torch.Tensor, num_reqs: int) -> torch.Tensor:
-        """The block table the corrupted kernel would read."""
-        if self.name == "index_overflow":
-            threshold = max(int(self.params["threshold"]) // int(self.params["stride"]), 1)
-            return torch.where(block_table >= threshold, block_table % threshold, block_table)
-        if self.name == "stale_state" and self.stale_rows:
-            table = block_table.clone()
-            for row, req_id in enumerate(self.runner.input_batch.req_ids[:num_reqs]):
-                stale = self.stale_rows.get(req_id)
-                if stale is not None and group_id < len(stale) and stale[group_id]:
-                    old = torch.tensor(stale[group_id][: table.shape[1]], dtype=table.dtype)
-                    table[row, : len(old)] = old.to(table.device)
-            return table
-        return block_table
-
-
-def _wrap_builders(runner, state: _FaultState) -> None:
-    for groups in runner.attn_groups:
-        for attn_group in groups:
-            for builder in attn_group.metadata_builders:
-                builder.build = _remapping_build(builder.build, attn_group.kv_cache_group_id, state)
-
-
-def _remapping_build(build, group_id: int, state: _FaultState):
-    def wrapped(common_prefix_len, common_attn_metadata, *args, **kwargs):
-        table = state.remap_block_table(group_id, common_attn_metadata.block_table_tensor, common_attn_metadata.num_reqs)
-        if table is not common_attn_metadata.block_table_tensor:
-            common_attn_metadata = dataclasses.replace(common_attn_metadata, block_table_tensor=table)
-        return build(common_prefix_len, common_attn_metadata, *args, **kwargs)
-
-    return wrapped
-
-
-class LabWorkerExtension(WeightSyncExtension):
-    """Mixed into vLLM's worker: weight sync plus fault planting, called via collective_rpc."""
-
-    def rl_install_fault(self, name: str, params: dict) -> str:
-        """Plant fault `name` in this worker's model runner; returns a one-line description."""
-        params = fault_params(name, params)
-        runner = self.model_runner
-        state = _FaultState(runner, name, params)
-        execute_model = runner.execute_model
-
-        def observed_execute_model(scheduler_output, *args, **kwargs):
-            state.observe(scheduler_output)
-            if name == "engine_crash" and state.step == int(params["at_step"]):
-                raise RuntimeError(f"planted engine_crash at engine step {state.step}")
-            state.step += 1
-            return execute_model(scheduler_output, *args, **kwargs)
-
-        runner.execute_model = observed_execute_model
-        if name in ("stale_state", "index_overflow"):
-            _wrap_builders(runner, state)
-        if name == "logit_noise":
-            model = runner.model
-            compute_logits = model.compute_logits
-
-            def noisy_compute_logits(*args, **kwargs):
-                logits = compute_logits(*args, **kwargs)
-                if logits is None:
-                    return logits
-                noise = torch.randn(logits.shape, generator=state.generator, dtype=torch.float32)
-                return logits + float(params["scale"]) * noise.to(logits.device, logits.dtype)
-
-            model.compute_logits = noisy_compute_logits
-        return f"{name} {json.dumps(params, sort_keys=True)}"

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollout_lab.config import RunConfig
+from rollout_lab import faults
+from rollout_lab.config import RunConfig, fault_params
 from rollout_lab.crash import EngineCrash, crash_signature
 from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, token_facts
 from rollout_lab.records import RolloutBatch, Sample
@@ -52,7 +53,7 @@ def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
         seed=e.seed,
         logprobs_mode=e.logprobs_mode,
         disable_log_stats=False,
-        worker_extension_cls="rollout_lab.engine_hooks.LabWorkerExtension",
+        worker_extension_cls="rollout_lab.weight_sync.WeightSyncExtension",
     )
     if e.record_schedule:
         kwargs["scheduler_cls"] = "rollout_lab.engine_hooks.RecordingScheduler"
@@ -92,7 +93,8 @@ class SamplerWorker:
 
             self.llm = LLM(**engine_kwargs(cfg, model_path))
             if cfg.fault.name is not None:
-                self.fault = self.llm.collective_rpc("rl_install_fault", args=(cfg.fault.name, dict(cfg.fault.params)))[0]
+                params = fault_params(cfg.fault.name, dict(cfg.fault.params))
+                self.fault = self.llm.collective_rpc(faults.install, args=(cfg.fault.name, params))[0]
         except Exception as exc:  # an engine that cannot start is a result, not a traceback
             self.start_crash = crash_signature(exc, phase="engine_start")
         self.start_seconds = time.perf_counter() - started

@@ -147,7 +147,7 @@ class Bundler:
         if compiled:
             sys.exit(f"bundle: {spec} has no wheel for the target and its sdist compiles ({compiled[0]}); "
                      "build it on the target or --skip it")
-        built = run("wheel", "-q", "--no-deps", "--no-index", "-w", str(tmp), str(sdists[0]))
+        built = run("wheel", "-q", "--no-deps", "-w", str(tmp), str(sdists[0]))
         shutil.rmtree(tmp / "sdist")
         if built.returncode != 0:
             sys.exit(f"bundle: building {spec} from its sdist failed:\n{built.stderr}")

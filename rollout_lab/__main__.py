@@ -13,7 +13,7 @@ from rollout_lab.config import ConfigError, RunConfig, register
 register()
 
 
-def print_summary(result) -> None:
+def print_summary(result, pressure=None) -> None:
     """The closing lines a person reads: status, size, worst difference, where it all went."""
     console = Console()
     colour = "green" if result.status == "ok" else "red"
@@ -26,6 +26,11 @@ def print_summary(result) -> None:
         f"reward mean: {result.reward_mean:.3f}  preemptions: {result.preemptions:.0f}  "
         f"weight sync max diff: {result.weight_sync_max_diff}  policy change: {result.policy_change}"
     )
+    if pressure is not None:
+        if result.preemptions > 0:
+            console.print(f"pressure {pressure}: vLLM counted {result.preemptions:.0f} preemptions")
+        else:
+            console.print(f"[yellow]pressure {pressure}: vLLM counted no preemption; the rare regime was not reached[/]")
     if result.crash:
         console.print(f"[red]crash[/]: {result.crash['key']}: {result.crash['message']}")
     console.print(f"run dir: {result.run_dir}")
@@ -43,7 +48,7 @@ def main(dict_cfg: DictConfig):
     except (ConfigError, ModelError) as exc:
         print(f"rollout_lab: {exc}", file=sys.stderr)
         sys.exit(2)
-    print_summary(result)
+    print_summary(result, cfg.pressure)
     return result.status
 
 

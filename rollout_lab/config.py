@@ -145,6 +145,9 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    # Name of the +pressure preset in use (set by the preset), so the summary can say whether
+    # the rare regime was reached.
+    pressure: Optional[str] = None
     run_name: str = "run"
     # Where the run writes; Hydra sets it to its output dir.
     run_dir: Optional[str] = None

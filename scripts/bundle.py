@@ -2,7 +2,7 @@
 """Build an offline wheel bundle for a target machine that has no package index.
 
     python scripts/bundle.py --out .bundle                       # GPU vLLM, Python 3.12, manylinux x86_64
-    python scripts/bundle.py --vllm 0.25.0 --have-file scripts/have-cuda-image.txt
+    python scripts/bundle.py --have-file scripts/have-cuda-image.txt  # leave out what the GPU image has
     python scripts/bundle.py --python 3.11 --vllm none --skip wandb   # no vLLM
     bash scripts/install_bundle.sh .bundle --target /tmp/site        # on the target, no index
 
@@ -56,10 +56,14 @@ DEFAULT_SKIP = {
     ],
     "fastapi": ["fastapi-cli", "fastapi-cloud-cli", "uvicorn", "email-validator", "httpx",
                 "jinja2", "python-multipart", "pydantic-settings", "pydantic-extra-types"],
+    "flashinfer-python": ["cuda-tile", "nvidia-cudnn-frontend", "nvidia-cutlass-dsl"],
     "wandb": ["gitpython"],
     "trl": ["datasets"],
     "ray": ["jsonschema"],
 }
+# Constraints (like pip's -c) where the newest release of a dependency conflicts with vLLM's pins:
+# vllm 0.25.0 pins apache-tvm-ffi==0.1.9, and xgrammar 0.2.6+ asks >=0.1.10.
+DEFAULT_CONSTRAINTS = {"0.25.0": ["xgrammar==0.2.5.post1"]}
 LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
 
 
@@ -107,8 +111,11 @@ class Bundler:
         self.skip = {canonicalize_name(n) for n in args.skip}
         self.specs: dict[str, SpecifierSet] = defaultdict(SpecifierSet)
         self.extras: dict[str, set[str]] = defaultdict(set)
-        self.asked_by: dict[str, set[str]] = defaultdict(set)
+        self.asked_by: dict[str, dict[str, str]] = defaultdict(dict)
         self.got: dict[str, tuple[Version, Path]] = {}
+        for c in args.constraint + DEFAULT_CONSTRAINTS.get(args.vllm, []):
+            req = Requirement(c)
+            self.specs[canonicalize_name(req.name)] &= req.specifier
 
     def pip_download(self, names: list[str]) -> dict[str, Path]:
         """Wheels for the target, one pip call for a batch; a wheel built here from a pure-Python
@@ -129,6 +136,7 @@ class Bundler:
         shutil.rmtree(tmp)
         if missing := set(names) - set(out):
             sys.exit(f"bundle: pip gave no wheel for {', '.join(sorted(missing))}")
+
         return out
 
     def build_pure_sdist(self, spec: str, tmp: Path) -> None:
@@ -137,7 +145,10 @@ class Bundler:
         got = run("download", "-q", "--no-deps", "--no-binary=:all:", "-d", str(tmp / "sdist"), spec)
         sdists = list((tmp / "sdist").glob("*"))
         if got.returncode != 0 or not sdists:
-            sys.exit(f"bundle: neither a wheel nor an sdist of {spec} for Python {self.args.python} {self.args.platform}")
+            name = canonicalize_name(Requirement(spec).name)
+            asked = ", ".join(f"{p} {s or 'any'}" for p, s in sorted(self.asked_by[name].items()))
+            sys.exit(f"bundle: neither a wheel nor an sdist of {spec} for Python {self.args.python} "
+                     f"{self.args.platform} (asked by {asked}); a --constraint on one of them may help")
         if zipfile.is_zipfile(sdists[0]):
             names = zipfile.ZipFile(sdists[0]).namelist()
         else:
@@ -161,7 +172,7 @@ class Bundler:
             return None
         self.specs[name] &= req.specifier
         self.extras[name] |= set(req.extras)
-        self.asked_by[name].add(parent)
+        self.asked_by[name][parent] = str(req.specifier)
         return name
 
     def run(self, roots: list[str], data_roots: list[str]) -> None:
@@ -223,6 +234,7 @@ def main() -> None:
     p.add_argument("--have", nargs="*", default=[], metavar="NAME", help="packages the target already has")
     p.add_argument("--have-file", help="file of names or `pip freeze` lines the target already has")
     p.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="packages to leave out with what only they need")
+    p.add_argument("--constraint", nargs="*", default=[], metavar="REQ", help="narrow a package's version, like pip -c")
     p.add_argument("--no-default-skip", action="store_true", help="keep what DEFAULT_SKIP leaves out")
     p.add_argument("requirements", nargs="*", help="further requirements (name[extras]==version)")
     args = p.parse_args()

@@ -76,7 +76,13 @@ class _FaultState:
             table = block_table.clone()
             for row, req_id in enumerate(self.runner.input_batch.req_ids[:num_reqs]):
                 stale = self.stale_rows.get(req_id)
-                if stale is not None and group_id < len(stale) and stale[group_id]:
+                current = self.block_rows.get(req_id, ())
+                # Only a row that provably is this request's (its first block matches) is touched.
+                if (
+                    stale is not None and group_id < len(stale) and stale[group_id]
+                    and group_id < len(current) and current[group_id]
+                    and int(block_table[row, 0]) == current[group_id][0]
+                ):
                     old = torch.tensor(stale[group_id][: table.shape[1]], dtype=table.dtype)
                     table[row, : len(old)] = old.to(table.device)
             return table

@@ -19,7 +19,8 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from rollout_lab.config import RunConfig, gpu_shares, spike_threshold, validate
+from rollout_lab.calibrate import threshold_for
+from rollout_lab.config import RunConfig, gpu_shares, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics
 from rollout_lab.records import RolloutBatch, token_table, write_step
@@ -47,6 +48,7 @@ class RunResult:
     abs_diff_mean: float = 0.0
     spike_fraction: float = 0.0
     spike_threshold: float = 0.0
+    spike_threshold_source: str = ""
     reward_mean: float = 0.0
     preemptions: float = 0.0
     weight_sync_max_diff: Optional[float] = None
@@ -111,8 +113,8 @@ def run(cfg: RunConfig) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run_dir)
     run_id = f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    threshold = spike_threshold(cfg)
-    result = RunResult(run_id=run_id, run_dir=str(run_dir), spike_threshold=threshold)
+    threshold, threshold_source = threshold_for(cfg)
+    result = RunResult(run_id=run_id, run_dir=str(run_dir), spike_threshold=threshold, spike_threshold_source=threshold_source)
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
 

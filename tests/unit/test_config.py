@@ -1,6 +1,6 @@
 import pytest
 
-from rollout_lab.config import ConfigError, RunConfig, spike_threshold, validate
+from rollout_lab.config import ConfigError, RunConfig, validate
 
 
 def test_default_config_is_valid():
@@ -25,13 +25,21 @@ def test_invalid_values_name_the_key(section, key, value, message):
         validate(cfg)
 
 
-def test_spike_threshold_follows_the_loosest_dtype():
+def test_spike_threshold_follows_the_loosest_dtype_then_calibration(tmp_path, monkeypatch):
+    import json
+
+    from rollout_lab import calibrate
+
+    monkeypatch.setenv("ROLLOUT_LAB_CACHE", str(tmp_path))
     cfg = RunConfig()
-    assert spike_threshold(cfg) == 1e-3
-    cfg.engine.dtype = "bfloat16"
-    assert spike_threshold(cfg) == 1.0
+    assert calibrate.threshold_for(cfg)[0] == 1e-3
+    cfg.trainer.dtype = "bfloat16"
+    assert calibrate.threshold_for(cfg)[0] == 1.0
+    (tmp_path / "calibration.json").write_text(json.dumps({calibrate.calibration_key("bfloat16"): {"threshold": 0.42}}))
+    value, source = calibrate.threshold_for(cfg)
+    assert value == 0.42 and "calibration" in source
     cfg.loop.spike_threshold = 0.05
-    assert spike_threshold(cfg) == 0.05
+    assert calibrate.threshold_for(cfg) == (0.05, "config loop.spike_threshold")
 
 
 def test_gpu_shares_fit_the_cluster():

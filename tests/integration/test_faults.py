@@ -1,0 +1,63 @@
+"""Planted faults under the matching pressure are seen by the lab, and point at the right requests."""
+import numpy as np
+import pytest
+
+from rollout_lab.config import RunConfig
+from rollout_lab.instrument import ScheduleReader, engine_request_id
+from rollout_lab.loop import run
+from rollout_lab.records import read_records
+
+pytestmark = pytest.mark.integration
+
+
+def fault_config(run_dir, fault, **engine) -> RunConfig:
+    cfg = RunConfig(run_name=fault, run_dir=str(run_dir))
+    cfg.fault.name = fault
+    cfg.loop.steps = 1
+    cfg.loop.check_weight_sync = False
+    cfg.workload.num_prompts = 8
+    cfg.workload.samples_per_prompt = 4
+    cfg.workload.max_tokens = 24
+    for key, value in engine.items():
+        setattr(cfg.engine, key, value)
+    return cfg
+
+
+def blocks_by_request(run_dir):
+    """Every block id each request held at any step, from the scheduler records."""
+    held = {}
+    for step in ScheduleReader(run_dir / "schedule" / "worker_0.jsonl").read_new().steps:
+        for internal_id, (_, _, groups) in step["requests"].items():
+            held.setdefault(engine_request_id(internal_id), set()).update(b for g in groups for b in g)
+    return held
+
+
+def test_stale_state_hits_only_preempted_requests(tmp_path, ray_session):
+    # conf/pressure/kv_tight.yaml
+    result = run(fault_config(tmp_path, "stale_state", block_size=32, kv_cache_memory_bytes=24_000_000,
+                              max_model_len=256, max_num_batched_tokens=512))
+    assert result.status == "ok", result.crash
+    assert result.preemptions > 0
+    table = read_records(tmp_path).to_pandas()
+    flagged = table[table.abs_diff > result.spike_threshold]
+    assert len(flagged) > 0
+    # Corruption starts when a request resumes: no flagged token was sampled before a preemption.
+    assert (flagged.preemptions_before >= 1).all()
+    assert set(flagged.request_id) <= set(table[table.num_preemptions > 0].request_id)
+
+
+def test_index_overflow_hits_only_requests_holding_high_blocks(tmp_path, ray_session):
+    threshold = 16
+    # conf/pressure/many_slots.yaml
+    result = run(fault_config(tmp_path, "index_overflow", block_size=32, kv_cache_memory_bytes=200_000_000,
+                              max_model_len=256, max_num_seqs=64))
+    assert result.status == "ok", result.crash
+    table = read_records(tmp_path).to_pandas()
+    flagged = table[table.abs_diff > result.spike_threshold]
+    assert result.spike_fraction > 0.05
+    held = blocks_by_request(tmp_path)
+    for request_id in set(flagged.request_id):
+        assert max(held[request_id]) >= threshold, request_id
+    # Requests that never held a block past the threshold are clean.
+    low = [rid for rid, blocks in held.items() if max(blocks) < threshold]
+    assert np.all(table[table.request_id.isin(low)].abs_diff <= result.spike_threshold)

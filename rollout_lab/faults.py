@@ -11,6 +11,8 @@ Planted faults (ground truth for the lab's own detectors):
                  request, seeded), it keeps reading through the block table it held before the
                  preemption (KV blocks and, for hybrid models, the SSM state slot), whose blocks
                  other requests may have been given since. Silent, rare, only under pressure.
+                 The KV it then computes is wrong and enters the prefix cache, so later
+                 requests with the same prompt that hit the cache go wrong too.
   index_overflow Emulates a 32-bit offset overflow: a block id b with b * stride >= `threshold`
                  (stride = 1 block by default, so threshold is in blocks) is read from
                  b mod threshold. Writes are unaffected. Only requests holding blocks past the

@@ -74,6 +74,9 @@ class SamplerWorker:
     def __init__(self, cfg: RunConfig, worker_index: int, model_path: str):
         # Set before vLLM is imported: its env vars are read at import.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.engine.multiprocessing else "0"
+        if cfg.engine.multiprocessing:
+            # faults.install crosses into the engine process as a pickled callable.
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         self.schedule = None
         if cfg.engine.record_schedule:
             path = Path(cfg.run_dir or ".") / "schedule" / f"worker_{worker_index}.jsonl"

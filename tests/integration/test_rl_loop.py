@@ -63,6 +63,6 @@ def test_engine_exception_during_a_step_is_a_crash_result(tmp_path, ray_session)
     assert result.status == "crash"
     assert result.steps_completed == 0
     assert result.crash["phase"] == "generate" and result.crash["step"] == 0
-    assert "maximum model length" in result.crash["message"] or "max_model_len" in result.crash["message"]
+    assert "maximum context length is 24 tokens" in result.crash["message"]
     assert any(frame.startswith("vllm/") for frame in result.crash["vllm_frames"])
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "crash"

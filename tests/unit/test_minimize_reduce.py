@@ -1,0 +1,95 @@
+"""Candidate construction and the knob table, checked by hand."""
+from rollout_lab.minimize.reduce import (
+    Size,
+    deviating_knobs,
+    knob_targets,
+    prompt_indices,
+    with_cache_share,
+    with_knobs,
+    with_prompt_len,
+    with_prompts,
+    with_samples,
+)
+from rollout_lab.minimize.standalone import Case, Request
+
+KV_TIGHT = {
+    "dtype": "float32",
+    "seed": 0,
+    "max_model_len": 256,
+    "max_num_seqs": 32,
+    "enable_prefix_caching": True,
+    "enable_chunked_prefill": True,
+    "enforce_eager": True,
+    "kv_cache_memory_bytes": 24_000_000,
+    "max_num_batched_tokens": 512,
+    "block_size": 32,
+}
+
+
+def test_on_cpu_the_cache_size_and_eager_mode_stand_in_for_vllm_defaults():
+    cpu, gpu = knob_targets(on_gpu=False), knob_targets(on_gpu=True)
+    assert cpu["cache_size"] == {"gpu_memory_utilization": 0.3}
+    assert cpu["enforce_eager"] == {"enforce_eager": True}
+    assert gpu["cache_size"] == {} and gpu["enforce_eager"] == {}
+    assert all(cpu[k] == {} for k in cpu if k not in ("cache_size", "enforce_eager"))
+
+
+def test_every_set_knob_that_is_not_its_target_deviates():
+    targets = knob_targets(on_gpu=False)
+    assert deviating_knobs(KV_TIGHT, targets) == [
+        "cache_size",
+        "block_size",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_model_len",
+        "enable_prefix_caching",
+        "enable_chunked_prefill",
+    ]
+    assert deviating_knobs({"dtype": "float32", "gpu_memory_utilization": 0.3, "enforce_eager": True}, targets) == []
+
+
+def test_knobs_outside_keep_go_back_and_other_arguments_stay():
+    targets = knob_targets(on_gpu=False)
+    args = with_knobs(KV_TIGHT, ["cache_size", "block_size"], targets)
+    assert args == {
+        "dtype": "float32",
+        "seed": 0,
+        "enforce_eager": True,
+        "kv_cache_memory_bytes": 24_000_000,
+        "block_size": 32,
+    }
+    assert with_knobs(KV_TIGHT, [], targets) == {"dtype": "float32", "seed": 0, "gpu_memory_utilization": 0.3, "enforce_eager": True}
+    assert with_knobs(KV_TIGHT, [], knob_targets(on_gpu=True)) == {"dtype": "float32", "seed": 0}
+
+
+PROMPTS = {4: [1, 2, 3], 5: [4, 5, 6, 7], 6: [8, 9]}
+
+
+def _case() -> Case:
+    requests = [Request(ids, seed=100 * p + s, prompt_index=p, sample_index=s) for p, ids in PROMPTS.items() for s in range(3)]
+    return Case(model="m", engine_args=dict(KV_TIGHT), requests=requests, max_tokens=32)
+
+
+def test_workload_candidates_keep_request_order_and_seeds():
+    case = _case()
+    assert prompt_indices(case) == [4, 5, 6]
+    two = with_prompts(case, [6, 4])
+    assert [(r.prompt_index, r.sample_index, r.seed) for r in two.requests] == [(4, 0, 400), (4, 1, 401), (4, 2, 402), (6, 0, 600), (6, 1, 601), (6, 2, 602)]
+    one_sample = with_samples(two, 1)
+    assert [(r.prompt_index, r.seed) for r in one_sample.requests] == [(4, 400), (6, 600)]
+    # Prompts keep their last tokens: the end of the chat turn.
+    assert [r.prompt_token_ids for r in with_prompt_len(case, 2).requests[::3]] == [[2, 3], [6, 7], [8, 9]]
+    assert case.requests[0].prompt_token_ids == [1, 2, 3]
+
+
+def test_size_counts_what_the_reduction_shrinks():
+    size = Size.of(with_samples(with_prompts(_case(), [5]), 2), knob_targets(on_gpu=False))
+    assert (size.prompts, size.samples_per_prompt, size.requests, size.max_tokens, size.prompt_tokens) == (1, 2, 2, 32, 4)
+    assert "1 prompts x 2 samples (2 requests)" in size.describe()
+
+
+def test_a_smaller_workload_gets_a_proportionally_smaller_cache():
+    case = _case()
+    half = with_cache_share(with_prompts(case, [4]), case)
+    assert len(half.requests) == 3 and half.engine_args["kv_cache_memory_bytes"] == 8_000_000
+    assert half.engine_args["block_size"] == 32 and case.engine_args["kv_cache_memory_bytes"] == 24_000_000

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ class SamplerWorker:
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         self.schedule = None
         if cfg.engine.record_schedule:
-            path = Path(cfg.run_dir or ".") / "schedule" / f"worker_{worker_index}.jsonl"
+            path = Path(cfg.run_dir or tempfile.mkdtemp(prefix="rollout_lab-")) / "schedule" / f"worker_{worker_index}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
             os.environ[SCHEDULE_LOG_ENV] = str(path)

@@ -47,12 +47,13 @@ class Trainer:
         input_ids, attention_mask = pad_sequences(sequences)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        # Logits at position t predict token t+1; upcast so bf16 training still gets fp32 logprobs.
-        token_logprobs = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:])
+        # Logits at position t predict token t+1. Only completion positions are scored (the
+        # vocabulary-wide log-softmax is the costly part), and in float32 even for bf16 training.
         out = []
         for row, (prompt, completion) in enumerate(sequences):
-            start = len(prompt) - 1
-            out.append(token_logprobs[row, start : start + len(completion)])
+            start, end = len(prompt) - 1, len(prompt) - 1 + len(completion)
+            scored = logits[row : row + 1, start:end].float()
+            out.append(selective_log_softmax(scored, input_ids[row : row + 1, start + 1 : end + 1])[0])
         return out
 
     def _micro_batches(self, sequences):

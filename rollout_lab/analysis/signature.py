@@ -74,6 +74,11 @@ class RunSignature:
         return "weight-sync mismatch" if self.status == "sync_mismatch" else "no crash"
 
     @property
+    def failed(self) -> bool:
+        """A crash, a weight-sync mismatch, or a token above the spike threshold."""
+        return self.end != "no crash" or self.num_spikes > 0
+
+    @property
     def outcome(self) -> str:
         """crash, silent (tokens above the spike threshold) or clean."""
         if self.crash_key is not None:

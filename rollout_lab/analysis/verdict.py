@@ -308,7 +308,7 @@ def variable_tests(runs: list[RunSignature], variable: str, values: list[Any], s
 def variable_verdicts(runs: list[RunSignature], seed: int = 0) -> list[VariableVerdict]:
     """A verdict per swept variable, tests Holm-adjusted across the whole sweep, ranked strongest first."""
     verdicts = [VariableVerdict(variable, values) for variable, values in swept_variables(runs).items()]
-    any_failure = any(run.outcome != "clean" for run in runs)
+    any_failure = any(run.failed for run in runs)
     for verdict in verdicts:
         if any_failure:
             verdict.tests = variable_tests(runs, verdict.variable, verdict.values, seed)
@@ -326,7 +326,7 @@ def _decide(verdict: VariableVerdict, any_failure: bool) -> None:
     structure = [t.feature for t in verdict.moved if t.kind == STRUCTURE]
     magnitude = [t.feature for t in verdict.moved if t.kind == MAGNITUDE]
     if not any_failure:
-        verdict.verdict, verdict.reason = NONE, "no run failed: no crash and no token above the spike threshold"
+        verdict.verdict, verdict.reason = NONE, "no run failed: no crash, no sync mismatch, no token above the spike threshold"
     elif structure:
         verdict.verdict, verdict.reason = STRUCTURAL, f"where/how it fails moved: {', '.join(structure)}"
     elif magnitude:

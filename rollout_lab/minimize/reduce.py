@@ -6,9 +6,9 @@
       -> engine knobs back to vLLM's defaults: all at once first, else ddmin over the knobs that
          differ (each candidate starts an engine)
       -> workload again on the final engine when a knob went back, or when an explicit KV cache
-         size matters: then a candidate with fewer requests gets a proportionally smaller cache,
-         so that the memory pressure the failure needs stays (kv_tight's 24 MB for 32 requests is
-         12 MB for 16)
+         size matters: then a candidate with fewer requests gets a proportionally smaller cache
+         (down to what one max_model_len request needs), so that the memory pressure the
+         failure needs stays: kv_tight's 24 MB for 32 requests is 12 MB for 16
       -> Reduction
 
 What a direct case already drops from the run: Ray and the workers (one vllm.LLM), the trainer
@@ -94,10 +94,10 @@ def with_prompt_len(case: Case, length: int) -> Case:
     return replace(case, requests=[replace(r, prompt_token_ids=r.prompt_token_ids[-length:]) for r in case.requests])
 
 
-def with_cache_share(candidate: Case, start: Case) -> Case:
-    """The candidate with start's kv_cache_memory_bytes times its share of start's requests."""
+def with_cache_share(candidate: Case, start: Case, floor: int) -> Case:
+    """The candidate with start's kv_cache_memory_bytes times its share of start's requests, at least `floor`."""
     share = len(candidate.requests) / len(start.requests)
-    cache = int(start.engine_args["kv_cache_memory_bytes"] * share)
+    cache = max(int(start.engine_args["kv_cache_memory_bytes"] * share), floor)
     return replace(candidate, engine_args=candidate.engine_args | {"kv_cache_memory_bytes": cache})
 
 
@@ -171,10 +171,13 @@ class Reducer:
         """Prompts, samples per prompt, max_tokens and prompt length, in that order.
 
         With scale_cache, a candidate with fewer requests gets a KV cache (kv_cache_memory_bytes)
-        smaller in proportion, so the memory pressure a failure needs stays where it was.
+        smaller in proportion, so the memory pressure a failure needs stays where it was; never
+        smaller than what one max_model_len request needs, or the engine would not start.
         """
+        floor = self.trials.min_cache_bytes(case) if scale_cache else 0
+
         def shrink(candidate: Case, start: Case) -> Case:
-            return with_cache_share(candidate, start) if scale_cache else candidate
+            return with_cache_share(candidate, start, floor) if scale_cache else candidate
 
         def change(text: str, candidate: Case, start: Case) -> str:
             if not scale_cache:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -216,26 +217,29 @@ class TrialRunner:
         self._print(record, cached=False)
         return record
 
-    def _outcome(self, case: Case) -> tuple[Outcome, float]:
-        """The candidate's outcome on a fresh-state engine, and the seconds spent starting one."""
+    def _engine(self, case: Case) -> float:
+        """Make self.llm a fresh-state engine with the case's arguments; seconds spent starting one (0: reused)."""
         args_key = json.dumps([case.model, case.engine_args], sort_keys=True)
         if self.llm is not None and args_key == self.engine_args_key:
             try:
                 reset_engine(self.llm)
+                return 0.0
             except RuntimeError:
-                self.close()
-        else:
-            self.close()
-        engine_seconds = 0.0
-        if self.llm is None:
-            started = time.perf_counter()
-            try:
-                self.llm = start_engine(case, with_fault=False)
-            except Exception as exc:  # an engine that cannot start is an outcome
-                return crash_outcome(exc), time.perf_counter() - started
-            self.llm.collective_rpc(_remember_clean)
-            self.engine_args_key = args_key
-            engine_seconds = time.perf_counter() - started
+                pass
+        self.close()
+        started = time.perf_counter()
+        self.llm = start_engine(case, with_fault=False)
+        self.llm.collective_rpc(_remember_clean)
+        self.engine_args_key = args_key
+        return time.perf_counter() - started
+
+    def _outcome(self, case: Case) -> tuple[Outcome, float]:
+        """The candidate's outcome on a fresh-state engine, and the seconds spent starting one."""
+        started = time.perf_counter()
+        try:
+            engine_seconds = self._engine(case)
+        except Exception as exc:  # an engine that cannot start is an outcome
+            return crash_outcome(exc), time.perf_counter() - started
         if case.fault is not None:
             install_fault(self.llm, case)
         reference = self._reference(case.model) if self.expected.kind == "mismatch" else None
@@ -243,6 +247,14 @@ class TrialRunner:
         if outcome.crash_key is not None:
             self.close()
         return outcome, engine_seconds
+
+    def min_cache_bytes(self, case: Case) -> int:
+        """The smallest kv_cache_memory_bytes with which the case's engine still starts: one max_model_len request."""
+        self._engine(case)
+        config = self.llm.llm_engine.vllm_config
+        # Blocks for one longest request, plus the null block the pool keeps.
+        needed = -(-config.model_config.max_model_len // config.cache_config.block_size) + 1
+        return math.ceil(needed * case.engine_args["kv_cache_memory_bytes"] / config.cache_config.num_gpu_blocks)
 
     def _reference(self, model_path: str):
         if self.reference_path != model_path:

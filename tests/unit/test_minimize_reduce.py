@@ -90,6 +90,8 @@ def test_size_counts_what_the_reduction_shrinks():
 
 def test_a_smaller_workload_gets_a_proportionally_smaller_cache():
     case = _case()
-    half = with_cache_share(with_prompts(case, [4]), case)
-    assert len(half.requests) == 3 and half.engine_args["kv_cache_memory_bytes"] == 8_000_000
-    assert half.engine_args["block_size"] == 32 and case.engine_args["kv_cache_memory_bytes"] == 24_000_000
+    third = with_cache_share(with_prompts(case, [4]), case, floor=0)
+    assert len(third.requests) == 3 and third.engine_args["kv_cache_memory_bytes"] == 8_000_000
+    assert third.engine_args["block_size"] == 32 and case.engine_args["kv_cache_memory_bytes"] == 24_000_000
+    # Never below what the engine needs to start.
+    assert with_cache_share(with_prompts(case, [4]), case, floor=13_500_000).engine_args["kv_cache_memory_bytes"] == 13_500_000

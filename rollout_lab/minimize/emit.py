@@ -125,11 +125,12 @@ CARRIED_SOURCES["faults"] below and installed with llm.collective_rpc(faults.ins
         else ""
     )
     what = (
-        "samples the requests below once (per-request seeds) and recomputes each sampled token's\n"
+        "samples the requests below once (per-request seeds) and recomputes each sampled token's "
         "logprob with transformers in float32 (teacher forcing), printing the worst tokens."
         if run.expected.kind == "mismatch"
         else "runs the triggering generate call and keys its exception like rollout_lab.crash."
     )
+    does = f"It starts one vllm.LLM in this process and {what} Reproduces when it sees {run.expected.describe()}."
     model_note = MODEL_NOTES.get(run.config.model.name, f"the run's model, {run.config.model.name}.")
     header = f'''"""{title(reduction, env["vllm"], "GPU" if env["gpu"] != "none" else "CPU")}
 
@@ -139,9 +140,7 @@ beside this file is the draft issue. Needs only vllm, torch and transformers:
     python repro.py [--no-fault] [--model DIR_OR_HUB_ID]
 
 Exits 1 while the bug reproduces, 0 otherwise (2: it cannot run, e.g. no model at the path).
-It starts one vllm.LLM in this process and
-{what}
-{textwrap.fill(f"Reproduces when it sees {run.expected.describe()}.", 96)}
+{textwrap.fill(does, 96)}
 {fault_note}
 Model: {case.model}
 {textwrap.fill(model_note, 96, initial_indent="  ", subsequent_indent="  ")}

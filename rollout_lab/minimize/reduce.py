@@ -1,14 +1,12 @@
 """The reduction: shrink every dimension of a failing case while it keeps failing the same way.
 
     FailingRun -> calibrate (run the original case; choose the k-of-n rule)
-      -> workload, on one engine: prompts (ddmin), samples per prompt, max_tokens, prompt length
-         (bisection each)
+      -> workload, on one engine: prompts (ddmin; then all requests on one prompt, for failures
+         that need many requests but not many different prompts), samples per prompt,
+         max_tokens, prompt length (bisection each)
       -> engine knobs back to vLLM's defaults: all at once first, else ddmin over the knobs that
          differ (each candidate starts an engine)
-      -> workload again on the final engine when a knob went back, or when an explicit KV cache
-         size matters: then a candidate with fewer requests gets a proportionally smaller cache
-         (down to what one max_model_len request needs), so that the memory pressure the
-         failure needs stays: kv_tight's 24 MB for 32 requests is 12 MB for 16
+      -> workload again on the final engine when a knob went back
       -> Reduction
 
 What a direct case already drops from the run: Ray and the workers (one vllm.LLM), the trainer
@@ -89,16 +87,18 @@ def with_samples(case: Case, samples: int) -> Case:
     return replace(case, requests=[r for r in case.requests if r.sample_index < samples])
 
 
+def with_one_prompt(case: Case) -> Case:
+    """Every request on the case's first prompt, with its own seed: one prompt sampled len(requests) times."""
+    first = case.requests[0]
+    return replace(case, requests=[
+        replace(r, prompt_token_ids=first.prompt_token_ids, prompt_index=first.prompt_index, sample_index=i)
+        for i, r in enumerate(case.requests)
+    ])
+
+
 def with_prompt_len(case: Case, length: int) -> Case:
     """Each prompt cut to its last `length` tokens: the chat turn's end, which the model answers, stays."""
     return replace(case, requests=[replace(r, prompt_token_ids=r.prompt_token_ids[-length:]) for r in case.requests])
-
-
-def with_cache_share(candidate: Case, start: Case, floor: int) -> Case:
-    """The candidate with start's kv_cache_memory_bytes times its share of start's requests, at least `floor`."""
-    share = len(candidate.requests) / len(start.requests)
-    cache = max(int(start.engine_args["kv_cache_memory_bytes"] * share), floor)
-    return replace(candidate, engine_args=candidate.engine_args | {"kv_cache_memory_bytes": cache})
 
 
 @dataclass
@@ -167,38 +167,19 @@ class Reducer:
         size = asdict(Size.of(case, self.targets))
         return sum(self.trials.run(case, "calibrate", f"original case, run {i + 1}/{runs}", size, i).failed for i in range(runs))
 
-    def workload(self, case: Case, scale_cache: bool = False) -> Case:
-        """Prompts, samples per prompt, max_tokens and prompt length, in that order.
+    def workload(self, case: Case) -> Case:
+        """Prompts, samples per prompt, max_tokens and prompt length, in that order."""
+        prompts = prompt_indices(case)
+        kept = ddmin(prompts, lambda subset: self.fails(with_prompts(case, subset), "prompts", f"prompts {len(prompts)} -> {len(subset)}: {subset}"))
+        case = with_prompts(case, kept)
+        if len(kept) > 1:
+            one = with_one_prompt(case)
+            if self.fails(one, "prompts", f"all {len(one.requests)} requests on prompt {kept[0]}"):
+                case = one
 
-        With scale_cache, a candidate with fewer requests gets a KV cache (kv_cache_memory_bytes)
-        smaller in proportion, so the memory pressure a failure needs stays where it was; never
-        smaller than what one max_model_len request needs, or the engine would not start.
-        """
-        floor = self.trials.min_cache_bytes(case) if scale_cache else 0
-
-        def shrink(candidate: Case, start: Case) -> Case:
-            return with_cache_share(candidate, start, floor) if scale_cache else candidate
-
-        def change(text: str, candidate: Case, start: Case) -> str:
-            if not scale_cache:
-                return text
-            return f"{text} (KV cache {start.engine_args['kv_cache_memory_bytes']} -> {candidate.engine_args['kv_cache_memory_bytes']} B)"
-
-        start, prompts = case, prompt_indices(case)
-
-        def prompts_fail(subset: list[int]) -> bool:
-            candidate = shrink(with_prompts(start, subset), start)
-            return self.fails(candidate, "prompts", change(f"prompts {len(prompts)} -> {len(subset)}: {subset}", candidate, start))
-
-        case = shrink(with_prompts(start, ddmin(prompts, prompts_fail)), start)
-
-        start, samples = case, Size.of(case, self.targets).samples_per_prompt
-
-        def samples_fail(n: int) -> bool:
-            candidate = shrink(with_samples(start, n), start)
-            return self.fails(candidate, "samples", change(f"samples per prompt {samples} -> {n}", candidate, start))
-
-        case = shrink(with_samples(start, smallest_failing(1, samples, samples_fail)), start)
+        samples = Size.of(case, self.targets).samples_per_prompt
+        best = smallest_failing(1, samples, lambda n: self.fails(with_samples(case, n), "samples", f"samples per prompt {samples} -> {n}"))
+        case = with_samples(case, best)
 
         tokens = case.max_tokens
         best = smallest_failing(1, tokens, lambda n: self.fails(replace(case, max_tokens=n), "max_tokens", f"max_tokens {tokens} -> {n}"))
@@ -239,10 +220,8 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
     console.print(f"[bold]rule[/]: {trials.rule.describe()} (original case failed {failures}/{calibration_runs})")
     case = reducer.workload(case)
     reduced = reducer.knobs(case)
-    # When an explicit cache size matters (memory pressure), fewer requests need a smaller cache.
-    scale_cache = "cache_size" in deviating_knobs(reduced.engine_args, targets) and "kv_cache_memory_bytes" in reduced.engine_args
-    if reduced.engine_args != case.engine_args or scale_cache:
-        case = reducer.workload(reduced, scale_cache)
+    if reduced.engine_args != case.engine_args:
+        case = reducer.workload(reduced)
     trials.close()
     return Reduction(
         run=run,

@@ -46,7 +46,7 @@ def test_index_overflow_over_cache_size_is_structural_and_a_crash_point_is_recor
     # out, 24 MB (16 blocks) some, 48 MB (32) every block past the 8th. 1 MB holds no request:
     # that point's engine fails to start, a crash result.
     report, output = sweep(
-        tmp_path, "+sweep=cache_size", "fault=index_overflow", "+fault.params.threshold=8", "engine.max_model_len=64",
+        tmp_path, "+sweep=cache_size", "fault=index_overflow", "fault.params.threshold=8", "engine.max_model_len=64",
         "workload.num_prompts=8", "loop.steps=1", "engine.kv_cache_memory_bytes=1000000,12000000,24000000,48000000",
     )
     outcomes = {r["config"]["engine.kv_cache_memory_bytes"]: r for r in report["runs"]}

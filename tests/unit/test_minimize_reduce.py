@@ -4,8 +4,8 @@ from rollout_lab.minimize.reduce import (
     deviating_knobs,
     knob_targets,
     prompt_indices,
-    with_cache_share,
     with_knobs,
+    with_one_prompt,
     with_prompt_len,
     with_prompts,
     with_samples,
@@ -88,10 +88,11 @@ def test_size_counts_what_the_reduction_shrinks():
     assert "1 prompts x 2 samples (2 requests)" in size.describe()
 
 
-def test_a_smaller_workload_gets_a_proportionally_smaller_cache():
-    case = _case()
-    third = with_cache_share(with_prompts(case, [4]), case, floor=0)
-    assert len(third.requests) == 3 and third.engine_args["kv_cache_memory_bytes"] == 8_000_000
-    assert third.engine_args["block_size"] == 32 and case.engine_args["kv_cache_memory_bytes"] == 24_000_000
-    # Never below what the engine needs to start.
-    assert with_cache_share(with_prompts(case, [4]), case, floor=13_500_000).engine_args["kv_cache_memory_bytes"] == 13_500_000
+
+def test_one_prompt_carries_every_request_with_its_own_seed():
+    one = with_one_prompt(with_prompts(_case(), [5, 6]))
+    assert [(r.prompt_token_ids, r.prompt_index, r.sample_index, r.seed) for r in one.requests] == [
+        ([4, 5, 6, 7], 5, 0, 500), ([4, 5, 6, 7], 5, 1, 501), ([4, 5, 6, 7], 5, 2, 502),
+        ([4, 5, 6, 7], 5, 3, 600), ([4, 5, 6, 7], 5, 4, 601), ([4, 5, 6, 7], 5, 5, 602),
+    ]
+    assert Size.of(one, knob_targets(on_gpu=False)).samples_per_prompt == 6

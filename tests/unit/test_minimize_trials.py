@@ -54,6 +54,10 @@ def test_same_failure_is_the_same_crash_key_or_flagged_tokens_of_the_same_class(
     assert not same_failure(mismatch, Outcome(num_tokens=10, num_flagged=0))
     assert not same_failure(mismatch, Outcome(crash_key="RuntimeError@x"))
 
+    ordinary = Expected("mismatch", 1e-3, request_class="any")
+    assert same_failure(ordinary, Outcome(num_tokens=4, num_flagged=1, request_class="prefix_cached"))
+    assert not same_failure(ordinary, Outcome(num_tokens=4, num_flagged=1, request_class="preempted"))
+
 
 def _case(**changes) -> Case:
     fields = dict(model="m", engine_args={"block_size": 32}, requests=[Request([1, 2, 3], seed=7)], max_tokens=8)

@@ -1,11 +1,16 @@
 """`python -m rollout_lab.minimize <run_dir>`: shrink a failed run into repro/<name>/repro.py + REPORT.md.
 
+Also takes a case file (a hunt finding's case.json, see predicate.load_case) in place of a run dir.
+Besides repro.py and REPORT.md it writes minimized.json: the minimal case's engine arguments, the
+knobs that stayed off their defaults (what switches the failure on), sizes before and after.
+
 Exit status: 0 when the emitted repro.py reproduces in a fresh process (or --no-verify), 1 when it
 does not, 2 when the run dir cannot be minimized (missing, did not fail, needs the trainer).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -16,7 +21,7 @@ from rich.console import Console
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m rollout_lab.minimize", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a run dir whose run crashed or flagged tokens")
+    parser.add_argument("run_dir", type=Path, help="a run dir whose run crashed or flagged tokens, or a case.json")
     parser.add_argument("--name", help="folder name under --out (default: <fault or failure kind>-<run dir name>)")
     parser.add_argument("--out", type=Path, default=Path("repro"), help="where repro/<name>/ goes (default: repro)")
     parser.add_argument("--tries", type=int, help="runs per candidate (default: from calibration)")
@@ -33,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rollout_lab.config import ConfigError
     from rollout_lab.minimize import emit
-    from rollout_lab.minimize.predicate import RunDirError, load_run
-    from rollout_lab.minimize.reduce import knob_targets, minimize
+    from rollout_lab.minimize.predicate import RunDirError, load_case, load_run
+    from rollout_lab.minimize.reduce import deviating_knobs, knob_targets, minimize
     from rollout_lab.minimize.trials import Rule, TrialRunner
     from rollout_lab.models import ModelError
 
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         rule = Rule(args.tries, args.need) if args.tries is not None else None
         if args.calibration_runs < 1:
             raise ValueError(f"--calibration-runs={args.calibration_runs} must be at least 1")
-        run = load_run(args.run_dir)
+        run = load_case(args.run_dir) if args.run_dir.is_file() else load_run(args.run_dir)
     except (RunDirError, ConfigError, ModelError, ValueError) as exc:
         print(f"rollout_lab.minimize: {exc}", file=sys.stderr)
         return 2
@@ -70,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]after[/]:  {reduction.after.describe()}")
     console.print(f"{len(reduction.records)} runs, {reduction.seconds:.0f} s")
     verifications = emit.write(reduction, out_dir, name, verify=not args.no_verify)
+    (out_dir / "minimized.json").write_text(json.dumps({
+        "engine_args": reduction.case.engine_args,
+        "knobs": deviating_knobs(reduction.case.engine_args, targets),
+        "before": reduction.before.describe(),
+        "after": reduction.after.describe(),
+        "runs": len(reduction.records),
+        "seconds": round(reduction.seconds, 1),
+    }, indent=2))
     console.print(f"[bold]wrote[/] {out_dir / 'repro.py'} and {out_dir / 'REPORT.md'}")
     expected = emit.expected_exits(reduction)
     ok = True

@@ -174,3 +174,28 @@ def load_run(run_dir: Path | str) -> FailingRun:
         fault_params=fault_params(cfg.fault.name, dict(cfg.fault.params)) if cfg.fault.name else {},
     )
     return FailingRun(run_dir, summary.get("run_id", run_dir.name), cfg, step, case, expected, description)
+
+
+def load_case(path: Path | str) -> FailingRun:
+    """A failing case written by another tool (the hunt's findings/<name>/case.json) as a FailingRun.
+
+    The file holds {"model": embedded name or path, "case": standalone.Case fields,
+    "expected": standalone.Expected fields, "description": one line}.
+    """
+    from rollout_lab.models import resolve_model
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        case_fields = dict(data["case"])
+        case_fields["requests"] = [Request(**r) for r in case_fields["requests"]]
+        case = Case(**case_fields)
+        expected = Expected(**data["expected"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{path} is not a case file: {exc}") from None
+    cfg = RunConfig(run_name=path.parent.name)
+    cfg.model.name = data.get("model", case.model)
+    cfg.fault.name, cfg.fault.params = case.fault, dict(case.fault_params)
+    cfg.loop.steps = 1
+    case.model = resolve_model(cfg.model.name) if data.get("model") else case.model
+    return FailingRun(path.parent, path.parent.name, cfg, 0, case, expected, data.get("description", "a failing case"))

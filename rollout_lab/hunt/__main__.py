@@ -1,0 +1,367 @@
+"""`python -m rollout_lab.hunt [overrides]`: search engine configurations and workloads for bugs.
+
+    python -m rollout_lab.hunt hunt.budget_s=1800                 # a new hunt dir under hunts/
+    python -m rollout_lab.hunt hydra.run.dir=hunts/mine           # resumes hunts/mine if it exists
+    python -m rollout_lab.hunt fault=stale_state hunt.budget_s=1200
+
+The loop: the planner proposes a group (an engine configuration and its workloads); a Ray task
+runs it in its own process (runner.run_group) and writes one line per event; the driver reads the
+lines as they come, records each trial in the store, keys failures by signature, and kills the
+task when a trial stops making progress (a hang). A signature seen for the first time is a new
+finding: it is minimized (`python -m rollout_lab.minimize` on its case.json, in a fresh process)
+and its repro.py is run `verify_runs` times standalone for its reproduction rate.
+
+Signatures (the dedup key): a crash is its exception type and innermost vLLM frames; a hang is
+"hang@<phase>" and the model; a mismatch is the oracle that flagged it (reference before
+metamorphic), the model, the dtype and the class of the flagged requests (preempted /
+prefix_cached / any). The minimizer then names the knobs that switch it on (the finding's trigger).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from rollout_lab.hunt.space import HuntRunConfig, register
+
+register()
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def signature_of(engine: dict, result: dict) -> str:
+    """The dedup key of a failing trial (see the module doc)."""
+    status = result.get("status")
+    if status == "crash":
+        return result["crash"]["key"]
+    if status == "hang":
+        return f"hang@{result.get('phase', 'trial')}:{engine.get('model')}"
+    oracle = "reference" if result["oracles"]["reference"]["flagged"] else "metamorphic"
+    klass = result["oracles"][oracle]["class"]
+    return f"mismatch/{oracle}:{engine.get('model')}:{engine.get('engine.dtype', 'auto')}:{klass}"
+
+
+def slug(signature: str, index: int) -> str:
+    return f"f{index:02d}-" + re.sub(r"[^\w.-]+", "_", signature)[:60].strip("_")
+
+
+class Hunt:
+    """The driver: plans groups, runs them on Ray, records, dedups, minimizes, reports."""
+
+    def __init__(self, cfg: HuntRunConfig, hunt_dir: Path):
+        from rich.console import Console
+
+        from rollout_lab.config import fault_params
+        from rollout_lab.hunt.search import Coverage, Planner
+        from rollout_lab.hunt.space import Space
+        from rollout_lab.hunt.store import Store
+
+        self.cfg, self.dir = cfg, hunt_dir
+        self.console = Console(soft_wrap=True)
+        self.space = Space.from_config(cfg.hunt.space)
+        self.fault = cfg.fault.name
+        self.fault_params = fault_params(cfg.fault.name, dict(cfg.fault.params)) if cfg.fault.name else {}
+        (hunt_dir / "lines").mkdir(parents=True, exist_ok=True)
+        self.store = Store(hunt_dir / "hunt.db")
+        previous = self.store.meta("config")
+        if previous is not None and previous.get("fault") != self.fault:
+            raise ValueError(f"hunt dir {hunt_dir} was hunted with fault={previous.get('fault')}; "
+                             f"resume it with the same fault or pick a new dir")
+        self.store.set_meta("config", {"fault": self.fault, "hunt": OmegaConf.to_container(OmegaConf.structured(cfg.hunt))})
+        self.planner = Planner(self.space, cfg.hunt.seed, cfg.hunt.candidates, cfg.hunt.exploit)
+        self.coverage = Coverage(self.space.dims())
+        self.failing: list[tuple[dict, dict]] = []
+        self.done = self.store.trial_keys()
+        self.elapsed_before = float(self.store.meta("elapsed_s", 0.0))
+        self.session_start = time.time()
+        self.timeline: list[tuple[float, int, int, float, float]] = self.store.meta("timeline", [])
+        for trial in self.store.trials():
+            self.coverage.record(trial["engine"] | trial["workload"])
+            if trial["status"] in ("fail", "crash") and trial["workload"]:
+                self.failing.append((trial["engine"], trial["workload"]))
+        self.rejected = {g["key"] for g in self.store.groups() if g["status"] == "rejected"}
+        self.resumed = bool(self.done) or self.store.next_group_index() > 0
+
+    # the clock, across resumes
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.session_start
+
+    def save_clock(self) -> None:
+        self.store.set_meta("elapsed_s", self.elapsed())
+        self.store.set_meta("timeline", self.timeline)
+
+    def budget_left(self) -> float:
+        return self.cfg.hunt.budget_s - self.elapsed()
+
+    # recording
+    def record_trial(self, group: dict, trial_key: str, workload: dict, result: dict) -> None:
+        from rollout_lab.hunt.store import Finding
+
+        status = result.get("status", "crash")
+        signature = signature_of(group["engine"], result) if status in ("fail", "crash", "hang") else None
+        elapsed = self.elapsed()
+        self.store.add_trial(trial_key, group["idx"], group["engine"], workload, status, signature, result,
+                             float(result.get("seconds", 0.0)), elapsed)
+        self.done.add(trial_key)
+        self.coverage.record(group["engine"] | workload)
+        if signature is None:
+            return
+        if workload:
+            self.failing.append((group["engine"], workload))
+        finding = self.store.finding(signature)
+        if finding is None:
+            number = self.store.count_trials()
+            finding = Finding(signature, "mismatch" if status == "fail" else status, trial_key, elapsed, number, 0,
+                              str(group["engine"].get("model")), str(group["engine"].get("engine.dtype", "auto")),
+                              detail={"engine": group["engine"], "workload": workload, "result": result})
+            self.console.print(f"[bold red]new finding[/] {signature} (trial {trial_key}, {elapsed:.0f} s)")
+        finding.trials += 1
+        self.store.put_finding(finding)
+
+    def snapshot(self) -> None:
+        singles, pairs = self.coverage.fractions()
+        self.timeline.append((round(self.elapsed(), 1), self.store.count_trials(), len(self.store.findings()),
+                              round(singles, 4), round(pairs, 4)))
+        self.save_clock()
+
+    # one group on Ray
+    def run_group(self, group) -> None:
+        import ray
+
+        from rollout_lab.hunt.runner import GroupSpec, run_group
+        from rollout_lab.models import resolve_model
+
+        workloads = [w for w in group.workloads if group.trial_key(w) not in self.done]
+        started = time.time()
+        self.store.add_group(group.index, group.key, group.engine, group.reason, started)
+        record = {"idx": group.index, "engine": group.engine}
+        if not workloads:
+            self.store.end_group(group.index, "skipped", "every workload already tried")
+            return
+        o = self.cfg.hunt.oracles
+        cores = os.cpu_count() or 1
+        spec = GroupSpec(
+            group.key, group.engine, resolve_model(group.engine["model"]),
+            [{"key": group.trial_key(w), "point": w} for w in workloads],
+            self.fault, self.fault_params, dict(o.reference_tolerance), dict(o.metamorphic_tolerance),
+            threads=max(cores // self.cfg.hunt.parallel, 1),
+        )
+        lines_path = self.dir / "lines" / f"group_{group.index:04d}.jsonl"
+        lines_path.unlink(missing_ok=True)
+        task = ray.remote(run_group).options(num_cpus=max(cores // self.cfg.hunt.parallel, 1), max_calls=1, max_retries=0)
+        ref = task.remote(spec, str(lines_path))
+        by_key = {group.trial_key(w): w for w in workloads}
+        self.console.print(
+            f"[bold]group {group.index}[/] ({group.reason}) {group.engine.get('model')} "
+            f"{json.dumps({k.removeprefix('engine.'): v for k, v in group.engine.items() if k != 'model'})}: "
+            f"{len(workloads)} workloads", highlight=False)
+        offset, current, last_progress, engine_up, status, message = 0, None, time.time(), False, "ok", ""
+        while True:
+            finished = bool(ray.wait([ref], timeout=1.0)[0])
+            events, offset = read_lines(lines_path, offset)
+            for event in events:
+                last_progress = time.time()
+                if event["event"] == "engine":
+                    engine_up = event["status"] == "ok"
+                    self.store.end_group(group.index, "running", "", event.get("seconds"))
+                    if event["status"] != "ok":
+                        status, message = event["status"], event["crash"]["message"]
+                        if status == "crash":
+                            self.record_trial(record, f"{group.key}-start", {}, {"status": "crash", "crash": event["crash"],
+                                                                                  "phase": "engine_start"})
+                elif event["event"] == "start":
+                    current = event["trial"]
+                elif event["event"] == "result":
+                    current = None
+                    self.record_trial(record, event["trial"], by_key[event["trial"]], event)
+                    self.report_trial(event)
+                    if event["status"] == "crash":
+                        status = "crash"
+            if finished:
+                break
+            limit = self.cfg.hunt.oracles.trial_timeout_s if engine_up else self.cfg.hunt.oracles.engine_start_timeout_s
+            if time.time() - last_progress > limit:
+                phase = "trial" if engine_up else "engine_start"
+                ray.cancel(ref, force=True)
+                key = current if current is not None else f"{group.key}-start"
+                self.record_trial(record, key, by_key.get(current, {}), {"status": "hang", "phase": phase,
+                                                                        "seconds": time.time() - last_progress})
+                status, message = "hang", f"no progress for {limit:.0f} s ({phase})"
+                break
+        if status == "ok" and not engine_up:
+            status, message = "died", "the engine process ended without a word (killed? out of memory?)"
+            try:
+                ray.get(ref)
+            except Exception as exc:  # the task's own failure is the message
+                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.store.end_group(group.index, status, message)
+        if status == "rejected":
+            self.rejected.add(group.key)
+            self.console.print(f"  [yellow]rejected[/]: {message}", highlight=False)
+
+    def report_trial(self, event: dict) -> None:
+        if event["status"] == "crash":
+            self.console.print(f"  trial {event['trial']}: [red]crash[/] {event['crash']['key']}", highlight=False)
+            return
+        ref, meta = event["oracles"]["reference"], event["oracles"]["metamorphic"]
+        colour = "red" if event["status"] == "fail" else "green"
+        self.console.print(
+            f"  trial {event['trial']}: [{colour}]{event['status']}[/] {event['num_requests']} requests, "
+            f"{event['num_tokens']} tokens, {event['preempted_requests']} preempted, {event['cached_requests']} cached; "
+            f"max |ref| {ref['max']:.2g} |alone| {meta['max']:.2g} ({event['seconds']:.1f} s)", highlight=False)
+
+    # findings -> repros
+    def minimize_new(self) -> None:
+        from rollout_lab.hunt.store import Finding
+
+        for index, finding in enumerate(self.store.findings()):
+            if finding.state != "new" or self.budget_left() <= 0:
+                continue
+            name = slug(finding.signature, index)
+            if finding.kind == "hang":
+                finding.state = "no_repro"
+                finding.detail = (finding.detail or {}) | {"why": "the minimizer replays crashes and mismatches, not hangs"}
+                self.store.put_finding(finding)
+                continue
+            case_path = self.write_case(finding, name)
+            self.console.print(f"[bold]minimizing[/] {finding.signature} -> {self.dir / 'repro' / name}")
+            log = self.dir / "repro" / f"{name}.minimize.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("w") as out:
+                done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(case_path), "--out",
+                                       str(self.dir / "repro"), "--name", name, "--no-verify"],
+                                      cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            self.finish_finding(finding, name, done.returncode, log)
+
+    def write_case(self, finding, name: str) -> Path:
+        """The finding's first failing trial as the minimizer's case.json."""
+        from rollout_lab.hunt.space import engine_args
+
+        detail = finding.detail
+        engine, result = detail["engine"], detail["result"]
+        args = engine_args(engine) | {"disable_log_stats": False}
+        dtype = result.get("dtype") or engine.get("engine.dtype", "float32")
+        tolerance = float(dict(self.cfg.hunt.oracles.reference_tolerance).get(dtype, 1e-3))
+        if finding.kind == "crash":
+            case = result.get("case_for_crash") or {"requests": [{"prompt_token_ids": [1, 2, 3], "seed": 0}], "max_tokens": 4}
+            expected = {"kind": "crash", "spike_threshold": tolerance, "crash_key": result["crash"]["key"]}
+        else:
+            case = result["case"]
+            oracle = "reference" if result["oracles"]["reference"]["flagged"] else "metamorphic"
+            expected = {"kind": "mismatch", "spike_threshold": tolerance,
+                        "request_class": result["oracles"][oracle]["class"] or "any"}
+        data = {
+            "model": engine["model"],
+            "description": f"hunt trial {finding.first_trial}: {finding.signature}",
+            "case": {"model": engine["model"], "engine_args": args, **case, "fault": self.fault,
+                     "fault_params": self.fault_params},
+            "expected": expected,
+        }
+        path = self.dir / "findings" / name / "case.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+        return path
+
+    def finish_finding(self, finding, name: str, returncode: int, log: Path) -> None:
+        from rollout_lab.minimize.emit import run_isolated
+
+        out = self.dir / "repro" / name
+        minimized = out / "minimized.json"
+        if returncode != 0 or not minimized.is_file():
+            tail = log.read_text()[-400:].strip().splitlines()
+            finding.state = "not_minimized"
+            finding.detail = finding.detail | {"why": tail[-1] if tail else f"minimizer exit {returncode}"}
+            self.store.put_finding(finding)
+            self.console.print(f"  [yellow]not minimized[/]: {finding.detail['why']}", highlight=False)
+            return
+        info = json.loads(minimized.read_text())
+        finding.trigger = info["knobs"]
+        finding.repro = str(out / "repro.py")
+        finding.state = "minimized"
+        self.store.put_finding(finding)
+        runs = self.cfg.hunt.verify_runs
+        exits = [run_isolated(out / "repro.py").returncode for _ in range(runs)]
+        finding.repro_rate = f"{sum(e == 1 for e in exits)}/{runs}"
+        off = run_isolated(out / "repro.py", ("--no-fault",)).returncode if self.fault else None
+        finding.detail = finding.detail | {"minimized": info, "verify_exits": exits, "no_fault_exit": off}
+        finding.state = "verified" if exits.count(1) == runs else "flaky"
+        self.store.put_finding(finding)
+        self.console.print(f"  repro {finding.repro}: reproduced {finding.repro_rate} standalone; trigger {finding.trigger}"
+                           + (f"; with the fault off: exit {off}" if off is not None else ""), highlight=False)
+
+    def run(self) -> None:
+        import ray
+
+        from rollout_lab.hunt import report
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        if self.resumed:
+            self.console.print(f"[bold]resuming[/] {self.dir}: {len(self.done)} trials, {len(self.store.findings())} findings, "
+                               f"{self.elapsed_before:.0f} s spent")
+        groups = 0
+        try:
+            while self.budget_left() > 0 and (self.cfg.hunt.max_groups is None or groups < self.cfg.hunt.max_groups):
+                index = self.store.next_group_index()
+                group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
+                                                self.failing, self.rejected)
+                self.run_group(group)
+                groups += 1
+                self.snapshot()
+                singles, pairs = self.coverage.fractions()
+                self.console.print(
+                    f"[dim]{self.elapsed():.0f}/{self.cfg.hunt.budget_s:.0f} s: {len(self.done)} trials, "
+                    f"{len(self.store.findings())} findings, coverage {singles:.0%} values / {pairs:.0%} pairs[/]")
+                if self.cfg.hunt.minimize:
+                    self.minimize_new()
+        except KeyboardInterrupt:
+            self.console.print("[yellow]interrupted[/]: writing the report; run again on this dir to resume")
+        finally:
+            self.snapshot()
+            path = report.write(self.dir, self.store, self.coverage, self.timeline, self.cfg)
+            self.console.print(f"[bold]report[/]: {path}")
+
+
+def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+    """Complete JSON lines of `path` from byte `offset`; (events, new offset)."""
+    if not path.exists():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    events = []
+    for line in data[:end].splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events, offset + end
+
+
+@hydra.main(version_base=None, config_path="../../conf", config_name="hunt_run")
+def main(dict_cfg: DictConfig) -> None:
+    from rollout_lab.config import ConfigError
+    from rollout_lab.hunt.store import StoreError
+
+    cfg: HuntRunConfig = OmegaConf.to_object(dict_cfg)
+    hunt_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
+    try:
+        hunt = Hunt(cfg, hunt_dir)
+    except (ConfigError, StoreError, ValueError) as exc:
+        print(f"rollout_lab.hunt: {exc}", file=sys.stderr)
+        sys.exit(2)
+    hunt.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""One engine group, run in its own process: start one vllm.LLM, run each workload as a trial, judge it.
+
+    GroupSpec -> engine start (rejected / crash / ok) -> for each workload: reset the engine to a
+    fresh one's state, plant the fault if any, drive the trace, apply the oracles -> one JSON line
+    per event in the group's lines file
+
+The driver (__main__.py) runs this as a Ray task (a crash, hang or OOM kills one process, never the
+hunt) and reads the lines file as it grows: a "start" line with no "result" after the trial
+timeout is a hang. After a crash the engine is in no known state: the group stops there.
+
+Oracles (tolerances per engine dtype, OracleConfig):
+  crash        an exception from the engine, keyed like rollout_lab.crash (type @ innermost vLLM frames)
+  reference    |vLLM logprob - transformers float32 teacher-forced logprob| of each sampled token
+  metamorphic  |sampled logprob - the same sequence re-scored alone| on the same engine: one
+               request at a time, a prefill with prompt_logprobs (which never reads the prefix
+               cache), so no batch, no cached prefix, no preemption, no decode path
+A start that vLLM refuses with a ValueError (its config validation) is "rejected", not a bug.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from rollout_lab.hunt.space import engine_args, sampling_args
+from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
+
+# Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
+RESCORE_MAX = 8
+# Engine steps a step-driven trace may take before it counts as stuck.
+MAX_ENGINE_STEPS = 20000
+
+
+@dataclass
+class GroupSpec:
+    group_key: str
+    engine: dict
+    model_path: str
+    # [{"key": trial key, "point": workload point}, ...]
+    workloads: list[dict]
+    fault: Optional[str] = None
+    fault_params: dict = field(default_factory=dict)
+    reference_tolerance: dict = field(default_factory=dict)
+    metamorphic_tolerance: dict = field(default_factory=dict)
+    threads: int = 0
+
+
+class Lines:
+    """The group's event file: one JSON object per line, flushed at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def emit(self, **event) -> None:
+        event["time"] = time.time()
+        with self.path.open("a") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def token_pool(tokenizer) -> list[int]:
+    """Real text as token ids: the shipped arithmetic problems, end to end."""
+    from rollout_lab.workload import make_problems
+
+    text = " ".join(p.question for p in make_problems(400, seed=1234))
+    return list(tokenizer(text)["input_ids"])
+
+
+def sampling_params(sampling: dict, seed: Optional[int]):
+    from vllm import SamplingParams
+
+    args = {k: v for k, v in sampling.items() if k != "per_request_seed"}
+    return SamplingParams(seed=seed, **args)
+
+
+def request_seed(workload: dict, index: int) -> Optional[int]:
+    if not workload.get("sampling.per_request_seed", True):
+        return None
+    return (int(workload["seed"]) * 1009 + index) % (2**31)
+
+
+def drive(llm, trace: list[TraceRequest], workload: dict, trial: str) -> tuple[list, list[int]]:
+    """Run the trace; (finished RequestOutputs of non-aborted requests, in trace order; indices of aborted ones)."""
+    sampling = sampling_args(workload)
+    params = [sampling_params(sampling, request_seed(workload, i)) for i in range(len(trace))]
+    if is_batch(trace):
+        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
+        return llm.generate(prompts, params, use_tqdm=False), []
+    engine = llm.llm_engine
+    pending = sorted(range(len(trace)), key=lambda i: (trace[i].arrive_step, i))
+    added: dict[int, int] = {}
+    finished: dict[int, object] = {}
+    aborted: list[int] = []
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if not engine.has_unfinished_requests() and pending:
+            step = max(step, trace[pending[0]].arrive_step)
+        while pending and trace[pending[0]].arrive_step <= step:
+            i = pending.pop(0)
+            engine.add_request(f"{trial}-{i}", {"prompt_token_ids": trace[i].prompt_token_ids}, params[i])
+            added[i] = step
+        for out in engine.step():
+            if out.finished:
+                finished[int(out.request_id.rsplit("-", 1)[1])] = out
+        to_abort = [i for i, at in added.items() if trace[i].abort_after is not None and i not in finished
+                    and i not in aborted and step - at >= trace[i].abort_after]
+        if to_abort:
+            engine.abort_request([f"{trial}-{i}" for i in to_abort])
+            aborted.extend(to_abort)
+        step += 1
+        if step > MAX_ENGINE_STEPS:
+            raise TimeoutError(f"trace still running after {MAX_ENGINE_STEPS} engine steps")
+    kept = [finished[i] for i in range(len(trace)) if i in finished and i not in aborted]
+    return kept, sorted(aborted)
+
+
+@dataclass
+class Scored:
+    """One sampled completion and what the oracles say about it."""
+
+    request: int
+    completion: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    num_preemptions: int
+    num_cached_tokens: int
+    seed: Optional[int]
+    reference: list[float] = field(default_factory=list)
+    rescored: list[float] = field(default_factory=list)
+
+    def diffs(self, other: list[float]) -> list[float]:
+        return [abs(a - b) for a, b in zip(self.logprobs, other)]
+
+
+def collect(outputs: list, workload: dict) -> list[Scored]:
+    scored = []
+    for out in outputs:
+        index = int(str(out.request_id).rsplit("-", 1)[-1]) if "-" in str(out.request_id) else len(scored)
+        preemptions = int(out.metrics.num_preemptions) if getattr(out, "metrics", None) is not None else 0
+        for j, c in enumerate(out.outputs):
+            lps = [c.logprobs[p][t].logprob for p, t in enumerate(c.token_ids)] if c.logprobs else []
+            scored.append(Scored(index, j, list(out.prompt_token_ids), list(c.token_ids), lps, preemptions,
+                                 int(out.num_cached_tokens or 0), request_seed(workload, index)))
+    return scored
+
+
+def rescore(llm, items: list[Scored]) -> None:
+    """Each item's sequence re-scored alone: the logprob of each completion token as a prompt token."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    for item in items:
+        sequence = item.prompt_token_ids + item.token_ids
+        if len(sequence) >= llm.llm_engine.vllm_config.model_config.max_model_len:
+            sequence = sequence[:-1]
+        out = llm.generate([{"prompt_token_ids": sequence}], params, use_tqdm=False)[0]
+        first = len(item.prompt_token_ids)
+        item.rescored = [
+            out.prompt_logprobs[first + p][t].logprob
+            for p, t in enumerate(item.token_ids)
+            if first + p < len(sequence)
+        ]
+
+
+def suspicious_first(items: list[Scored]) -> list[Scored]:
+    """Preempted, then prefix-cached, then the rest; stable within each class."""
+    return sorted(items, key=lambda s: (-(s.num_preemptions > 0), -(s.num_cached_tokens > 0)))
+
+
+def request_class(pairs: list[tuple[int, int]]) -> Optional[str]:
+    from rollout_lab.minimize.standalone import request_class as classify
+
+    return classify(pairs)
+
+
+def judge(items: list[Scored], tolerance: float, attr: str) -> dict:
+    """Flagged tokens of one oracle: counts, max, the class of the flagged requests, the worst token."""
+    flagged_requests, flagged, worst, num = [], 0, None, 0
+    for item in items:
+        other = getattr(item, attr)
+        if not other:
+            continue
+        diffs = item.diffs(other)
+        num += len(diffs)
+        hits = [d for d in diffs if d > tolerance]
+        if hits:
+            flagged += len(hits)
+            flagged_requests.append((item.num_preemptions, item.num_cached_tokens))
+        for p, d in enumerate(diffs):
+            if worst is None or d > worst["diff"]:
+                worst = {"diff": d, "request": item.request, "position": p, "token_id": item.token_ids[p]}
+    return {
+        "tokens": num,
+        "flagged": flagged,
+        "max": worst["diff"] if worst else 0.0,
+        "class": request_class(flagged_requests),
+        "worst": worst,
+    }
+
+
+def trace_case(trace: list[TraceRequest], workload: dict, keep: Optional[list[int]] = None) -> dict:
+    """The trace as a minimizer Case's workload fields (every request at once, in order)."""
+    sampling = sampling_args(workload)
+    indices = range(len(trace)) if keep is None else keep
+    return {
+        "requests": [{"prompt_token_ids": trace[i].prompt_token_ids, "seed": request_seed(workload, i) or i,
+                      "prompt_index": i, "sample_index": 0} for i in indices],
+        "max_tokens": int(sampling.get("max_tokens", 16)),
+        "temperature": float(sampling.get("temperature", 1.0)),
+        "top_p": float(sampling.get("top_p", 1.0)),
+        "top_k": int(sampling.get("top_k", -1)),
+    }
+
+
+def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[TraceRequest], trial: str,
+              dtype: str) -> dict:
+    """One workload on the (reset) engine: the result line's fields."""
+    from rollout_lab.minimize.standalone import reference_logprobs
+
+    t0 = time.perf_counter()
+    outputs, aborted = drive(llm, trace, workload, trial)
+    items = collect(outputs, workload)
+    t1 = time.perf_counter()
+    if reference is not None and items:
+        refs = reference_logprobs(reference, [(s.prompt_token_ids, s.token_ids) for s in items])
+        for item, ref in zip(items, refs):
+            item.reference = ref
+    t2 = time.perf_counter()
+    rescore(llm, suspicious_first(items)[:RESCORE_MAX])
+    t3 = time.perf_counter()
+    oracles = {
+        "reference": judge(items, float(spec.reference_tolerance.get(dtype, 1e-3)), "reference"),
+        "metamorphic": judge(items, float(spec.metamorphic_tolerance.get(dtype, 1e-3)), "rescored"),
+    }
+    failed = [name for name, o in oracles.items() if o["flagged"]]
+    result = {
+        "status": "fail" if failed else "ok",
+        "oracles": oracles,
+        "failed_oracles": failed,
+        "num_requests": len(trace),
+        "num_aborted": len(aborted),
+        "num_tokens": sum(len(s.token_ids) for s in items),
+        "preempted_requests": sum(1 for s in items if s.num_preemptions > 0),
+        "cached_requests": sum(1 for s in items if s.num_cached_tokens > 0),
+        "batch": is_batch(trace),
+        "phase_seconds": {"engine": round(t1 - t0, 2), "reference": round(t2 - t1, 2), "rescore": round(t3 - t2, 2)},
+    }
+    if failed:
+        # The requests that completed, all at once; n > 1 becomes n requests with seeds of their own.
+        result["case"] = trace_case(trace, workload, keep=[]) | {
+            "requests": [{"prompt_token_ids": s.prompt_token_ids, "seed": (s.seed if s.seed is not None else i) + s.completion,
+                          "prompt_index": s.request, "sample_index": s.completion} for i, s in enumerate(items)],
+        }
+    return result
+
+
+def is_rejection(exc: BaseException) -> bool:
+    """vLLM refusing a configuration: its validation raises ValueError (pydantic's included)."""
+    return isinstance(exc, ValueError)
+
+
+def run_group(spec: GroupSpec, lines_path: str) -> None:
+    """The whole group in this process; every outcome goes to the lines file."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    from rollout_lab.crash import crash_signature
+    from rollout_lab.minimize.standalone import Case, install_fault, load_reference
+    from rollout_lab.minimize.trials import _remember_clean, reset_engine
+
+    lines = Lines(Path(lines_path))
+    args = engine_args(spec.engine) | {"disable_log_stats": False}
+    lines.emit(event="engine_start", group=spec.group_key, args=args)
+    started = time.perf_counter()
+    try:
+        from vllm import LLM
+
+        llm = LLM(model=spec.model_path, **args)
+    except Exception as exc:
+        signature = crash_signature(exc, phase="engine_start")
+        lines.emit(event="engine", group=spec.group_key, status="rejected" if is_rejection(exc) else "crash",
+                   seconds=time.perf_counter() - started, crash=signature.to_dict())
+        return
+    config = llm.llm_engine.vllm_config
+    dtype = str(config.model_config.dtype).removeprefix("torch.")
+    limits = Limits(config.model_config.max_model_len, config.scheduler_config.max_num_batched_tokens,
+                    config.cache_config.block_size)
+    lines.emit(event="engine", group=spec.group_key, status="ok", seconds=time.perf_counter() - started,
+               limits=asdict(limits), dtype=dtype, blocks=config.cache_config.num_gpu_blocks)
+    llm.collective_rpc(_remember_clean)
+    pool = token_pool(llm.get_tokenizer())
+    reference = load_reference(spec.model_path)
+    for i, w in enumerate(spec.workloads):
+        trial, workload = w["key"], w["point"]
+        lines.emit(event="start", group=spec.group_key, trial=trial)
+        t0 = time.perf_counter()
+        max_tokens = int(sampling_args(workload).get("max_tokens", 16))
+        trace = make_trace(workload["generator"], int(workload["seed"]), pool, limits, max_tokens)
+        try:
+            if i:
+                reset_engine(llm)
+            if spec.fault:
+                install_fault(llm, Case(spec.model_path, {}, [], 0, fault=spec.fault, fault_params=spec.fault_params))
+            result = run_trial(llm, reference, spec, workload, trace, trial, dtype)
+        except Exception as exc:
+            signature = crash_signature(exc)
+            lines.emit(event="result", group=spec.group_key, trial=trial, point=workload, status="crash",
+                       seconds=time.perf_counter() - t0, crash=signature.to_dict(), where=traceback.format_exc()[-2000:],
+                       case_for_crash=trace_case(trace, workload))
+            return
+        lines.emit(event="result", group=spec.group_key, trial=trial, point=workload, seconds=time.perf_counter() - t0,
+                   dtype=dtype, **result)

@@ -1,0 +1,132 @@
+"""The hunt's config and its search space: every knob with its valid values, in one place.
+
+A knob is a `vllm.LLM` keyword (hunt.space.engine) or a `SamplingParams` field
+(hunt.space.sampling) with the list of values to try; null in a list means "leave it out" (vLLM's
+default). To add a knob, add a line to conf/hunt/default.yaml; to add a workload generator, write
+it in workloads.py and list its name there.
+
+A point of the space is a flat dict: {"model": ..., "engine.<knob>": ..., } for an engine
+configuration (a Group's engine), {"generator": ..., "sampling.<knob>": ..., "seed": ...} for a
+workload (one trial).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig
+
+
+@dataclass
+class SpaceConfig:
+    models: list[str] = field(default_factory=lambda: ["smollm2", "hybrid-tiny", "mamba2-tiny"])
+    engine: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    generators: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OracleConfig:
+    # |vLLM - transformers float32| logprob above this flags a token, per engine dtype. Clean
+    # float32 runs agree to <7e-5 (CPU and H100); bfloat16 engines to ~0.3-0.5 at most.
+    reference_tolerance: dict[str, float] = field(default_factory=lambda: {"float32": 1e-3, "bfloat16": 1.5, "float16": 1.0})
+    # |sampled logprob - the same request re-scored alone| (prompt_logprobs, no prefix-cache
+    # reads, no batch), same engine. Clean float32: <1e-4.
+    metamorphic_tolerance: dict[str, float] = field(default_factory=lambda: {"float32": 1e-3, "bfloat16": 1.5, "float16": 1.0})
+    # Seconds without progress before a trial counts as hung (engine start has its own limit).
+    trial_timeout_s: float = 180.0
+    engine_start_timeout_s: float = 300.0
+
+
+@dataclass
+class HuntConfig:
+    # Wall seconds for the whole hunt (search and minimization); Ctrl-C stops it sooner.
+    budget_s: float = 1800.0
+    seed: int = 0
+    # Workloads tried on one engine before the next engine configuration.
+    workloads_per_engine: int = 8
+    # Engines at once (each a Ray task of its own process); 1 on a 2-core machine.
+    parallel: int = 1
+    # Share of engine configurations drawn next to a failing one (one knob changed).
+    exploit: float = 0.3
+    # Random candidates scored for coverage per draw.
+    candidates: int = 48
+    # Minimize each new finding and verify its repro.py `verify_runs` times in fresh processes.
+    minimize: bool = True
+    verify_runs: int = 5
+    # Stop after this many engine groups (null: until the budget is spent). For tests.
+    max_groups: Optional[int] = None
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    oracles: OracleConfig = field(default_factory=OracleConfig)
+
+
+@dataclass
+class HuntRunConfig:
+    hunt: HuntConfig = field(default_factory=HuntConfig)
+    # A planted fault switched on in every engine (rollout_lab/faults.py); none by default.
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # The hunt dir; Hydra sets it. Running again on the same dir resumes.
+    run_dir: Optional[str] = None
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="hunt_schema", node=HuntRunConfig)
+
+
+@dataclass
+class Space:
+    """The knobs and their values, as lists; validated once."""
+
+    models: list[str]
+    engine: dict[str, list]
+    sampling: dict[str, list]
+    generators: list[str]
+
+    @classmethod
+    def from_config(cls, cfg: SpaceConfig) -> "Space":
+        from rollout_lab.hunt.workloads import GENERATORS
+
+        engine = {k: list(v) for k, v in dict(cfg.engine).items()}
+        sampling = {k: list(v) for k, v in dict(cfg.sampling).items()}
+        for group, knobs in (("engine", engine), ("sampling", sampling)):
+            empty = [k for k, values in knobs.items() if not values]
+            if empty:
+                raise ConfigError(f"hunt.space.{group}.{empty[0]} has no values")
+        unknown = [g for g in cfg.generators if g not in GENERATORS]
+        if unknown:
+            raise ConfigError(f"hunt.space.generators: {unknown[0]!r} is not a generator; choose from {', '.join(GENERATORS)}")
+        if not cfg.models or not cfg.generators:
+            raise ConfigError("hunt.space needs at least one model and one generator")
+        return cls(list(cfg.models), engine, sampling, list(cfg.generators))
+
+    def engine_dims(self) -> dict[str, list]:
+        """Dimensions of an engine point: the model and every engine knob."""
+        return {"model": self.models, **{f"engine.{k}": v for k, v in self.engine.items()}}
+
+    def workload_dims(self) -> dict[str, list]:
+        """Dimensions of a workload point (besides its seed)."""
+        return {"generator": self.generators, **{f"sampling.{k}": v for k, v in self.sampling.items()}}
+
+    def dims(self) -> dict[str, list]:
+        return self.engine_dims() | self.workload_dims()
+
+
+def engine_args(point: dict) -> dict:
+    """vllm.LLM keyword arguments of an engine point (null values left out: vLLM's default)."""
+    return {k.removeprefix("engine."): v for k, v in point.items() if k.startswith("engine.") and v is not None}
+
+
+def sampling_args(point: dict) -> dict:
+    """The sampling knobs of a workload point (null values left out)."""
+    return {k.removeprefix("sampling."): v for k, v in point.items() if k.startswith("sampling.") and v is not None}
+
+
+def point_key(*points: dict) -> str:
+    """A short, stable hash of one or more points: a group's or a trial's identity."""
+    payload = json.dumps([sorted(p.items()) for p in points], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]

@@ -1,0 +1,159 @@
+"""The hunt's search: coverage bookkeeping, seeded reproducibility, exploitation, dedup keys, store resume."""
+import random
+
+import pytest
+
+from rollout_lab.config import ConfigError
+from rollout_lab.hunt.__main__ import read_lines, signature_of
+from rollout_lab.hunt.search import Coverage, Planner
+from rollout_lab.hunt.space import Space, SpaceConfig, engine_args, point_key, sampling_args
+from rollout_lab.hunt.store import Finding, Store, StoreError
+from rollout_lab.hunt.workloads import GENERATORS, Limits, is_batch, make_trace
+
+
+def space() -> Space:
+    return Space.from_config(SpaceConfig(
+        models=["a", "b"],
+        engine={"dtype": ["float32", "bfloat16"], "max_num_seqs": [1, 4, 16], "block_size": [None, 32]},
+        sampling={"n": [1, 2], "max_tokens": [1, 8]},
+        generators=["many_short", "repeated"],
+    ))
+
+
+def test_coverage_counts_values_and_pairs_and_novelty_falls_as_they_are_tried():
+    s = space()
+    cov = Coverage(s.dims())
+    # 2 models + 2 + 3 + 2 engine values + 2 generators + 2 + 2 sampling values = 15 values.
+    assert cov.totals()[0] == 15
+    point = {"model": "a", "engine.dtype": "float32", "engine.max_num_seqs": 1, "engine.block_size": None}
+    assert cov.novelty(point) == 2 * 4 + 6  # 4 new values, 6 new pairs
+    cov.record(point | {"seed": 7})
+    assert cov.novelty(point) == 0
+    assert cov.covered() == (4, 6)
+    changed = point | {"engine.max_num_seqs": 16}
+    assert cov.novelty(changed) == 2 + 3  # one new value, three new pairs with it
+    assert 16 in cov.untried()["engine.max_num_seqs"] and 1 not in cov.untried()["engine.max_num_seqs"]
+
+
+def test_the_same_seed_and_history_propose_the_same_groups_and_another_seed_does_not():
+    def plan(seed):
+        planner, cov = Planner(space(), seed, candidates=16), Coverage(space().dims())
+        groups = []
+        for i in range(5):
+            g = planner.next_group(i, cov, 3)
+            for w in g.workloads:
+                cov.record(g.engine | w)
+            groups.append((g.engine, g.workloads))
+        return groups
+
+    assert plan(0) == plan(0)
+    assert plan(0) != plan(1)
+
+
+def test_coverage_guidance_reaches_every_value_sooner_than_its_count_of_draws():
+    s = space()
+    planner, cov = Planner(s, 3, candidates=32), Coverage(s.dims())
+    for i in range(3):
+        g = planner.next_group(i, cov, 2)
+        for w in g.workloads:
+            cov.record(g.engine | w)
+    # Three engines cover both models, both dtypes and all three max_num_seqs values.
+    untried = cov.untried()
+    assert untried["model"] == [] and untried["engine.dtype"] == [] and untried["engine.max_num_seqs"] == []
+
+
+def test_exploitation_proposes_a_neighbour_of_a_failing_engine_and_retries_its_workload():
+    s = space()
+    planner, cov = Planner(s, 0, candidates=16, exploit=1.0), Coverage(s.dims())
+    engine = {"model": "a", "engine.dtype": "float32", "engine.max_num_seqs": 4, "engine.block_size": 32}
+    workload = {"generator": "repeated", "sampling.n": 2, "sampling.max_tokens": 8, "seed": 5}
+    g = planner.next_group(0, cov, 3, failing=[(engine, workload)])
+    assert g.reason == f"exploit:{point_key(engine, workload)}"
+    assert sum(g.engine[k] != engine[k] for k in engine) == 1
+    first = dict(g.workloads[0])
+    assert first.pop("seed") != 5 and first == {k: v for k, v in workload.items() if k != "seed"}
+
+
+def test_rejected_engines_are_not_proposed_again():
+    s = space()
+    planner, cov = Planner(s, 0, candidates=8), Coverage(s.dims())
+    first = planner.next_group(0, cov, 1)
+    again = Planner(s, 0, candidates=8).next_group(0, cov, 1, avoid={first.key})
+    assert again.key != first.key
+
+
+def test_space_rejects_unknown_generators_and_empty_knobs():
+    with pytest.raises(ConfigError, match="not a generator"):
+        Space.from_config(SpaceConfig(models=["a"], generators=["nope"]))
+    with pytest.raises(ConfigError, match="hunt.space.engine.dtype has no values"):
+        Space.from_config(SpaceConfig(models=["a"], engine={"dtype": []}, generators=["many_short"]))
+
+
+def test_points_become_engine_and_sampling_arguments_with_nulls_left_out():
+    point = {"model": "a", "engine.dtype": "float32", "engine.block_size": None, "generator": "x", "sampling.n": 2}
+    assert engine_args(point) == {"dtype": "float32"}
+    assert sampling_args(point) == {"n": 2}
+    assert point_key(point) == point_key(dict(reversed(point.items())))
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_every_generator_is_seeded_and_fits_the_model_length(name):
+    pool = list(range(1000, 1300))
+    limits = Limits(max_model_len=128, max_num_batched_tokens=48, block_size=32)
+    trace = make_trace(name, 11, pool, limits, max_tokens=16)
+    assert trace == make_trace(name, 11, pool, limits, max_tokens=16)
+    assert trace and all(1 <= len(r.prompt_token_ids) <= 128 - 16 for r in trace)
+    assert all(t in pool for r in trace for t in r.prompt_token_ids)
+    if name == "long_prompt":
+        assert all(len(r.prompt_token_ids) > 48 for r in trace)
+    if name == "repeated":
+        assert len({tuple(r.prompt_token_ids) for r in trace}) == 1
+    if name in ("many_short", "mixed_lengths", "shared_prefix", "long_prompt", "preemption_load"):
+        assert is_batch(trace)
+
+
+def test_timed_traces_add_requests_late_and_abort_some():
+    limits = Limits(256, 256, 32)
+    traces = [make_trace("timed_trace", seed, list(range(500)), limits, 8) for seed in range(20)]
+    assert not all(is_batch(t) for t in traces)
+    assert any(r.abort_after is not None for t in traces for r in t)
+    assert any(r.arrive_step > 0 for t in traces for r in t)
+
+
+def test_signatures_key_crashes_by_site_and_mismatches_by_oracle_model_dtype_and_class():
+    engine = {"model": "smollm2", "engine.dtype": "float32"}
+    crash = {"status": "crash", "crash": {"key": "IndexError@vllm/x.py:f"}}
+    assert signature_of(engine, crash) == "IndexError@vllm/x.py:f"
+    both = {"status": "fail", "oracles": {"reference": {"flagged": 3, "class": "preempted"},
+                                          "metamorphic": {"flagged": 2, "class": "any"}}}
+    assert signature_of(engine, both) == "mismatch/reference:smollm2:float32:preempted"
+    alone = {"status": "fail", "oracles": {"reference": {"flagged": 0, "class": None},
+                                           "metamorphic": {"flagged": 2, "class": "any"}}}
+    assert signature_of(engine, alone) == "mismatch/metamorphic:smollm2:float32:any"
+    assert signature_of(engine, {"status": "hang", "phase": "trial"}) == "hang@trial:smollm2"
+
+
+def test_store_keeps_trials_and_findings_across_reopening_and_refuses_a_corrupt_file(tmp_path):
+    store = Store(tmp_path / "hunt.db")
+    store.add_group(0, "g", {"model": "a"}, "explore", 1.0)
+    store.add_trial("t1", 0, {"model": "a"}, {"generator": "x"}, "fail", "sig", {"oracles": {}}, 2.0, 10.0)
+    store.put_finding(Finding("sig", "mismatch", "t1", 10.0, 1, 1, "a", "float32"))
+    store.set_meta("elapsed_s", 12.5)
+    again = Store(tmp_path / "hunt.db")
+    assert again.trial_keys() == {"t1"} and again.next_group_index() == 1
+    assert again.finding("sig").first_trial == "t1" and again.meta("elapsed_s") == 12.5
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError, match="bad.db is not a readable hunt store"):
+        Store(bad)
+
+
+def test_read_lines_returns_complete_lines_only_and_resumes_from_the_offset(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"event": "start"}\n{"event": "res')
+    events, offset = read_lines(path, 0)
+    assert events == [{"event": "start"}]
+    with path.open("a") as f:
+        f.write('ult"}\n')
+    events, offset = read_lines(path, offset)
+    assert events == [{"event": "result"}] and offset == path.stat().st_size

@@ -85,11 +85,24 @@ class Hunt:
         self.session_start = time.time()
         self.timeline: list[tuple[float, int, int, float, float]] = self.store.meta("timeline", [])
         for trial in self.store.trials():
-            self.coverage.record(trial["engine"] | trial["workload"])
+            if trial["status"] != "rejected":
+                self.coverage.record(trial["engine"] | trial["workload"])
             if trial["status"] in ("fail", "crash") and trial["workload"]:
                 self.failing.append((trial["engine"], trial["workload"]))
+        self.recover()
         self.rejected = {g["key"] for g in self.store.groups() if g["status"] == "rejected"}
         self.resumed = bool(self.done) or self.store.next_group_index() > 0
+
+    def recover(self) -> None:
+        """Groups a killed hunt left running: record the results their lines hold, mark them killed."""
+        for g in self.store.groups():
+            if g["status"] != "running":
+                continue
+            events, _ = read_lines(self.dir / "lines" / f"group_{g['idx']:04d}.jsonl", 0)
+            for event in events:
+                if event["event"] == "result" and event["trial"] not in self.done:
+                    self.record_trial(g, event["trial"], event.get("point", {}), event)
+            self.store.end_group(g["idx"], "killed", "the hunt was stopped while this group ran")
 
     # the clock, across resumes
     def elapsed(self) -> float:
@@ -112,7 +125,8 @@ class Hunt:
         self.store.add_trial(trial_key, group["idx"], group["engine"], workload, status, signature, result,
                              float(result.get("seconds", 0.0)), elapsed)
         self.done.add(trial_key)
-        self.coverage.record(group["engine"] | workload)
+        if status != "rejected":  # refused by vLLM's validation: nothing was exercised
+            self.coverage.record(group["engine"] | workload)
         if signature is None:
             return
         if workload:
@@ -134,10 +148,11 @@ class Hunt:
         self.save_clock()
 
     # one group on Ray
-    def run_group(self, group) -> None:
+    def run_group(self, group) -> str:
+        """Run one group to its end; its status (ok, rejected, crash, hang, died, skipped)."""
         import ray
 
-        from rollout_lab.hunt.runner import GroupSpec, run_group
+        from rollout_lab.hunt.runner import GroupSpec, run_group, validate_engine
         from rollout_lab.models import resolve_model
 
         workloads = [w for w in group.workloads if group.trial_key(w) not in self.done]
@@ -146,7 +161,14 @@ class Hunt:
         record = {"idx": group.index, "engine": group.engine}
         if not workloads:
             self.store.end_group(group.index, "skipped", "every workload already tried")
-            return
+            return "skipped"
+        complaint = validate_engine(group.engine, resolve_model(group.engine["model"]))
+        if complaint is not None:
+            self.store.end_group(group.index, "rejected", complaint)
+            self.rejected.add(group.key)
+            self.console.print(f"[bold]group {group.index}[/] [yellow]rejected[/] by vLLM's config validation: {complaint}",
+                               highlight=False)
+            return "rejected"
         o = self.cfg.hunt.oracles
         cores = os.cpu_count() or 1
         spec = GroupSpec(
@@ -157,7 +179,8 @@ class Hunt:
         )
         lines_path = self.dir / "lines" / f"group_{group.index:04d}.jsonl"
         lines_path.unlink(missing_ok=True)
-        task = ray.remote(run_group).options(num_cpus=max(cores // self.cfg.hunt.parallel, 1), max_calls=1, max_retries=0)
+        # max_calls=1: the process exits after its group, and the engine's memory with it.
+        task = ray.remote(max_calls=1, max_retries=0)(run_group).options(num_cpus=max(cores // self.cfg.hunt.parallel, 1))
         ref = task.remote(spec, str(lines_path))
         by_key = {group.trial_key(w): w for w in workloads}
         self.console.print(
@@ -174,7 +197,7 @@ class Hunt:
                     engine_up = event["status"] == "ok"
                     self.store.end_group(group.index, "running", "", event.get("seconds"))
                     if event["status"] != "ok":
-                        status, message = event["status"], event["crash"]["message"]
+                        status, message = event["status"], event.get("message") or event["crash"]["message"]
                         if status == "crash":
                             self.record_trial(record, f"{group.key}-start", {}, {"status": "crash", "crash": event["crash"],
                                                                                   "phase": "engine_start"})
@@ -207,8 +230,12 @@ class Hunt:
         if status == "rejected":
             self.rejected.add(group.key)
             self.console.print(f"  [yellow]rejected[/]: {message}", highlight=False)
+        return status
 
     def report_trial(self, event: dict) -> None:
+        if event["status"] == "rejected":
+            self.console.print(f"  trial {event['trial']}: [yellow]rejected[/] {event['message']}", highlight=False)
+            return
         if event["status"] == "crash":
             self.console.print(f"  trial {event['trial']}: [red]crash[/] {event['crash']['key']}", highlight=False)
             return
@@ -314,7 +341,8 @@ class Hunt:
                 index = self.store.next_group_index()
                 group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
                                                 self.failing, self.rejected)
-                self.run_group(group)
+                if self.run_group(group) == "rejected":
+                    continue  # vLLM's validation refused it in the driver: no engine started
                 groups += 1
                 self.snapshot()
                 singles, pairs = self.coverage.fractions()
@@ -353,6 +381,8 @@ def main(dict_cfg: DictConfig) -> None:
     from rollout_lab.config import ConfigError
     from rollout_lab.hunt.store import StoreError
 
+    # vLLM's INFO lines (the driver validates engine configs) would bury the progress lines.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     cfg: HuntRunConfig = OmegaConf.to_object(dict_cfg)
     hunt_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     try:

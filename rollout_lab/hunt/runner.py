@@ -84,10 +84,22 @@ def request_seed(workload: dict, index: int) -> Optional[int]:
     return (int(workload["seed"]) * 1009 + index) % (2**31)
 
 
+class RejectedWorkload(ValueError):
+    """vLLM refused the workload's sampling parameters (e.g. n > 1 with greedy sampling): not a bug."""
+
+
+def trace_params(trace: list[TraceRequest], workload: dict) -> list:
+    """SamplingParams per request; RejectedWorkload when vLLM's validation refuses them."""
+    sampling = sampling_args(workload)
+    try:
+        return [sampling_params(sampling, request_seed(workload, i)) for i in range(len(trace))]
+    except ValueError as exc:
+        raise RejectedWorkload(rejection_message(exc)) from None
+
+
 def drive(llm, trace: list[TraceRequest], workload: dict, trial: str) -> tuple[list, list[int]]:
     """Run the trace; (finished RequestOutputs of non-aborted requests, in trace order; indices of aborted ones)."""
-    sampling = sampling_args(workload)
-    params = [sampling_params(sampling, request_seed(workload, i)) for i in range(len(trace))]
+    params = trace_params(trace, workload)
     if is_batch(trace):
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
         return llm.generate(prompts, params, use_tqdm=False), []
@@ -265,6 +277,29 @@ def is_rejection(exc: BaseException) -> bool:
     return isinstance(exc, ValueError)
 
 
+def rejection_message(exc: BaseException) -> str:
+    """vLLM's complaint on one line (pydantic puts the reason on the second)."""
+    return " ".join(str(exc).split())[:300]
+
+
+def validate_engine(engine: dict, model_path: str) -> Optional[str]:
+    """vLLM's own config validation, without starting an engine: the complaint, or None when it passes.
+
+    Cheap (vLLM's config objects only), so the driver skips configurations vLLM would refuse
+    without spending a process and a model load on them. Sizing checks that need the engine (is
+    the KV cache big enough for max_model_len) still happen at start.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    try:
+        EngineArgs(model=model_path, **engine_args(engine)).create_engine_config()
+    except Exception as exc:
+        if is_rejection(exc):
+            return rejection_message(exc)
+        raise
+    return None
+
+
 def run_group(spec: GroupSpec, lines_path: str) -> None:
     """The whole group in this process; every outcome goes to the lines file."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -290,7 +325,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     except Exception as exc:
         signature = crash_signature(exc, phase="engine_start")
         lines.emit(event="engine", group=spec.group_key, status="rejected" if is_rejection(exc) else "crash",
-                   seconds=time.perf_counter() - started, crash=signature.to_dict())
+                   seconds=time.perf_counter() - started, crash=signature.to_dict(), message=rejection_message(exc))
         return
     config = llm.llm_engine.vllm_config
     dtype = str(config.model_config.dtype).removeprefix("torch.")
@@ -307,6 +342,12 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
         t0 = time.perf_counter()
         max_tokens = int(sampling_args(workload).get("max_tokens", 16))
         trace = make_trace(workload["generator"], int(workload["seed"]), pool, limits, max_tokens)
+        try:
+            trace_params(trace, workload)
+        except RejectedWorkload as exc:
+            lines.emit(event="result", group=spec.group_key, trial=trial, point=workload, status="rejected",
+                       seconds=time.perf_counter() - t0, message=str(exc))
+            continue
         try:
             if i:
                 reset_engine(llm)

@@ -125,6 +125,7 @@ class Hunt:
         self.store.add_trial(trial_key, group["idx"], group["engine"], workload, status, signature, result,
                              float(result.get("seconds", 0.0)), elapsed)
         self.done.add(trial_key)
+        self.store.set_meta("elapsed_s", elapsed)
         if status != "rejected":  # refused by vLLM's validation: nothing was exercised
             self.coverage.record(group["engine"] | workload)
         if signature is None:
@@ -220,12 +221,17 @@ class Hunt:
                                                                         "seconds": time.time() - last_progress})
                 status, message = "hang", f"no progress for {limit:.0f} s ({phase})"
                 break
-        if status == "ok" and not engine_up:
+        if status == "ok" and (not engine_up or current is not None):
+            # The process ended with a trial (or the engine start) unfinished: it died.
             status, message = "died", "the engine process ended without a word (killed? out of memory?)"
             try:
                 ray.get(ref)
             except Exception as exc:  # the task's own failure is the message
-                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                message = " ".join(str(getattr(exc, "cause", None) or exc).split())[:300]
+            phase = "trial" if engine_up else "engine_start"
+            key = current if current is not None else f"{group.key}-start"
+            self.record_trial(record, key, by_key.get(current, {}), {"status": "crash", "phase": phase, "crash": {
+                "key": f"ProcessDied@{phase}", "message": message}})
         self.store.end_group(group.index, status, message)
         if status == "rejected":
             self.rejected.add(group.key)

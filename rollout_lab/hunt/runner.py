@@ -354,7 +354,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
             if spec.fault:
                 install_fault(llm, Case(spec.model_path, {}, [], 0, fault=spec.fault, fault_params=spec.fault_params))
             result = run_trial(llm, reference, spec, workload, trace, trial, dtype)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: vLLM ends a dead engine core that way
             signature = crash_signature(exc)
             lines.emit(event="result", group=spec.group_key, trial=trial, point=workload, status="crash",
                        seconds=time.perf_counter() - t0, crash=signature.to_dict(), where=traceback.format_exc()[-2000:],

@@ -292,11 +292,36 @@ def validate_engine(engine: dict, model_path: str) -> Optional[str]:
     from vllm.engine.arg_utils import EngineArgs
 
     try:
-        EngineArgs(model=model_path, **engine_args(engine)).create_engine_config()
+        config = EngineArgs(model=model_path, **engine_args(engine)).create_engine_config()
     except Exception as exc:
         if is_rejection(exc):
             return rejection_message(exc)
         raise
+    return kv_cache_too_small(config, engine_args(engine).get("kv_cache_memory_bytes"))
+
+
+def kv_cache_too_small(config, kv_bytes: Optional[int]) -> Optional[str]:
+    """For attention-only models: the check vLLM makes at start (can one max_model_len request fit?).
+
+    KV bytes per token = 2 (K and V) x layers x KV heads x head size x dtype size, per block of
+    block_size tokens, one block more for vLLM's null block. Hybrid models are left to the engine.
+    """
+    hf = config.model_config.hf_config
+    if kv_bytes is None or any("mamba" in str(t) for t in (getattr(hf, "layer_types", None) or [])) \
+            or "mamba" in hf.model_type or not getattr(hf, "num_key_value_heads", None):
+        return None
+    import torch
+
+    model = config.model_config
+    head = model.get_head_size()
+    per_token = 2 * model.get_num_layers(config.parallel_config) * model.get_num_kv_heads(config.parallel_config) * head
+    per_token *= torch.tensor([], dtype=model.dtype).element_size()
+    block = config.cache_config.block_size or 16
+    blocks = kv_bytes // (per_token * block)
+    needed = -(-model.max_model_len // block) + 1
+    if blocks < needed:
+        return (f"kv_cache_memory_bytes={kv_bytes} holds {blocks} blocks of {block} tokens; one max_model_len="
+                f"{model.max_model_len} request needs {needed} (checked before start, as vLLM does at start)")
     return None
 
 

@@ -24,7 +24,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from collections import Counter
 from pathlib import Path
 
 import hydra
@@ -80,6 +80,9 @@ class Hunt:
         self.planner = Planner(self.space, cfg.hunt.seed, cfg.hunt.candidates, cfg.hunt.exploit)
         self.coverage = Coverage(self.space.dims())
         self.failing: list[tuple[dict, dict]] = []
+        # Engine behaviours seen (the fuzzer's edges) and trials that showed a rare one.
+        self.behaviours: Counter = Counter()
+        self.interesting: list[tuple[dict, dict]] = []
         self.done = self.store.trial_keys()
         self.elapsed_before = float(self.store.meta("elapsed_s", 0.0))
         self.session_start = time.time()
@@ -89,6 +92,7 @@ class Hunt:
                 self.coverage.record(trial["engine"] | trial["workload"])
             if trial["status"] in ("fail", "crash") and trial["workload"]:
                 self.failing.append((trial["engine"], trial["workload"]))
+            self.note_behaviours(trial["engine"], trial["workload"], trial["result"])
         self.recover()
         self.rejected = {g["key"] for g in self.store.groups() if g["status"] == "rejected"}
         self.resumed = bool(self.done) or self.store.next_group_index() > 0
@@ -128,6 +132,7 @@ class Hunt:
         self.store.set_meta("elapsed_s", elapsed)
         if status != "rejected":  # refused by vLLM's validation: nothing was exercised
             self.coverage.record(group["engine"] | workload)
+            self.note_behaviours(group["engine"], workload, result)
         if signature is None:
             return
         if workload:
@@ -141,6 +146,15 @@ class Hunt:
             self.console.print(f"[bold red]new finding[/] {signature} (trial {trial_key}, {elapsed:.0f} s)")
         finding.trials += 1
         self.store.put_finding(finding)
+
+    def note_behaviours(self, engine: dict, workload: dict, result: dict) -> None:
+        """Count what the engine did in a trial; one that did something seen fewer than 3 times is kept
+        as a seed to explore around (coverage feedback from the engine itself, not only from knobs)."""
+        seen = behaviours(result)
+        rare = [b for b in seen if self.behaviours[b] < 3]
+        self.behaviours.update(seen)
+        if rare and workload:
+            self.interesting.append((engine, workload))
 
     def snapshot(self) -> None:
         singles, pairs = self.coverage.fractions()
@@ -345,8 +359,10 @@ class Hunt:
         try:
             while self.budget_left() > 0 and (self.cfg.hunt.max_groups is None or groups < self.cfg.hunt.max_groups):
                 index = self.store.next_group_index()
+                # Failures first; engines that showed a rare behaviour (preemption, cache hits...) next.
+                seeds = self.failing or self.interesting
                 group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
-                                                self.failing, self.rejected)
+                                                seeds, self.rejected)
                 if self.run_group(group) == "rejected":
                     continue  # vLLM's validation refused it in the driver: no engine started
                 groups += 1
@@ -354,7 +370,9 @@ class Hunt:
                 singles, pairs = self.coverage.fractions()
                 self.console.print(
                     f"[dim]{self.elapsed():.0f}/{self.cfg.hunt.budget_s:.0f} s: {len(self.done)} trials, "
-                    f"{len(self.store.findings())} findings, coverage {singles:.0%} values / {pairs:.0%} pairs[/]")
+                    f"{len(self.store.findings())} findings, coverage {singles:.0%} values / {pairs:.0%} pairs; "
+                    f"engine behaviours {dict(self.behaviours)}[/]")
+                self.store.set_meta("behaviours", dict(self.behaviours))
                 if self.cfg.hunt.minimize:
                     self.minimize_new()
         except KeyboardInterrupt:
@@ -363,6 +381,21 @@ class Hunt:
             self.snapshot()
             path = report.write(self.dir, self.store, self.coverage, self.timeline, self.cfg)
             self.console.print(f"[bold]report[/]: {path}")
+
+
+def behaviours(result: dict) -> list[str]:
+    """The engine behaviours a trial exercised, from what vLLM reported."""
+    if result.get("status") in ("crash", "hang"):
+        return [f"status:{result['status']}"]
+    if "num_tokens" not in result:
+        return []
+    seen = {
+        "preempted": result.get("preempted_requests", 0) > 0,
+        "prefix_cache_hit": result.get("cached_requests", 0) > 0,
+        "aborted": result.get("num_aborted", 0) > 0,
+        "stepped_trace": not result.get("batch", True),
+    }
+    return [name for name, on in seen.items() if on] or ["plain"]
 
 
 def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:

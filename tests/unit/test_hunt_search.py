@@ -4,7 +4,7 @@ import random
 import pytest
 
 from rollout_lab.config import ConfigError
-from rollout_lab.hunt.__main__ import read_lines, signature_of
+from rollout_lab.hunt.__main__ import behaviours, read_lines, signature_of
 from rollout_lab.hunt.search import Coverage, Planner
 from rollout_lab.hunt.space import Space, SpaceConfig, engine_args, point_key, sampling_args
 from rollout_lab.hunt.store import Finding, Store, StoreError
@@ -157,3 +157,12 @@ def test_read_lines_returns_complete_lines_only_and_resumes_from_the_offset(tmp_
         f.write('ult"}\n')
     events, offset = read_lines(path, offset)
     assert events == [{"event": "result"}] and offset == path.stat().st_size
+
+
+def test_behaviours_are_what_the_engine_did_in_a_trial():
+    quiet = {"status": "ok", "num_tokens": 10, "preempted_requests": 0, "cached_requests": 0, "num_aborted": 0, "batch": True}
+    assert behaviours(quiet) == ["plain"]
+    busy = quiet | {"preempted_requests": 2, "cached_requests": 1, "num_aborted": 1, "batch": False}
+    assert behaviours(busy) == ["preempted", "prefix_cache_hit", "aborted", "stepped_trace"]
+    assert behaviours({"status": "crash", "crash": {"key": "x"}}) == ["status:crash"]
+    assert behaviours({"status": "rejected", "message": "no"}) == []

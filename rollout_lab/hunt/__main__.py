@@ -279,18 +279,26 @@ class Hunt:
                 finding.detail = (finding.detail or {}) | {"why": "the minimizer replays crashes and mismatches, not hangs"}
                 self.store.put_finding(finding)
                 continue
-            case_path = self.write_case(finding, name)
             self.console.print(f"[bold]minimizing[/] {finding.signature} -> {self.dir / 'repro' / name}")
             log = self.dir / "repro" / f"{name}.minimize.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("w") as out:
-                done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(case_path), "--out",
-                                       str(self.dir / "repro"), "--name", name, "--no-verify"],
-                                      cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            # With a planted fault, first without it: a finding that still fails is vLLM's own bug,
+            # and its repro.py should carry no planted fault. Exit 2: it did not fail without it.
+            attempts = [False, True] if self.fault else [False]
+            for with_fault in attempts:
+                case_path = self.write_case(finding, name, with_fault)
+                extra = ["--calibration-runs", "2"] if with_fault is False and self.fault else []
+                with log.open("a") as out:
+                    done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(case_path), "--out",
+                                           str(self.dir / "repro"), "--name", name, "--no-verify", *extra],
+                                          cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                if done.returncode != 2:
+                    break
+            finding.detail = finding.detail | {"needs_planted_fault": bool(self.fault) and with_fault}
             self.finish_finding(finding, name, done.returncode, log)
 
-    def write_case(self, finding, name: str) -> Path:
-        """The finding's first failing trial as the minimizer's case.json."""
+    def write_case(self, finding, name: str, with_fault: bool = True) -> Path:
+        """The finding's first failing trial as the minimizer's case.json (with the hunt's planted fault or not)."""
         from rollout_lab.hunt.space import engine_args
 
         detail = finding.detail
@@ -309,8 +317,8 @@ class Hunt:
         data = {
             "model": engine["model"],
             "description": f"hunt trial {finding.first_trial}: {finding.signature}",
-            "case": {"model": engine["model"], "engine_args": args, **case, "fault": self.fault,
-                     "fault_params": self.fault_params},
+            "case": {"model": engine["model"], "engine_args": args, **case, "fault": self.fault if with_fault else None,
+                     "fault_params": self.fault_params if with_fault else {}},
             "expected": expected,
         }
         path = self.dir / "findings" / name / "case.json"
@@ -331,14 +339,16 @@ class Hunt:
             self.console.print(f"  [yellow]not minimized[/]: {finding.detail['why']}", highlight=False)
             return
         info = json.loads(minimized.read_text())
-        finding.trigger = info["knobs"]
+        # The knobs that stayed off their defaults, and the planted fault when the failure needs it.
+        finding.trigger = info["knobs"] + ([f"fault={self.fault}"] if finding.detail.get("needs_planted_fault") else [])
         finding.repro = str(out / "repro.py")
         finding.state = "minimized"
         self.store.put_finding(finding)
         runs = self.cfg.hunt.verify_runs
         exits = [run_isolated(out / "repro.py").returncode for _ in range(runs)]
         finding.repro_rate = f"{sum(e == 1 for e in exits)}/{runs}"
-        off = run_isolated(out / "repro.py", ("--no-fault",)).returncode if self.fault else None
+        needs_fault = finding.detail.get("needs_planted_fault")
+        off = run_isolated(out / "repro.py", ("--no-fault",)).returncode if needs_fault else None
         finding.detail = finding.detail | {"minimized": info, "verify_exits": exits, "no_fault_exit": off}
         finding.state = "verified" if exits.count(1) == runs else "flaky"
         self.store.put_finding(finding)

@@ -93,7 +93,9 @@ def trace_params(trace: list[TraceRequest], workload: dict) -> list:
     sampling = sampling_args(workload)
     try:
         return [sampling_params(sampling, request_seed(workload, i)) for i in range(len(trace))]
-    except ValueError as exc:
+    except Exception as exc:
+        if not is_rejection(exc):
+            raise
         raise RejectedWorkload(rejection_message(exc)) from None
 
 
@@ -273,8 +275,11 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
 
 
 def is_rejection(exc: BaseException) -> bool:
-    """vLLM refusing a configuration: its validation raises ValueError (pydantic's included)."""
-    return isinstance(exc, ValueError)
+    """vLLM refusing its input: config validation raises ValueError (pydantic's included), request
+    validation VLLMClientError (a 4xx in the server's terms)."""
+    from vllm.exceptions import VLLMClientError
+
+    return isinstance(exc, (ValueError, VLLMClientError))
 
 
 def rejection_message(exc: BaseException) -> str:

@@ -77,7 +77,9 @@ class Hunt:
             raise ValueError(f"hunt dir {hunt_dir} was hunted with fault={previous.get('fault')}; "
                              f"resume it with the same fault or pick a new dir")
         self.store.set_meta("config", {"fault": self.fault, "hunt": OmegaConf.to_container(OmegaConf.structured(cfg.hunt))})
-        self.planner = Planner(self.space, cfg.hunt.seed, cfg.hunt.candidates, cfg.hunt.exploit)
+        from rollout_lab.hunt.runner import valid_workload
+
+        self.planner = Planner(self.space, cfg.hunt.seed, cfg.hunt.candidates, cfg.hunt.exploit, valid_workload)
         self.coverage = Coverage(self.space.dims())
         self.failing: list[tuple[dict, dict]] = []
         # Engine behaviours seen (the fuzzer's edges) and trials that showed a rare one.

@@ -99,6 +99,15 @@ def trace_params(trace: list[TraceRequest], workload: dict) -> list:
         raise RejectedWorkload(rejection_message(exc)) from None
 
 
+def valid_workload(workload: dict) -> bool:
+    """Whether vLLM accepts the workload's sampling parameters (checked without an engine)."""
+    try:
+        trace_params([TraceRequest([0])], workload | {"seed": workload.get("seed", 0)})
+    except RejectedWorkload:
+        return False
+    return True
+
+
 def drive(llm, trace: list[TraceRequest], workload: dict, trial: str) -> tuple[list, list[int]]:
     """Run the trace; (finished RequestOutputs of non-aborted requests, in trace order; indices of aborted ones)."""
     params = trace_params(trace, workload)

@@ -15,6 +15,7 @@ import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from rollout_lab.hunt.space import Space, point_key
 
@@ -88,8 +89,11 @@ class Group:
 
 
 class Planner:
-    def __init__(self, space: Space, seed: int, candidates: int = 48, exploit: float = 0.3):
+    def __init__(self, space: Space, seed: int, candidates: int = 48, exploit: float = 0.3,
+                 valid_workload: Optional[Callable[[dict], bool]] = None):
         self.space, self.seed, self.candidates, self.exploit = space, seed, candidates, exploit
+        # Workload points vLLM would refuse (e.g. n > 1 with greedy sampling) are not proposed.
+        self.valid_workload = valid_workload or (lambda point: True)
 
     def rng(self, group_index: int) -> random.Random:
         return random.Random(f"{self.seed}:{group_index}")
@@ -99,12 +103,12 @@ class Planner:
         return {k: rng.choice(values) for k, values in dims.items()}
 
     def _best(self, rng: random.Random, dims: dict[str, list], coverage: Coverage, base: dict, extra: Counter,
-              avoid: set[str]) -> dict:
-        """Of `candidates` random points (merged with `base` for scoring), the most novel one not in `avoid`."""
+              avoid: set[str], valid: Callable[[dict], bool] = lambda point: True) -> dict:
+        """Of `candidates` random points (merged with `base` for scoring), the most novel valid one not in `avoid`."""
         best, best_score = None, -1
         for _ in range(self.candidates):
             point = self._draw(rng, dims)
-            if point_key(point) in avoid:
+            if point_key(point) in avoid or not valid(point):
                 continue
             score = coverage.novelty(base | point, extra)
             if score > best_score:
@@ -145,7 +149,8 @@ class Planner:
             if first_workload is not None and not group.workloads:
                 workload = first_workload
             else:
-                workload = self._best(rng, self.space.workload_dims(), coverage, group.engine, extra, set())
+                workload = self._best(rng, self.space.workload_dims(), coverage, group.engine, extra, set(),
+                                      self.valid_workload)
                 workload["seed"] = rng.randrange(2**31)
             group.workloads.append(workload)
             items = Coverage._items(group.engine | workload)

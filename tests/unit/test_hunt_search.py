@@ -166,3 +166,11 @@ def test_behaviours_are_what_the_engine_did_in_a_trial():
     assert behaviours(busy) == ["preempted", "prefix_cache_hit", "aborted", "stepped_trace"]
     assert behaviours({"status": "crash", "crash": {"key": "x"}}) == ["status:crash"]
     assert behaviours({"status": "rejected", "message": "no"}) == []
+
+
+def test_the_planner_proposes_no_workload_that_fails_validation():
+    s = space()
+    greedy_pairs = lambda w: not (w["sampling.n"] == 2 and w["sampling.max_tokens"] == 1)
+    planner, cov = Planner(s, 0, candidates=16, valid_workload=greedy_pairs), Coverage(s.dims())
+    workloads = [w for i in range(6) for w in planner.next_group(i, cov, 4).workloads]
+    assert workloads and all(greedy_pairs(w) for w in workloads)

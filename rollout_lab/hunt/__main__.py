@@ -371,8 +371,8 @@ class Hunt:
         try:
             while self.budget_left() > 0 and (self.cfg.hunt.max_groups is None or groups < self.cfg.hunt.max_groups):
                 index = self.store.next_group_index()
-                # Failures first; engines that showed a rare behaviour (preemption, cache hits...) next.
-                seeds = self.failing or self.interesting
+                # Near failures, and near engines that showed a rare behaviour (preemption, cache hits...).
+                seeds = self.failing + self.interesting
                 group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
                                                 seeds, self.rejected)
                 if self.run_group(group) == "rejected":

@@ -369,7 +369,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     config = llm.llm_engine.vllm_config
     dtype = str(config.model_config.dtype).removeprefix("torch.")
     limits = Limits(config.model_config.max_model_len, config.scheduler_config.max_num_batched_tokens,
-                    config.cache_config.block_size)
+                    config.cache_config.block_size, int(config.cache_config.num_gpu_blocks or 0))
     lines.emit(event="engine", group=spec.group_key, status="ok", seconds=time.perf_counter() - started,
                limits=asdict(limits), dtype=dtype, blocks=config.cache_config.num_gpu_blocks)
     llm.collective_rpc(_remember_clean)

@@ -32,6 +32,8 @@ class Limits:
     max_model_len: int
     max_num_batched_tokens: int
     block_size: int
+    # KV blocks the engine allocated (0: unknown).
+    num_blocks: int = 0
 
     def prompt_cap(self, max_tokens: int) -> int:
         """The longest prompt that leaves room for max_tokens."""
@@ -84,9 +86,19 @@ def long_prompt(rng, pool, limits: Limits, max_tokens: int) -> list[TraceRequest
 
 
 def preemption_load(rng, pool, limits: Limits, max_tokens: int) -> list[TraceRequest]:
-    """Many long requests at once: a small cache must preempt some and resume them later."""
+    """More tokens at once than the KV cache holds (1.5-3x its blocks): the engine must preempt."""
     cap = limits.prompt_cap(max_tokens)
-    return [TraceRequest(_prompt(rng, pool, rng.randint(max(cap // 4, 1), max(cap // 2, 1)))) for _ in range(rng.randint(8, 24))]
+    lengths = [rng.randint(max(cap // 4, 1), max(cap // 2, 1)) for _ in range(64)]
+    if limits.num_blocks:
+        want = rng.uniform(1.5, 3.0) * limits.num_blocks * limits.block_size
+        count, total = 0, 0
+        while count < len(lengths) and total < want:
+            total += lengths[count] + max_tokens
+            count += 1
+        count = max(count, 8)
+    else:
+        count = rng.randint(8, 24)
+    return [TraceRequest(_prompt(rng, pool, n)) for n in lengths[:count]]
 
 
 def timed_trace(rng, pool, limits: Limits, max_tokens: int) -> list[TraceRequest]:

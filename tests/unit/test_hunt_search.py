@@ -174,3 +174,10 @@ def test_the_planner_proposes_no_workload_that_fails_validation():
     planner, cov = Planner(s, 0, candidates=16, valid_workload=greedy_pairs), Coverage(s.dims())
     workloads = [w for i in range(6) for w in planner.next_group(i, cov, 4).workloads]
     assert workloads and all(greedy_pairs(w) for w in workloads)
+
+
+def test_preemption_load_asks_for_more_tokens_than_the_cache_holds():
+    limits = Limits(max_model_len=256, max_num_batched_tokens=256, block_size=32, num_blocks=10)
+    for seed in range(5):
+        trace = make_trace("preemption_load", seed, list(range(900)), limits, max_tokens=16)
+        assert sum(len(r.prompt_token_ids) + 16 for r in trace) >= 1.5 * 10 * 32

@@ -81,7 +81,8 @@ class Hunt:
 
         self.planner = Planner(self.space, cfg.hunt.seed, cfg.hunt.candidates, cfg.hunt.exploit, valid_workload)
         self.coverage = Coverage(self.space.dims())
-        self.failing: list[tuple[dict, dict]] = []
+        # (engine, workload, signature) of failing trials.
+        self.failing: list[tuple[dict, dict, str]] = []
         # Engine behaviours seen (the fuzzer's edges) and trials that showed a rare one.
         self.behaviours: Counter = Counter()
         self.interesting: list[tuple[dict, dict]] = []
@@ -93,7 +94,7 @@ class Hunt:
             if trial["status"] != "rejected":
                 self.coverage.record(trial["engine"] | trial["workload"])
             if trial["status"] in ("fail", "crash") and trial["workload"]:
-                self.failing.append((trial["engine"], trial["workload"]))
+                self.failing.append((trial["engine"], trial["workload"], trial["signature"]))
             self.note_behaviours(trial["engine"], trial["workload"], trial["result"])
         self.recover()
         self.rejected = {g["key"] for g in self.store.groups() if g["status"] == "rejected"}
@@ -138,7 +139,7 @@ class Hunt:
         if signature is None:
             return
         if workload:
-            self.failing.append((group["engine"], workload))
+            self.failing.append((group["engine"], workload, signature))
         finding = self.store.finding(signature)
         if finding is None:
             number = self.store.count_trials()
@@ -372,7 +373,10 @@ class Hunt:
             while self.budget_left() > 0 and (self.cfg.hunt.max_groups is None or groups < self.cfg.hunt.max_groups):
                 index = self.store.next_group_index()
                 # Near failures, and near engines that showed a rare behaviour (preemption, cache hits...).
-                seeds = self.failing + self.interesting
+                # A bug already hit 3 times is known: exploring around it again finds it again.
+                hits = {f.signature: f.trials for f in self.store.findings()}
+                fresh = [(e, w) for e, w, sig in self.failing if hits.get(sig, 0) < 3]
+                seeds = fresh + self.interesting
                 group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
                                                 seeds, self.rejected)
                 if self.run_group(group) == "rejected":

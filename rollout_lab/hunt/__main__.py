@@ -31,7 +31,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rollout_lab.hunt.space import HuntRunConfig, register
+from rollout_lab.hunt.space import HuntRunConfig, register, with_pressure
 
 register()
 
@@ -379,6 +379,7 @@ class Hunt:
                 seeds = fresh + self.interesting
                 group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
                                                 seeds, self.rejected)
+                group.engine = with_pressure(group.engine)
                 if self.run_group(group) == "rejected":
                     continue  # vLLM's validation refused it in the driver: no engine started
                 groups += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -24,6 +25,9 @@ from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig
 @dataclass
 class SpaceConfig:
     models: list[str] = field(default_factory=lambda: ["smollm2", "hybrid-tiny", "mamba2-tiny"])
+    # Memory-pressure presets (conf/pressure/<name>.yaml) tried as one more engine dimension: a
+    # preset's engine knobs replace the drawn ones. null: no preset.
+    pressure: list[Optional[str]] = field(default_factory=lambda: [None])
     engine: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     generators: list[str] = field(default_factory=list)
@@ -86,6 +90,7 @@ class Space:
     engine: dict[str, list]
     sampling: dict[str, list]
     generators: list[str]
+    pressure: list = field(default_factory=lambda: [None])
 
     @classmethod
     def from_config(cls, cfg: SpaceConfig) -> "Space":
@@ -102,11 +107,18 @@ class Space:
             raise ConfigError(f"hunt.space.generators: {unknown[0]!r} is not a generator; choose from {', '.join(GENERATORS)}")
         if not cfg.models or not cfg.generators:
             raise ConfigError("hunt.space needs at least one model and one generator")
-        return cls(list(cfg.models), engine, sampling, list(cfg.generators))
+        pressure = list(cfg.pressure) or [None]
+        for name in pressure:
+            if name is not None and not (PRESSURE_DIR / f"{name}.yaml").is_file():
+                raise ConfigError(f"hunt.space.pressure: {name!r} is not a preset in {PRESSURE_DIR}")
+        return cls(list(cfg.models), engine, sampling, list(cfg.generators), pressure)
 
     def engine_dims(self) -> dict[str, list]:
-        """Dimensions of an engine point: the model and every engine knob."""
-        return {"model": self.models, **{f"engine.{k}": v for k, v in self.engine.items()}}
+        """Dimensions of an engine point: the model, the pressure preset and every engine knob."""
+        dims = {"model": self.models, **{f"engine.{k}": v for k, v in self.engine.items()}}
+        if self.pressure != [None]:
+            dims["pressure"] = self.pressure
+        return dims
 
     def workload_dims(self) -> dict[str, list]:
         """Dimensions of a workload point (besides its seed)."""
@@ -130,3 +142,17 @@ def point_key(*points: dict) -> str:
     """A short, stable hash of one or more points: a group's or a trial's identity."""
     payload = json.dumps([sorted(p.items()) for p in points], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+PRESSURE_DIR = Path(__file__).resolve().parents[2] / "conf" / "pressure"
+
+
+def with_pressure(engine: dict) -> dict:
+    """The engine point with its pressure preset's engine knobs in place of the drawn ones."""
+    name = engine.get("pressure")
+    if name is None:
+        return engine
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.to_container(OmegaConf.load(PRESSURE_DIR / f"{name}.yaml")).get("engine", {})
+    return engine | {f"engine.{k}": v for k, v in preset.items()}

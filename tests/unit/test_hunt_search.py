@@ -6,7 +6,7 @@ import pytest
 from rollout_lab.config import ConfigError
 from rollout_lab.hunt.__main__ import behaviours, read_lines, signature_of
 from rollout_lab.hunt.search import Coverage, Planner
-from rollout_lab.hunt.space import Space, SpaceConfig, engine_args, point_key, sampling_args
+from rollout_lab.hunt.space import Space, SpaceConfig, engine_args, point_key, sampling_args, with_pressure
 from rollout_lab.hunt.store import Finding, Store, StoreError
 from rollout_lab.hunt.workloads import GENERATORS, Limits, is_batch, make_trace
 
@@ -181,3 +181,15 @@ def test_preemption_load_asks_for_more_tokens_than_the_cache_holds():
     for seed in range(5):
         trace = make_trace("preemption_load", seed, list(range(900)), limits, max_tokens=16)
         assert sum(len(r.prompt_token_ids) + 16 for r in trace) >= 1.5 * 10 * 32
+
+
+def test_a_pressure_preset_is_an_engine_dimension_whose_knobs_replace_the_drawn_ones():
+    s = Space.from_config(SpaceConfig(models=["a"], pressure=[None, "kv_tight"], engine={"max_num_seqs": [1, 4]},
+                                      generators=["many_short"]))
+    assert s.engine_dims()["pressure"] == [None, "kv_tight"]
+    drawn = {"model": "a", "pressure": "kv_tight", "engine.max_num_seqs": 1}
+    tight = with_pressure(drawn)
+    assert tight["engine.max_num_seqs"] == 32 and tight["engine.kv_cache_memory_bytes"] == 24000000
+    assert with_pressure(drawn | {"pressure": None}) == drawn | {"pressure": None}
+    with pytest.raises(ConfigError, match="'nope' is not a preset"):
+        Space.from_config(SpaceConfig(models=["a"], pressure=["nope"], generators=["many_short"]))

@@ -7,7 +7,7 @@
 The loop: the planner proposes a group (an engine configuration and its workloads); a Ray task
 runs it in its own process (runner.run_group) and writes one line per event; the driver reads the
 lines as they come, records each trial in the store, keys failures by signature, and kills the
-task when a trial stops making progress (a hang). A signature seen for the first time is a new
+task when its engine stops taking steps for the trial timeout (a hang). A signature seen for the first time is a new
 finding: it is minimized (`python -m rollout_lab.minimize` on its case.json, in a fresh process)
 and its repro.py is run `verify_runs` times standalone for its reproduction rate.
 
@@ -206,10 +206,16 @@ class Hunt:
             f"{json.dumps({k.removeprefix('engine.'): v for k, v in group.engine.items() if k != 'model'})}: "
             f"{len(workloads)} workloads", highlight=False)
         offset, current, last_progress, engine_up, status, message = 0, None, time.time(), False, "ok", ""
+        steps = -1
         while True:
             finished = bool(ray.wait([ref], timeout=1.0)[0])
             events, offset = read_lines(lines_path, offset)
             for event in events:
+                if event["event"] == "beat":
+                    # Progress only when the engine took a step since the last beat.
+                    if event["steps"] > steps:
+                        steps, last_progress = event["steps"], time.time()
+                    continue
                 last_progress = time.time()
                 if event["event"] == "engine":
                     engine_up = event["status"] == "ok"

@@ -5,8 +5,8 @@
     per event in the group's lines file
 
 The driver (__main__.py) runs this as a Ray task (a crash, hang or OOM kills one process, never the
-hunt) and reads the lines file as it grows: a "start" line with no "result" after the trial
-timeout is a hang. After a crash the engine is in no known state: the group stops there.
+hunt) and reads the lines file as it grows. A heartbeat line every 10 s carries the engine's step
+count: a trial whose engine takes no step for the trial timeout is a hang (a slow one is not). After a crash the engine is in no known state: the group stops there.
 
 Oracles (tolerances per engine dtype, OracleConfig):
   crash        an exception from the engine, keyed like rollout_lab.crash (type @ innermost vLLM frames)
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,8 @@ from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trac
 RESCORE_MAX = 8
 # Engine steps a step-driven trace may take before it counts as stuck.
 MAX_ENGINE_STEPS = 20000
+# Seconds between heartbeat lines (engine steps so far) while a group runs.
+HEARTBEAT_S = 10.0
 
 
 @dataclass
@@ -50,17 +53,43 @@ class GroupSpec:
 
 
 class Lines:
-    """The group's event file: one JSON object per line, flushed at once."""
+    """The group's event file: one JSON object per line, flushed at once (the heartbeat thread writes too)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.lock = threading.Lock()
 
     def emit(self, **event) -> None:
         event["time"] = time.time()
-        with self.path.open("a") as f:
+        with self.lock, self.path.open("a") as f:
             f.write(json.dumps(event, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def count_engine_steps(llm) -> dict:
+    """Wrap the engine's step() with a counter: {"steps": n}, read by the heartbeat."""
+    counter = {"steps": 0}
+    engine = llm.llm_engine
+    step = engine.step
+
+    def counted_step(*args, **kwargs):
+        counter["steps"] += 1
+        return step(*args, **kwargs)
+
+    engine.step = counted_step
+    return counter
+
+
+def heartbeat(lines: Lines, counter: dict, group: str) -> None:
+    """Every HEARTBEAT_S, the engine step count: the driver calls a trial hung only when it stops rising."""
+
+    def beat():
+        while True:
+            time.sleep(HEARTBEAT_S)
+            lines.emit(event="beat", group=group, steps=counter["steps"])
+
+    threading.Thread(target=beat, daemon=True).start()
 
 
 def token_pool(tokenizer) -> list[int]:
@@ -373,6 +402,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     lines.emit(event="engine", group=spec.group_key, status="ok", seconds=time.perf_counter() - started,
                limits=asdict(limits), dtype=dtype, blocks=config.cache_config.num_gpu_blocks)
     llm.collective_rpc(_remember_clean)
+    heartbeat(lines, count_engine_steps(llm), spec.group_key)
     pool = token_pool(llm.get_tokenizer())
     reference = load_reference(spec.model_path)
     for i, w in enumerate(spec.workloads):

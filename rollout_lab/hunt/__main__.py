@@ -147,6 +147,9 @@ class Hunt:
                               str(group["engine"].get("model")), str(group["engine"].get("engine.dtype", "auto")),
                               detail={"engine": group["engine"], "workload": workload, "result": result})
             self.console.print(f"[bold red]new finding[/] {signature} (trial {trial_key}, {elapsed:.0f} s)")
+        elif finding.state == "new" and workload and result.get("num_tokens", 1e9) < finding.detail["result"].get("num_tokens", 1e9):
+            # Not minimized yet: start the minimizer from the smallest failing trial seen.
+            finding.detail = {"engine": group["engine"], "workload": workload, "result": result}
         finding.trials += 1
         self.store.put_finding(finding)
 

@@ -29,6 +29,7 @@ from typing import Optional
 
 from rollout_lab.hunt.space import engine_args, sampling_args
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
+from rollout_lab.minimize.standalone import request_class
 
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
 RESCORE_MAX = 8
@@ -223,12 +224,6 @@ def rescore(llm, items: list[Scored]) -> None:
 def suspicious_first(items: list[Scored]) -> list[Scored]:
     """Preempted, then prefix-cached, then the rest; stable within each class."""
     return sorted(items, key=lambda s: (-(s.num_preemptions > 0), -(s.num_cached_tokens > 0)))
-
-
-def request_class(pairs: list[tuple[int, int]]) -> Optional[str]:
-    from rollout_lab.minimize.standalone import request_class as classify
-
-    return classify(pairs)
 
 
 def judge(items: list[Scored], tolerance: float, attr: str) -> dict:

@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from rollout_lab.config import ConfigError, RunConfig, register
+from rollout_lab.config import ConfigError, RunConfig, apply_pressure_by_model, register
 
 register()
 
@@ -41,9 +41,10 @@ def main(dict_cfg: DictConfig):
     from rollout_lab.loop import run
     from rollout_lab.models import ModelError
 
-    cfg: RunConfig = OmegaConf.to_object(dict_cfg)
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
+        dict_cfg = apply_pressure_by_model(dict_cfg, list(HydraConfig.get().overrides.task))
+        cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
         result = run(cfg)
     except (ConfigError, ModelError) as exc:
         print(f"rollout_lab: {exc}", file=sys.stderr)

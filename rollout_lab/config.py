@@ -148,9 +148,47 @@ class RunConfig:
     # Name of the +pressure preset in use (set by the preset), so the summary can say whether
     # the rare regime was reached.
     pressure: Optional[str] = None
+    # A preset's values for one embedded model, used instead of its top-level ones when that
+    # model runs (apply_pressure_by_model): what pressures a cache depends on the architecture.
+    pressure_by_model: dict[str, Any] = field(default_factory=dict)
     run_name: str = "run"
     # Where the run writes; Hydra sets it to its output dir.
     run_dir: Optional[str] = None
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys a list of Hydra command-line overrides sets ("+a.b=1" -> "a.b")."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+
+
+def apply_pressure_by_model(cfg, overrides: list[str]):
+    """The composed config with its pressure preset's values for cfg.model.name merged in.
+
+    A hybrid model's attention blocks hold 256 tokens, so the cache sizes and request lengths that
+    force preemptions differ by architecture; a preset lists them under pressure_by_model.<model>.
+    Keys set on the command line (or by a sweep) keep their value."""
+    from omegaconf import OmegaConf
+
+    values = (cfg.get("pressure_by_model") or {}).get(cfg.model.name)
+    if not values:
+        return cfg
+    given = override_keys(overrides)
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, path + ".")
+            elif path not in given:
+                flat[path] = value
+
+    walk(OmegaConf.to_container(values), "")
+    for path, value in flat.items():
+        if OmegaConf.select(cfg, path, default="<missing>") == "<missing>":
+            raise ConfigError(f"pressure_by_model.{cfg.model.name}.{path}: no such key in the run config")
+        OmegaConf.update(cfg, path, value, merge=False)
+    return cfg
 
 
 # Spike thresholds when no calibration (calibrate.py) matches the run: clean float32 runs of the

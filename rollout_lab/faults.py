@@ -76,7 +76,7 @@ class _FaultState:
             return torch.where(block_table >= threshold, block_table % threshold, block_table)
         if self.name == "stale_state" and self.stale_rows:
             table = block_table.clone()
-            for row, req_id in enumerate(self.runner.input_batch.req_ids[:num_reqs]):
+            for row, req_id in self._rows(group_id, block_table, num_reqs):
                 stale = self.stale_rows.get(req_id)
                 current = self.block_rows.get(req_id, ())
                 # Only a row that provably is this request's (its first block matches) is touched.
@@ -89,6 +89,24 @@ class _FaultState:
                     table[row, : len(old)] = old.to(table.device)
             return table
         return block_table
+
+
+    def _rows(self, group_id: int, block_table: torch.Tensor, num_reqs: int) -> list[tuple[int, str]]:
+        """(row, request id) of the batch's rows that may need a stale table."""
+        batch = getattr(self.runner, "input_batch", None)
+        if batch is not None:  # vLLM CPU and model runner v1: rows follow the persistent batch
+            return list(enumerate(batch.req_ids[:num_reqs]))
+        # Model runner v2 (vLLM 0.25 on CUDA) orders each step's rows afresh and keeps no batch:
+        # find a stale request's row by its whole current block list (a request's last block is its own).
+        table, rows = block_table[:num_reqs].cpu(), []
+        for req_id in self.stale_rows:
+            current = self.block_rows.get(req_id, ())
+            if group_id < len(current) and current[group_id]:
+                blocks = torch.tensor(current[group_id][: table.shape[1]], dtype=table.dtype)
+                hits = (table[:, : len(blocks)] == blocks).all(dim=1).nonzero().flatten().tolist()
+                if len(hits) == 1:
+                    rows.append((hits[0], req_id))
+        return rows
 
 
 def _wrap_builders(runner, state: _FaultState) -> None:

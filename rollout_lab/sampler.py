@@ -58,10 +58,11 @@ def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
     )
     if e.record_schedule:
         kwargs["scheduler_cls"] = "rollout_lab.engine_hooks.RecordingScheduler"
+    # Passed even with an explicit KV size: vLLM on CUDA still checks that this share of the GPU
+    # is free at start (its default, 0.92, fails when several engines share one GPU).
+    kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
     if e.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_bytes
-    else:
-        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
     if e.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
     if e.block_size is not None:

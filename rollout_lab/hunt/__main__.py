@@ -201,7 +201,10 @@ class Hunt:
         lines_path = self.dir / "lines" / f"group_{group.index:04d}.jsonl"
         lines_path.unlink(missing_ok=True)
         # max_calls=1: the process exits after its group, and the engine's memory with it.
-        task = ray.remote(max_calls=1, max_retries=0)(run_group).options(num_cpus=max(cores // self.cfg.hunt.parallel, 1))
+        # On a GPU node each engine in flight takes an equal share of the node's GPUs.
+        gpus = ray.cluster_resources().get("GPU", 0) / self.cfg.hunt.parallel
+        task = ray.remote(max_calls=1, max_retries=0)(run_group).options(
+            num_cpus=max(cores // self.cfg.hunt.parallel, 1), num_gpus=min(gpus, 1.0))
         ref = task.remote(spec, str(lines_path))
         by_key = {group.trial_key(w): w for w in workloads}
         self.console.print(

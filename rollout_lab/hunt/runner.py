@@ -195,7 +195,7 @@ def collect(outputs: list, workload: dict) -> list[Scored]:
     scored = []
     for out in outputs:
         index = int(str(out.request_id).rsplit("-", 1)[-1]) if "-" in str(out.request_id) else len(scored)
-        preemptions = int(out.metrics.num_preemptions) if getattr(out, "metrics", None) is not None else 0
+        preemptions = int(getattr(getattr(out, "metrics", None), "num_preemptions", 0) or 0)  # vLLM 0.25 has none
         for j, c in enumerate(out.outputs):
             lps = [c.logprobs[p][t].logprob for p, t in enumerate(c.token_ids)] if c.logprobs else []
             scored.append(Scored(index, j, list(out.prompt_token_ids), list(c.token_ids), lps, preemptions,

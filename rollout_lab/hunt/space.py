@@ -154,5 +154,6 @@ def with_pressure(engine: dict) -> dict:
         return engine
     from omegaconf import OmegaConf
 
-    preset = OmegaConf.to_container(OmegaConf.load(PRESSURE_DIR / f"{name}.yaml")).get("engine", {})
-    return engine | {f"engine.{k}": v for k, v in preset.items()}
+    preset = OmegaConf.to_container(OmegaConf.load(PRESSURE_DIR / f"{name}.yaml"))
+    knobs = preset.get("engine", {}) | preset.get("pressure_by_model", {}).get(engine.get("model"), {}).get("engine", {})
+    return engine | {f"engine.{k}": v for k, v in knobs.items()}

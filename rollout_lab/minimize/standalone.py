@@ -244,7 +244,7 @@ def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) ->
     sequences = [(list(out.prompt_token_ids), list(c.token_ids)) for out, c in zip(outputs, completions)]
     diffs, flagged = [], []
     for index, (out, completion, ref) in enumerate(zip(outputs, completions, reference_logprobs(reference, sequences))):
-        preemptions = int(out.metrics.num_preemptions) if out.metrics is not None else 0
+        preemptions = int(getattr(out.metrics, "num_preemptions", 0) or 0)  # vLLM 0.25 keeps none
         cached = int(out.num_cached_tokens or 0)
         outcome.num_preempted_requests += preemptions > 0
         request_flagged = False

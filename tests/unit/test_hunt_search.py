@@ -193,3 +193,10 @@ def test_a_pressure_preset_is_an_engine_dimension_whose_knobs_replace_the_drawn_
     assert with_pressure(drawn | {"pressure": None}) == drawn | {"pressure": None}
     with pytest.raises(ConfigError, match="'nope' is not a preset"):
         Space.from_config(SpaceConfig(models=["a"], pressure=["nope"], generators=["many_short"]))
+
+
+def test_a_pressure_preset_gives_the_hunt_its_values_for_the_drawn_model():
+    attention = with_pressure({"model": "smollm2", "pressure": "kv_tight"})
+    hybrid = with_pressure({"model": "hybrid-tiny", "pressure": "kv_tight"})
+    assert attention["engine.max_model_len"] == 256 and hybrid["engine.max_model_len"] == 512
+    assert hybrid["engine.enable_prefix_caching"] is False and "engine.enable_prefix_caching" not in attention

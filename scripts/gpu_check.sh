@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The lab's GPU checks on a machine where rollout_lab and CUDA vLLM are installed (README, "GPU"):
+#   calibrate  clean float32 + bfloat16 runs -> this device's spike thresholds
+#   fault      a planted fault under memory pressure (stale_state + kv_tight) must be flagged
+#   clean      five clean float32 runs under that calibration must flag nothing
+#   sweep      the 4-point cache_size sweep with index_overflow
+#   hunt       a short hunt (hunt=smoke) with stale_state planted
+# Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
+# and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
+# another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
+#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt]   (no argument: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${GPU_CHECK_OUT:-gpu_check}
+parallel=${GPU_CHECK_PARALLEL:-5}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+t0=$(date +%s)
+say() { echo "[gpu_check +$(($(date +%s) - t0))s] $*"; }
+share=(ray.sampler_num_gpus=0.1 ray.trainer_num_gpus=0.1 engine.gpu_memory_utilization=0.1
+       "hydra.launcher.max_parallel_jobs=$parallel")
+job() {  # job NAME ARGS...: one logged command, its summary lines echoed
+  local name=$1; shift
+  say "$name: $*"
+  "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  say "$name: exit $rc"
+  grep -E "^(status|tokens|reward mean|spike threshold|verdict|run dir|findings?|hunt)|Traceback|Error:" "$out/$name.log" | tail -25
+  return $rc
+}
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt)
+say "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+for step in "${steps[@]}"; do
+  case $step in
+    calibrate) job calibrate "$py" -m rollout_lab.calibrate --runs 1 --dtypes float32 bfloat16 ;;
+    fault) job fault "$py" -m rollout_lab +pressure=kv_tight fault=stale_state run_name=gpu-stale_state ;;
+    clean) job clean "$py" -m rollout_lab -m engine.seed=1,2,3,4,5 run_name=gpu-clean "${share[@]}" engine.kv_cache_memory_bytes=2000000000 ;;
+    sweep) job sweep "$py" -m rollout_lab +sweep=cache_size fault=index_overflow "${share[@]}" ;;
+    hunt) job hunt "$py" -m rollout_lab.hunt hunt=smoke fault=stale_state hunt.budget_s=${GPU_CHECK_HUNT_S:-240} hunt.minimize=false hydra.run.dir="$out/hunt" ;;
+    *) echo "unknown step $step (calibrate fault clean sweep hunt)" >&2; exit 2 ;;
+  esac
+done
+"$py" - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+rows = []
+for summary in sorted(Path(".").glob("runs/**/summary.json")) + sorted(Path(".").glob("multirun/**/summary.json")):
+    s = json.loads(summary.read_text())
+    rows.append({k: s.get(k) for k in ("run_id", "status", "num_tokens", "abs_diff_max", "spike_fraction",
+                                       "spike_threshold", "spike_threshold_source", "preemptions",
+                                       "weight_sync_max_diff", "engine_start_seconds", "seconds")} | {"dir": str(summary.parent)})
+Path(sys.argv[1], "runs.json").write_text(json.dumps(rows, indent=1, default=str))
+for r in rows:
+    print(json.dumps(r, default=str))
+EOF
+say done

@@ -127,6 +127,12 @@ class Hunt:
         from rollout_lab.hunt.store import Finding
 
         status = result.get("status", "crash")
+        crash = result.get("crash") or {}
+        if status == "crash" and not crash.get("vllm_frames") and "rollout_lab/" in crash.get("traceback", ""):
+            # Raised by our own harness with no vLLM frame on the stack: a rollout_lab bug, not a finding.
+            status = result["status"] = "harness_error"
+            self.console.print(f"[bold red]harness error[/] (a rollout_lab bug, not a finding): "
+                               f"{crash.get('exception_type')}: {crash.get('message')}", highlight=False)
         signature = signature_of(group["engine"], result) if status in ("fail", "crash", "hang") else None
         elapsed = self.elapsed()
         self.store.add_trial(trial_key, group["idx"], group["engine"], workload, status, signature, result,
@@ -303,6 +309,8 @@ class Hunt:
             for with_fault in attempts:
                 case_path = self.write_case(finding, name, with_fault)
                 extra = ["--calibration-runs", "2"] if with_fault is False and self.fault else []
+                # A minimization may outrun the hunt's budget by at most its own floor.
+                extra += ["--budget-s", f"{max(self.budget_left(), self.cfg.hunt.minimize_floor_s):.0f}"]
                 with log.open("a") as out:
                     done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(case_path), "--out",
                                            str(self.dir / "repro"), "--name", name, "--no-verify", *extra],

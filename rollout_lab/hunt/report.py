@@ -26,7 +26,7 @@ REPORT_FILE = "HUNT_REPORT.md"
 CSV_FILE = "findings.csv"
 FINDINGS_PLOT = "findings_over_time.png"
 COVERAGE_PLOT = "coverage_over_time.png"
-TRIAL_STATUSES = ("ok", "fail", "crash", "hang")
+TRIAL_STATUSES = ("ok", "fail", "crash", "hang", "harness_error")
 BROKEN_GROUP_STATUSES = ("hang", "crash", "died")
 LEAST_COVERED_PAIRS = 5
 

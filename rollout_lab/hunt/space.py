@@ -62,6 +62,8 @@ class HuntConfig:
     # Minimize each new finding and verify its repro.py `verify_runs` times in fresh processes.
     minimize: bool = True
     verify_runs: int = 5
+    # Each minimization gets the hunt's remaining budget, but never less than this.
+    minimize_floor_s: float = 300.0
     # Stop after this many engine groups (null: until the budget is spent). For tests.
     max_groups: Optional[int] = None
     space: SpaceConfig = field(default_factory=SpaceConfig)

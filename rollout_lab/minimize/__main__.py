@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tries", type=int, help="runs per candidate (default: from calibration)")
     parser.add_argument("--need", type=int, help="failing runs a candidate needs to be kept (default: from calibration)")
     parser.add_argument("--calibration-runs", type=int, default=3, help="runs of the original case that pick the rule (default 3)")
+    parser.add_argument("--budget-s", type=float, help="stop trying candidates after this many seconds and emit the case reduced so far")
     parser.add_argument("--no-verify", action="store_true", help="skip running the emitted repro.py in a fresh process")
     return parser.parse_args(argv)
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     targets = knob_targets(on_gpu=torch.cuda.is_available())
-    trials = TrialRunner(run.expected, out_dir / "reduction.jsonl", rule or Rule(), console)
+    deadline = time.time() + args.budget_s if args.budget_s is not None else None
+    trials = TrialRunner(run.expected, out_dir / "reduction.jsonl", rule or Rule(), console, deadline)
     try:
         reduction = minimize(run, trials, targets, args.calibration_runs, rule, console)
     except ValueError as exc:

@@ -166,8 +166,11 @@ def reset_engine(llm) -> None:
 class TrialRunner:
     """Decides candidates under a Rule: runs them (or reads them from the log) and prints a line each."""
 
-    def __init__(self, expected: Expected, log_path: Path, rule: Rule, console: Console):
+    def __init__(self, expected: Expected, log_path: Path, rule: Rule, console: Console,
+                 deadline: Optional[float] = None):
         self.expected, self.log_path, self.rule, self.console = expected, log_path, rule, console
+        # time.time() after which no candidate is tried: the reduction keeps the case it has.
+        self.deadline = deadline
         self.records = read_log(log_path)
         self.cache = {(r.key, r.attempt): r for r in self.records}
         self.new_trials = 0
@@ -177,7 +180,12 @@ class TrialRunner:
         self.reference_path: Optional[str] = None
 
     def fails(self, case: Case, stage: str, change: str, size: dict) -> bool:
-        """Whether the candidate shows the expected failure, by the rule."""
+        """Whether the candidate shows the expected failure, by the rule (no, once the budget is spent)."""
+        if self.deadline is not None and time.time() > self.deadline:
+            if self.deadline > 0:
+                self.console.print("[yellow]budget spent[/]: no more candidates; the case stays as reduced so far")
+                self.deadline = 0.0
+            return False
         failures = 0
         for attempt in range(self.rule.tries):
             failures += self.run(case, stage, change, size, attempt).failed

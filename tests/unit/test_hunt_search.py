@@ -1,4 +1,5 @@
 """The hunt's search: coverage bookkeeping, seeded reproducibility, exploitation, dedup keys, store resume."""
+from pathlib import Path
 import random
 
 import pytest
@@ -200,3 +201,26 @@ def test_a_pressure_preset_gives_the_hunt_its_values_for_the_drawn_model():
     hybrid = with_pressure({"model": "hybrid-tiny", "pressure": "kv_tight"})
     assert attention["engine.max_model_len"] == 256 and hybrid["engine.max_model_len"] == 512
     assert hybrid["engine.enable_prefix_caching"] is False and "engine.enable_prefix_caching" not in attention
+
+
+def test_a_crash_raised_by_the_harness_outside_vllm_is_not_a_finding(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rollout_lab.hunt.__main__ import Hunt
+    from rollout_lab.hunt.space import HuntRunConfig, register
+
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("hunt_run", overrides=["hunt=smoke"]))
+    assert isinstance(cfg, HuntRunConfig)
+    hunt = Hunt(cfg, tmp_path)
+    group = {"idx": 0, "engine": {"model": "smollm2"}}
+    hunt.store.add_group(0, "g", group["engine"], "explore", 0.0)
+    ours = {"exception_type": "AttributeError", "message": "no attribute", "vllm_frames": [], "key": "AttributeError@no-vllm-frame",
+            "traceback": 'File "/x/rollout_lab/hunt/runner.py", line 198, in collect'}
+    hunt.record_trial(group, "t1", {"generator": "many_short"}, {"status": "crash", "crash": ours})
+    assert hunt.store.findings() == []
+    engines = ours | {"vllm_frames": ["vllm/v1/a.py:f"], "key": "AttributeError@vllm/v1/a.py:f"}
+    hunt.record_trial(group, "t2", {"generator": "many_short"}, {"status": "crash", "crash": engines})
+    assert [f.signature for f in hunt.store.findings()] == ["AttributeError@vllm/v1/a.py:f"]

@@ -82,3 +82,20 @@ def test_the_log_reads_back_and_skips_a_torn_last_line(tmp_path):
     assert again == record
     assert again.result().num_flagged == 2
     assert read_log(tmp_path / "missing.jsonl") == []
+
+
+def test_once_the_budget_is_spent_no_candidate_runs_and_each_counts_as_passing(tmp_path):
+    from rich.console import Console
+
+    from rollout_lab.minimize.trials import TrialRunner
+
+    runner = TrialRunner(Expected("crash", 1e-3, crash_key="E@vllm/a.py:f"), tmp_path / "log.jsonl", Rule(), Console(),
+                         deadline=1.0)  # 1970: already spent
+
+    def no_engine(case):
+        raise AssertionError("a candidate ran after the budget was spent")
+
+    runner._outcome = no_engine
+    case = Case("m", {}, [Request([1, 2], 0)], 4)
+    assert runner.fails(case, "prompts", "x", {}) is False
+    assert runner.fails(case, "knobs", "y", {}) is False and runner.records == []

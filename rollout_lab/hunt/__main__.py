@@ -32,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rollout_lab.hunt.space import HuntRunConfig, register, with_pressure
+from rollout_lab.minimize.standalone import SAME_CLASS
 
 register()
 
@@ -47,6 +48,10 @@ def signature_of(engine: dict, result: dict) -> str:
         return f"hang@{result.get('phase', 'trial')}:{engine.get('model')}"
     oracle = "reference" if result["oracles"]["reference"]["flagged"] else "metamorphic"
     klass = result["oracles"][oracle]["class"]
+    # The minimizer counts flagged prefix-cache hits as the same failure as flagged ordinary
+    # requests (standalone.SAME_CLASS): one fault hitting whichever requests hold a bad block is
+    # one finding, not one per class of the requests it happened to land on.
+    klass = "any" if klass in SAME_CLASS["any"] else klass
     return f"mismatch/{oracle}:{engine.get('model')}:{engine.get('engine.dtype', 'auto')}:{klass}"
 
 

@@ -132,6 +132,9 @@ def test_signatures_key_crashes_by_site_and_mismatches_by_oracle_model_dtype_and
                                            "metamorphic": {"flagged": 2, "class": "any"}}}
     assert signature_of(engine, alone) == "mismatch/metamorphic:smollm2:float32:any"
     assert signature_of(engine, {"status": "hang", "phase": "trial"}) == "hang@trial:smollm2"
+    # Flagged prefix-cache hits are the same failure as flagged ordinary requests, as for the minimizer.
+    cached = {"status": "fail", "oracles": {"reference": {"flagged": 1, "class": "prefix_cached"}, "metamorphic": {"flagged": 0}}}
+    assert signature_of(engine, cached) == "mismatch/reference:smollm2:float32:any"
 
 
 def test_store_keeps_trials_and_findings_across_reopening_and_refuses_a_corrupt_file(tmp_path):

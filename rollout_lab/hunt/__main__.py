@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -53,6 +54,18 @@ def signature_of(engine: dict, result: dict) -> str:
     # one finding, not one per class of the requests it happened to land on.
     klass = "any" if klass in SAME_CLASS["any"] else klass
     return f"mismatch/{oracle}:{engine.get('model')}:{engine.get('engine.dtype', 'auto')}:{klass}"
+
+
+def known_bugs(folder: Optional[Path]) -> dict[str, str]:
+    """Crash signature -> repro.py of each bug already reduced to a repro in `folder` (repro/<name>/repro.py)."""
+    if folder is None or not folder.is_dir():
+        return {}
+    known = {}
+    for repro in sorted(folder.glob("*/repro.py")):
+        match = re.search(r"^EXPECTED = Expected\(kind='crash'.*?crash_key='([^']+)'", repro.read_text(), re.MULTILINE)
+        if match:
+            known[match.group(1)] = str(repro)
+    return known
 
 
 def slug(signature: str, index: int) -> str:
@@ -84,6 +97,11 @@ class Hunt:
         self.store.set_meta("config", {"fault": self.fault, "hunt": OmegaConf.to_container(OmegaConf.structured(cfg.hunt))})
         from rollout_lab.hunt.runner import valid_workload
 
+        # Bugs already reduced to a repro in the repo: found again, they are marked known and
+        # neither minimized nor explored around (a fuzzer's corpus of known crashes).
+        known_dir = cfg.hunt.known_repros
+        self.known = known_bugs((REPO / known_dir) if known_dir and not Path(known_dir).is_absolute() else
+                                (Path(known_dir) if known_dir else None))
         self.planner = Planner(self.space, cfg.hunt.seed, cfg.hunt.candidates, cfg.hunt.exploit, valid_workload)
         self.coverage = Coverage(self.space.dims())
         # (engine, workload, signature) of failing trials.
@@ -157,7 +175,11 @@ class Hunt:
             finding = Finding(signature, "mismatch" if status == "fail" else status, trial_key, elapsed, number, 0,
                               str(group["engine"].get("model")), str(group["engine"].get("engine.dtype", "auto")),
                               detail={"engine": group["engine"], "workload": workload, "result": result})
-            self.console.print(f"[bold red]new finding[/] {signature} (trial {trial_key}, {elapsed:.0f} s)")
+            if signature in self.known:
+                finding.state, finding.repro = "known", self.known[signature]
+                self.console.print(f"[yellow]known bug[/] {signature} ({self.known[signature]}; not minimized again)")
+            else:
+                self.console.print(f"[bold red]new finding[/] {signature} (trial {trial_key}, {elapsed:.0f} s)")
         elif finding.state == "new" and workload and result.get("num_tokens", 1e9) < finding.detail["result"].get("num_tokens", 1e9):
             # Not minimized yet: start the minimizer from the smallest failing trial seen.
             finding.detail = {"engine": group["engine"], "workload": workload, "result": result}
@@ -400,7 +422,7 @@ class Hunt:
                 # Near failures, and near engines that showed a rare behaviour (preemption, cache hits...).
                 # A bug already hit 3 times is known: exploring around it again finds it again.
                 hits = {f.signature: f.trials for f in self.store.findings()}
-                fresh = [(e, w) for e, w, sig in self.failing if hits.get(sig, 0) < 3]
+                fresh = [(e, w) for e, w, sig in self.failing if hits.get(sig, 0) < 3 and sig not in self.known]
                 seeds = fresh + self.interesting
                 group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
                                                 seeds, self.rejected)

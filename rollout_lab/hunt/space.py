@@ -62,6 +62,9 @@ class HuntConfig:
     # Minimize each new finding and verify its repro.py `verify_runs` times in fresh processes.
     minimize: bool = True
     verify_runs: int = 5
+    # Folder of repros of bugs already found (relative to the repo; null: none): a finding with the
+    # crash signature of one of its repro/<name>/repro.py is marked known, not minimized again.
+    known_repros: Optional[str] = "repro"
     # Each minimization gets the hunt's remaining budget, but never less than this.
     minimize_floor_s: float = 300.0
     # Stop after this many engine groups (null: until the budget is spent). For tests.

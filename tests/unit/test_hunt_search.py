@@ -227,3 +227,27 @@ def test_a_crash_raised_by_the_harness_outside_vllm_is_not_a_finding(tmp_path):
     engines = ours | {"vllm_frames": ["vllm/v1/a.py:f"], "key": "AttributeError@vllm/v1/a.py:f"}
     hunt.record_trial(group, "t2", {"generator": "many_short"}, {"status": "crash", "crash": engines})
     assert [f.signature for f in hunt.store.findings()] == ["AttributeError@vllm/v1/a.py:f"]
+
+
+def test_a_crash_with_the_signature_of_a_repro_in_the_repo_is_known_and_not_minimized_again(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rollout_lab.hunt.__main__ import Hunt, known_bugs
+    from rollout_lab.hunt.space import register
+
+    repro = tmp_path / "repros" / "bug" / "repro.py"
+    repro.parent.mkdir(parents=True)
+    repro.write_text("EXPECTED = Expected(kind='crash', spike_threshold=0.001, crash_key='E@vllm/a.py:f', request_class=None)\n")
+    assert known_bugs(tmp_path / "repros") == {"E@vllm/a.py:f": str(repro)}
+    assert known_bugs(tmp_path / "missing") == {}
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("hunt_run", overrides=["hunt=smoke", f"hunt.known_repros={tmp_path / 'repros'}"]))
+    hunt = Hunt(cfg, tmp_path / "hunt")
+    group = {"idx": 0, "engine": {"model": "smollm2"}}
+    hunt.store.add_group(0, "g", group["engine"], "explore", 0.0)
+    crash = {"exception_type": "E", "message": "m", "vllm_frames": ["vllm/a.py:f"], "key": "E@vllm/a.py:f", "traceback": ""}
+    hunt.record_trial(group, "t1", {"generator": "many_short"}, {"status": "crash", "crash": crash})
+    [finding] = hunt.store.findings()
+    assert finding.state == "known" and finding.repro == str(repro)

@@ -162,10 +162,16 @@ class Reducer:
     def fails(self, case: Case, stage: str, change: str) -> bool:
         return self.trials.fails(case, stage, change, asdict(Size.of(case, self.targets)))
 
-    def calibrate(self, case: Case, runs: int) -> int:
-        """How many of `runs` runs of the original case fail."""
+    def calibrate(self, case: Case, runs: int) -> tuple[int, int]:
+        """(failing runs, runs made) of the original case: `runs` runs, or fewer once the budget is spent."""
         size = asdict(Size.of(case, self.targets))
-        return sum(self.trials.run(case, "calibrate", f"original case, run {i + 1}/{runs}", size, i).failed for i in range(runs))
+        failures = made = 0
+        for i in range(runs):
+            if made and self.trials.deadline is not None and time.time() > self.trials.deadline:
+                break
+            failures += self.trials.run(case, "calibrate", f"original case, run {i + 1}/{runs}", size, i).failed
+            made += 1
+        return failures, made
 
     def workload(self, case: Case) -> Case:
         """Prompts, samples per prompt, max_tokens and prompt length, in that order."""
@@ -210,7 +216,7 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
     started = time.perf_counter()
     reducer = Reducer(trials, targets)
     case = run.case
-    failures = reducer.calibrate(case, calibration_runs)
+    failures, calibration_runs = reducer.calibrate(case, calibration_runs)
     if failures == 0:
         raise ValueError(
             f"the failure of {run.run_dir} did not reproduce in {calibration_runs} runs of step {run.step} on a "

@@ -96,3 +96,20 @@ def test_one_prompt_carries_every_request_with_its_own_seed():
         ([4, 5, 6, 7], 5, 3, 600), ([4, 5, 6, 7], 5, 4, 601), ([4, 5, 6, 7], 5, 5, 602),
     ]
     assert Size.of(one, knob_targets(on_gpu=False)).samples_per_prompt == 6
+
+
+def test_calibration_stops_after_one_run_once_the_budget_is_spent(tmp_path):
+    from rich.console import Console
+
+    from rollout_lab.minimize.reduce import Reducer
+    from rollout_lab.minimize.standalone import Expected, Outcome
+    from rollout_lab.minimize.trials import Rule, TrialRunner
+
+    runner = TrialRunner(Expected("crash", 1e-3, crash_key="E@vllm/a.py:f"), tmp_path / "log.jsonl", Rule(), Console())
+    runner._outcome = lambda case: (Outcome(crash_key="E@vllm/a.py:f"), 0.0)
+    reducer = Reducer(runner, knob_targets(on_gpu=False))
+    original = Case("m", dict(KV_TIGHT), [Request([1, 2, 3], 0)], 4)
+    assert reducer.calibrate(original, 3) == (3, 3)
+    runner.cache.clear()
+    runner.deadline = 1.0  # spent: one run still decides whether the case fails at all
+    assert reducer.calibrate(original, 3) == (1, 1)

@@ -90,7 +90,6 @@ class _FaultState:
             return table
         return block_table
 
-
     def _rows(self, group_id: int, block_table: torch.Tensor, num_reqs: int) -> list[tuple[int, str]]:
         """(row, request id) of the batch's rows that may need a stale table."""
         batch = getattr(self.runner, "input_batch", None)

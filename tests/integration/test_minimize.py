@@ -22,9 +22,7 @@ from rollout_lab.minimize.emit import run_isolated
 from rollout_lab.minimize.reduce import deviating_knobs, knob_targets
 from rollout_lab.minimize.trials import read_log
 
-# Not in `make test` yet: the stale_state case failed in its first full run (issue 5 stays open).
-# Run it with `make test-slow`.
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 

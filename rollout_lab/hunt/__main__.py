@@ -99,9 +99,7 @@ class Hunt:
 
         # Bugs already reduced to a repro in the repo: found again, they are marked known and
         # neither minimized nor explored around (a fuzzer's corpus of known crashes).
-        known_dir = cfg.hunt.known_repros
-        self.known = known_bugs((REPO / known_dir) if known_dir and not Path(known_dir).is_absolute() else
-                                (Path(known_dir) if known_dir else None))
+        self.known = known_bugs(REPO / cfg.hunt.known_repros if cfg.hunt.known_repros else None)
         self.planner = Planner(self.space, cfg.hunt.seed, cfg.hunt.candidates, cfg.hunt.exploit, valid_workload)
         self.coverage = Coverage(self.space.dims())
         # (engine, workload, signature) of failing trials.
@@ -336,7 +334,8 @@ class Hunt:
             for with_fault in attempts:
                 case_path = self.write_case(finding, name, with_fault)
                 extra = ["--calibration-runs", "2"] if with_fault is False and self.fault else []
-                # A minimization may outrun the hunt's budget by at most its own floor.
+                # Candidates stop when the hunt's budget does (or after the floor, if less is left);
+                # calibration runs, emitting and verifying the repro come on top.
                 extra += ["--budget-s", f"{max(self.budget_left(), self.cfg.hunt.minimize_floor_s):.0f}"]
                 with log.open("a") as out:
                     done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(case_path), "--out",

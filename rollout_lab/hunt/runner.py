@@ -29,7 +29,7 @@ from typing import Optional
 
 from rollout_lab.hunt.space import engine_args, sampling_args
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
-from rollout_lab.minimize.standalone import request_class
+from rollout_lab.minimize.standalone import preemptions_of, request_class
 
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
 RESCORE_MAX = 8
@@ -195,7 +195,7 @@ def collect(outputs: list, workload: dict) -> list[Scored]:
     scored = []
     for out in outputs:
         index = int(str(out.request_id).rsplit("-", 1)[-1]) if "-" in str(out.request_id) else len(scored)
-        preemptions = int(getattr(getattr(out, "metrics", None), "num_preemptions", 0) or 0)  # vLLM 0.25 has none
+        preemptions = preemptions_of(out)
         for j, c in enumerate(out.outputs):
             lps = [c.logprobs[p][t].logprob for p, t in enumerate(c.token_ids)] if c.logprobs else []
             scored.append(Scored(index, j, list(out.prompt_token_ids), list(c.token_ids), lps, preemptions,

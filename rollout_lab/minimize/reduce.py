@@ -167,7 +167,7 @@ class Reducer:
         size = asdict(Size.of(case, self.targets))
         failures = made = 0
         for i in range(runs):
-            if made and self.trials.deadline is not None and time.time() > self.trials.deadline:
+            if made and self.trials.budget_spent():
                 break
             failures += self.trials.run(case, "calibrate", f"original case, run {i + 1}/{runs}", size, i).failed
             made += 1

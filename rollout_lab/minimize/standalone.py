@@ -125,6 +125,11 @@ def lab_module(name: str) -> types.ModuleType:
     return sys.modules[f"carried_{name}"]
 
 
+def preemptions_of(out) -> int:
+    """How often vLLM preempted a finished request (0 where it keeps no count: vLLM 0.25)."""
+    return int(getattr(getattr(out, "metrics", None), "num_preemptions", 0) or 0)
+
+
 def request_class(flagged: list[tuple[int, int]]) -> Optional[str]:
     """Class of the requests holding flagged tokens, from (num_preemptions, num_cached_tokens) each.
 
@@ -244,7 +249,7 @@ def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) ->
     sequences = [(list(out.prompt_token_ids), list(c.token_ids)) for out, c in zip(outputs, completions)]
     diffs, flagged = [], []
     for index, (out, completion, ref) in enumerate(zip(outputs, completions, reference_logprobs(reference, sequences))):
-        preemptions = int(getattr(out.metrics, "num_preemptions", 0) or 0)  # vLLM 0.25 keeps none
+        preemptions = preemptions_of(out)
         cached = int(out.num_cached_tokens or 0)
         outcome.num_preempted_requests += preemptions > 0
         request_flagged = False

@@ -171,6 +171,7 @@ class TrialRunner:
         self.expected, self.log_path, self.rule, self.console = expected, log_path, rule, console
         # time.time() after which no candidate is tried: the reduction keeps the case it has.
         self.deadline = deadline
+        self.said_spent = False
         self.records = read_log(log_path)
         self.cache = {(r.key, r.attempt): r for r in self.records}
         self.new_trials = 0
@@ -179,12 +180,15 @@ class TrialRunner:
         self.reference = None
         self.reference_path: Optional[str] = None
 
+    def budget_spent(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
     def fails(self, case: Case, stage: str, change: str, size: dict) -> bool:
         """Whether the candidate shows the expected failure, by the rule (no, once the budget is spent)."""
-        if self.deadline is not None and time.time() > self.deadline:
-            if self.deadline > 0:
+        if self.budget_spent():
+            if not self.said_spent:
                 self.console.print("[yellow]budget spent[/]: no more candidates; the case stays as reduced so far")
-                self.deadline = 0.0
+                self.said_spent = True
             return False
         failures = 0
         for attempt in range(self.rule.tries):

@@ -56,6 +56,31 @@ def signature_of(engine: dict, result: dict) -> str:
     return f"mismatch/{oracle}:{engine.get('model')}:{engine.get('engine.dtype', 'auto')}:{klass}"
 
 
+def duplicate_of(finding, minimized: list) -> Optional[object]:
+    """The minimized mismatch finding that already explains `finding`, if any: same oracle, model
+    and request class, and every knob of its minimal trigger set in `finding`'s engine as in its
+    minimal case (dtype is no part of it unless the minimizer kept it). Crash signatures are
+    already specific (exception type and vLLM frames); they are left alone."""
+    from rollout_lab.hunt.space import engine_args
+    from rollout_lab.minimize.reduce import KNOB_ARGS
+
+    if finding.kind != "mismatch":
+        return None
+    oracle, model, _, klass = finding.signature.split(":")
+    args = engine_args(finding.detail["engine"])
+    for other in minimized:
+        info = (other.detail or {}).get("minimized")
+        if other.kind != "mismatch" or other is finding or info is None:
+            continue
+        o_oracle, o_model, _, o_klass = other.signature.split(":")
+        if (o_oracle, o_model, o_klass) != (oracle, model, klass):
+            continue
+        names = [n for knob in info["knobs"] for n in KNOB_ARGS.get(knob, (knob,))]
+        if all(args.get(n) == info["engine_args"].get(n) for n in names):
+            return other
+    return None
+
+
 def known_bugs(folder: Optional[Path]) -> dict[str, str]:
     """Crash signature -> repro.py of each bug already reduced to a repro in `folder` (repro/<name>/repro.py)."""
     if folder is None or not folder.is_dir():
@@ -66,6 +91,16 @@ def known_bugs(folder: Optional[Path]) -> dict[str, str]:
         if match:
             known[match.group(1)] = str(repro)
     return known
+
+
+def minimize_budget(left: float, verification: float, floor: float) -> float:
+    """Seconds a minimization may try candidates: the hunt's budget left, less the verification
+    that follows it, never below `floor` (a finding found late still gets a useful minimization)."""
+    return max(left - verification, floor)
+
+
+def _trigger_text(trigger: Optional[list]) -> str:
+    return ", ".join(map(str, trigger or [])) or "no knob"
 
 
 def slug(signature: str, index: int) -> str:
@@ -111,6 +146,8 @@ class Hunt:
         self.elapsed_before = float(self.store.meta("elapsed_s", 0.0))
         self.session_start = time.time()
         self.timeline: list[tuple[float, int, int, float, float]] = self.store.meta("timeline", [])
+        # Seconds of each standalone repro.py run this session: what a verification will cost.
+        self.verify_seconds: list[float] = []
         for trial in self.store.trials():
             if trial["status"] != "rejected":
                 self.coverage.record(trial["engine"] | trial["workload"])
@@ -320,6 +357,15 @@ class Hunt:
             if finding.state != "new" or self.budget_left() <= 0:
                 continue
             name = slug(finding.signature, index)
+            original = duplicate_of(finding, [f for f in self.store.findings() if f.state in ("verified", "flaky")])
+            if original is not None:
+                finding.state, finding.trigger, finding.repro = "duplicate", original.trigger, original.repro
+                finding.repro_rate = original.repro_rate
+                finding.detail = finding.detail | {"duplicate_of": original.signature}
+                self.store.put_finding(finding)
+                self.console.print(f"[bold]duplicate[/] {finding.signature}: the trigger of {original.signature} "
+                                   f"({_trigger_text(original.trigger)}) holds in its engine; not minimized", highlight=False)
+                continue
             if finding.kind == "hang":
                 finding.state = "no_repro"
                 finding.detail = (finding.detail or {}) | {"why": "the minimizer replays crashes and mismatches, not hangs"}
@@ -334,9 +380,7 @@ class Hunt:
             for with_fault in attempts:
                 case_path = self.write_case(finding, name, with_fault)
                 extra = ["--calibration-runs", "2"] if with_fault is False and self.fault else []
-                # Candidates stop when the hunt's budget does (or after the floor, if less is left);
-                # calibration runs, emitting and verifying the repro come on top.
-                extra += ["--budget-s", f"{max(self.budget_left(), self.cfg.hunt.minimize_floor_s):.0f}"]
+                extra += ["--budget-s", f"{self.minimize_budget():.0f}"]
                 with log.open("a") as out:
                     done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(case_path), "--out",
                                            str(self.dir / "repro"), "--name", name, "--no-verify", *extra],
@@ -345,6 +389,13 @@ class Hunt:
                     break
             finding.detail = finding.detail | {"needs_planted_fault": bool(self.fault) and with_fault}
             self.finish_finding(finding, name, done.returncode, log)
+
+    def minimize_budget(self) -> float:
+        """Seconds for one minimization: what is left once its repro's verification is set aside."""
+        hunt = self.cfg.hunt
+        runs = hunt.verify_runs + (1 if self.fault else 0)
+        per_run = max(self.verify_seconds, default=hunt.verify_run_s)
+        return minimize_budget(self.budget_left(), runs * per_run, hunt.minimize_floor_s)
 
     def write_case(self, finding, name: str, with_fault: bool = True) -> Path:
         """The finding's first failing trial as the minimizer's case.json (with the hunt's planted fault or not)."""
@@ -394,7 +445,9 @@ class Hunt:
         finding.state = "minimized"
         self.store.put_finding(finding)
         runs = self.cfg.hunt.verify_runs
-        exits = [run_isolated(out / "repro.py").returncode for _ in range(runs)]
+        verifications = [run_isolated(out / "repro.py") for _ in range(runs)]
+        self.verify_seconds += [v.seconds for v in verifications]
+        exits = [v.returncode for v in verifications]
         finding.repro_rate = f"{sum(e == 1 for e in exits)}/{runs}"
         needs_fault = finding.detail.get("needs_planted_fault")
         off = run_isolated(out / "repro.py", ("--no-fault",)).returncode if needs_fault else None

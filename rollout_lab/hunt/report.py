@@ -91,8 +91,14 @@ def _relative(path: Optional[str], hunt_dir: Path) -> str:
 def finding_rows(findings: list[Finding], hunt_dir: Path) -> list[list[str]]:
     """One row per finding, in the given order, columns as FINDINGS_HEADER."""
     return [[str(rank), f.signature, _kind(f), f.first_trial, str(f.first_trial_number), f"{f.first_elapsed:.1f}",
-             str(f.trials), _trigger(f.trigger), _relative(f.repro, hunt_dir), f.repro_rate or "-", f.state]
+             str(f.trials), _trigger(f.trigger), _relative(f.repro, hunt_dir), f.repro_rate or "-", _state(f)]
             for rank, f in enumerate(findings, 1)]
+
+
+def _state(finding: Finding) -> str:
+    if finding.state == "duplicate":
+        return f"duplicate of {(finding.detail or {}).get('duplicate_of', '?')}"
+    return finding.state
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

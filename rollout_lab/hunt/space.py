@@ -65,8 +65,11 @@ class HuntConfig:
     # Folder of repros of bugs already found (relative to the repo; null: none): a finding with the
     # crash signature of one of its repro/<name>/repro.py is marked known, not minimized again.
     known_repros: Optional[str] = "repro"
-    # Each minimization gets the hunt's remaining budget, but never less than this.
+    # Each minimization gets the hunt's remaining budget less the time its repro's verification
+    # will take (verify_runs runs, one more with a planted fault, each `verify_run_s` seconds until
+    # the hunt has timed one), but never less than this.
     minimize_floor_s: float = 300.0
+    verify_run_s: float = 45.0
     # Stop after this many engine groups (null: until the budget is spent). For tests.
     max_groups: Optional[int] = None
     space: SpaceConfig = field(default_factory=SpaceConfig)

@@ -46,7 +46,9 @@ class Finding:
     trigger: Optional[list] = None  # the knobs that switch it on (from the minimizer)
     repro: Optional[str] = None
     repro_rate: Optional[str] = None  # "k/n" standalone runs that reproduced
-    state: str = "new"  # new / minimized / not_minimized / no_repro
+    # new / minimized / verified / flaky / not_minimized / no_repro / known / duplicate (of the
+    # minimized finding in detail["duplicate_of"], whose trigger holds in its engine)
+    state: str = "new"
     detail: Optional[dict] = None
 
 

@@ -1,9 +1,10 @@
 """The reduction: shrink every dimension of a failing case while it keeps failing the same way.
 
     FailingRun -> calibrate (run the original case; choose the k-of-n rule)
-      -> workload, on one engine: prompts (ddmin; then all requests on one prompt, for failures
-         that need many requests but not many different prompts), samples per prompt,
-         max_tokens, prompt length (bisection each)
+      -> workload, on one engine: prompts (first merged into one, then two, concatenated
+         prompts, for failures that need many tokens in the cache but not many requests; then
+         ddmin; then all requests on one prompt, for failures that need many requests but not
+         many different prompts), samples per prompt, max_tokens, prompt length (bisection each)
       -> engine knobs back to vLLM's defaults: all at once first, else ddmin over the knobs that
          differ (each candidate starts an engine)
       -> workload again on the final engine when a knob went back
@@ -96,6 +97,28 @@ def with_one_prompt(case: Case) -> Case:
     ])
 
 
+def with_merged_prompts(case: Case, groups: int) -> Case:
+    """The case's prompts cut into `groups` runs of consecutive prompts, each run concatenated into one prompt.
+
+    Each merged prompt keeps the requests (seeds, samples) of its run's first prompt, and its last
+    tokens when the concatenation would not leave room for max_tokens within max_model_len.
+    """
+    prompts = prompt_indices(case)
+    tokens = {r.prompt_index: r.prompt_token_ids for r in case.requests}
+    room = case.engine_args.get("max_model_len")
+    room = None if room is None else max(int(room) - case.max_tokens, 1)
+    bounds = [len(prompts) * i // groups for i in range(groups + 1)]
+    merged: dict[int, list[int]] = {}
+    for i in range(groups):
+        run = prompts[bounds[i] : bounds[i + 1]]
+        if run:
+            joined = [t for p in run for t in tokens[p]]
+            merged[run[0]] = joined[-room:] if room is not None else joined
+    return replace(case, requests=[
+        replace(r, prompt_token_ids=merged[r.prompt_index]) for r in case.requests if r.prompt_index in merged
+    ])
+
+
 def with_prompt_len(case: Case, length: int) -> Case:
     """Each prompt cut to its last `length` tokens: the chat turn's end, which the model answers, stays."""
     return replace(case, requests=[replace(r, prompt_token_ids=r.prompt_token_ids[-length:]) for r in case.requests])
@@ -176,6 +199,12 @@ class Reducer:
     def workload(self, case: Case) -> Case:
         """Prompts, samples per prompt, max_tokens and prompt length, in that order."""
         prompts = prompt_indices(case)
+        for groups in (1, 2):
+            if len(prompts) > groups:
+                merged = with_merged_prompts(case, groups)
+                if self.fails(merged, "prompts", f"prompts {len(prompts)} -> {groups}, concatenated"):
+                    case, prompts = merged, prompt_indices(merged)
+                    break
         kept = ddmin(prompts, lambda subset: self.fails(with_prompts(case, subset), "prompts", f"prompts {len(prompts)} -> {len(subset)}: {subset}"))
         case = with_prompts(case, kept)
         if len(kept) > 1:

@@ -251,3 +251,33 @@ def test_a_crash_with_the_signature_of_a_repro_in_the_repo_is_known_and_not_mini
     hunt.record_trial(group, "t1", {"generator": "many_short"}, {"status": "crash", "crash": crash})
     [finding] = hunt.store.findings()
     assert finding.state == "known" and finding.repro == str(repro)
+
+
+def test_a_minimization_leaves_the_verification_its_time_but_never_drops_below_the_floor():
+    from rollout_lab.hunt.__main__ import minimize_budget
+
+    assert minimize_budget(left=800, verification=4 * 45, floor=300) == 620
+    assert minimize_budget(left=400, verification=4 * 45, floor=300) == 300
+    assert minimize_budget(left=-10, verification=0, floor=300) == 300
+
+
+def test_a_mismatch_whose_engine_holds_a_minimized_findings_trigger_is_its_duplicate():
+    from rollout_lab.hunt.__main__ import duplicate_of
+
+    def finding(signature, engine, minimized=None, kind="mismatch"):
+        detail = {"engine": engine} | ({"minimized": minimized} if minimized else {})
+        return Finding(signature, kind, "t", 0.0, 1, 1, "smollm2", "float32", state="verified", detail=detail)
+
+    engine = {"model": "smollm2", "engine.dtype": "float32", "engine.block_size": 32, "engine.max_num_seqs": 4}
+    first = finding("mismatch/reference:smollm2:float32:any", engine,
+                    {"knobs": ["block_size"], "engine_args": {"block_size": 32, "dtype": "float32"}})
+    bf16 = finding("mismatch/reference:smollm2:bfloat16:any", engine | {"engine.dtype": "bfloat16", "engine.max_num_seqs": 64})
+    assert duplicate_of(bf16, [first]) is first
+    # The trigger's value differs, or the oracle, the class or the model does: a finding of its own.
+    assert duplicate_of(finding(bf16.signature, bf16.detail["engine"] | {"engine.block_size": 128}), [first]) is None
+    assert duplicate_of(finding("mismatch/metamorphic:smollm2:bfloat16:any", bf16.detail["engine"]), [first]) is None
+    assert duplicate_of(finding("mismatch/reference:smollm2:bfloat16:preempted", bf16.detail["engine"]), [first]) is None
+    assert duplicate_of(finding("mismatch/reference:hybrid-tiny:float32:any", engine | {"model": "hybrid-tiny"}), [first]) is None
+    # Crashes keep their signatures; an unminimized finding explains nothing.
+    assert duplicate_of(finding("RuntimeError@vllm/a.py:f", engine, kind="crash"), [first]) is None
+    assert duplicate_of(bf16, [finding(first.signature, engine)]) is None

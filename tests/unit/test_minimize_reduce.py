@@ -5,6 +5,7 @@ from rollout_lab.minimize.reduce import (
     knob_targets,
     prompt_indices,
     with_knobs,
+    with_merged_prompts,
     with_one_prompt,
     with_prompt_len,
     with_prompts,
@@ -113,3 +114,39 @@ def test_calibration_stops_after_one_run_once_the_budget_is_spent(tmp_path):
     runner.cache.clear()
     runner.deadline = 1.0  # spent: one run still decides whether the case fails at all
     assert reducer.calibrate(original, 3) == (1, 1)
+
+
+def test_merged_prompts_concatenate_consecutive_prompts_and_keep_the_first_ones_requests():
+    case = _case()
+    two = with_merged_prompts(case, 2)
+    assert [(r.prompt_token_ids, r.prompt_index, r.seed) for r in two.requests] == [
+        ([1, 2, 3], 4, 400), ([1, 2, 3], 4, 401), ([1, 2, 3], 4, 402),
+        ([4, 5, 6, 7, 8, 9], 5, 500), ([4, 5, 6, 7, 8, 9], 5, 501), ([4, 5, 6, 7, 8, 9], 5, 502),
+    ]
+    one = with_merged_prompts(case, 1)
+    assert {tuple(r.prompt_token_ids) for r in one.requests} == {tuple(range(1, 10))}
+    assert len(one.requests) == 3
+    # No room past max_model_len - max_tokens: the concatenation keeps its last tokens.
+    short = Case("m", dict(KV_TIGHT, max_model_len=36), case.requests, max_tokens=32)
+    assert with_merged_prompts(short, 1).requests[0].prompt_token_ids == [6, 7, 8, 9]
+
+
+def test_a_failure_that_needs_many_cached_tokens_reduces_to_one_prompt(tmp_path):
+    """index_overflow's shape: it fails once the requests' prompts hold enough tokens, whatever the prompts."""
+    from rich.console import Console
+
+    from rollout_lab.minimize.reduce import Reducer
+    from rollout_lab.minimize.standalone import Expected, Outcome
+    from rollout_lab.minimize.trials import Rule, TrialRunner
+
+    runner = TrialRunner(Expected("crash", 1e-3, crash_key="E@vllm/a.py:f"), tmp_path / "log.jsonl", Rule(), Console())
+
+    def outcome(case):
+        held = sum(len(r.prompt_token_ids) for r in case.requests if r.sample_index == 0)
+        return (Outcome(crash_key="E@vllm/a.py:f") if held >= 8 else Outcome()), 0.0
+
+    runner._outcome = outcome
+    reduced = Reducer(runner, knob_targets(on_gpu=False)).workload(_case())
+    # No single original prompt holds 8 tokens: ddmin alone would keep all three.
+    assert len(prompt_indices(reduced)) == 1
+    assert [len(r.prompt_token_ids) for r in reduced.requests] == [8]

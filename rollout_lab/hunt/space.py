@@ -52,7 +52,7 @@ class HuntConfig:
     budget_s: float = 1800.0
     seed: int = 0
     # Workloads tried on one engine before the next engine configuration.
-    workloads_per_engine: int = 8
+    workloads_per_engine: int = 12
     # Engines at once (each a Ray task of its own process); 1 on a 2-core machine.
     parallel: int = 1
     # Share of engine configurations drawn next to a failing one (one knob changed).

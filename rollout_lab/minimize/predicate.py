@@ -141,10 +141,15 @@ def load_run(run_dir: Path | str) -> FailingRun:
         step, worker, prompt_lens = crash.get("step") or 0, None, {}
         expected = Expected("crash", threshold, crash_key=crash["key"])
         description = f"crash at step {step} ({phase}): {crash['key']}: {crash.get('message', '')}"
-    elif status == "sync_mismatch":
-        raise RunDirError(f"run {run_dir} failed its weight-sync check; that needs the trainer, not a direct engine")
     else:
-        step, worker, kind, description, prompt_lens = _silent_failure(run_dir, threshold)
+        try:
+            step, worker, kind, description, prompt_lens = _silent_failure(run_dir, threshold)
+        except RunDirError:
+            if status != "sync_mismatch":
+                raise
+            raise RunDirError(f"run {run_dir} failed its weight-sync check; that needs the trainer, not a direct engine") from None
+        # A run whose sampled tokens were flagged before its weight-sync check failed: the flagged
+        # tokens are the failure a direct engine can replay.
         expected = Expected("mismatch", threshold, request_class=kind)
 
     model_path = resolve_model(cfg.model.name)

@@ -213,13 +213,25 @@ def load_reference(model_path: str):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 
 
-def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[list[float]]:
-    """Teacher-forced float32 logprob of each completion token, for (prompt, completion) pairs."""
+def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_tokens: int = 4096) -> list[list[float]]:
+    """Teacher-forced float32 logprob of each completion token, for (prompt, completion) pairs.
+
+    Sequences go through the model shortest first, in batches of at most `batch_tokens` padded
+    tokens, so mixed lengths waste little on padding; the result is in the input's order.
+    """
     import torch
 
-    out: list[list[float]] = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    batches: list[list[int]] = []
+    for i in order:
+        length = len(sequences[i][0]) + len(sequences[i][1])
+        if batches and (len(batches[-1]) + 1) * length <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    out: dict[int, list[float]] = {}
+    for batch in batches:
+        chunk = [sequences[i] for i in batch]
         lengths = [len(p) + len(c) for p, c in chunk]
         input_ids = torch.zeros((len(chunk), max(lengths)), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -230,10 +242,10 @@ def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batc
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         # Logits at position t predict token t+1.
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        for row, (prompt, completion) in enumerate(chunk):
+        for row, (i, (prompt, completion)) in enumerate(zip(batch, chunk)):
             first = len(prompt) - 1
-            out.append(logprobs[row, first : first + len(completion)].tolist())
-    return out
+            out[i] = logprobs[row, first : first + len(completion)].tolist()
+    return [out[i] for i in range(len(sequences))]
 
 
 def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) -> Outcome:

@@ -74,6 +74,9 @@ def test_refusals_name_the_run_dir_and_the_reason(tmp_path):
     write_run(tmp_path / "sync", status="sync_mismatch")
     with pytest.raises(RunDirError, match="weight-sync check"):
         load_run(tmp_path / "sync")
+    # Flagged sampled tokens before the sync check failed: those are replayed.
+    write_run(tmp_path / "sync_flagged", status="sync_mismatch", flagged={(0, 0, 1)})
+    assert load_run(tmp_path / "sync_flagged").expected.kind == "mismatch"
     write_run(tmp_path / "reload", status="crash", crash={"key": "AttributeError@x", "phase": "weight_sync", "step": None})
     with pytest.raises(RunDirError, match="crashed in phase 'weight_sync'"):
         load_run(tmp_path / "reload")

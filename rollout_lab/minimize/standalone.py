@@ -238,13 +238,15 @@ def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batc
         for row, ((prompt, completion), length) in enumerate(zip(chunk, lengths)):
             input_ids[row, :length] = torch.tensor(prompt + completion)
             attention_mask[row, :length] = 1
+        # Logits at position t predict token t+1; only the completions' positions need the lm_head
+        # (a [tokens x vocab] float32 tensor for the whole batch costs more than the model).
+        first = min(len(p) for p, _ in chunk) - 1
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        # Logits at position t predict token t+1.
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=max(lengths) - first).logits
         for row, (i, (prompt, completion)) in enumerate(zip(batch, chunk)):
-            first = len(prompt) - 1
-            out[i] = logprobs[row, first : first + len(completion)].tolist()
+            start = len(prompt) - 1 - first
+            rows = torch.log_softmax(logits[row, start : start + len(completion)].float(), dim=-1)
+            out[i] = rows.gather(-1, torch.tensor(completion, dtype=torch.long)[:, None])[:, 0].tolist()
     return [out[i] for i in range(len(sequences))]
 
 

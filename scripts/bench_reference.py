@@ -17,15 +17,12 @@ import time
 def plain_logprobs(model, sequences, batch_size: int = 8) -> list[list[float]]:
     import torch
 
+    from rollout_lab.minimize.standalone import padded_batch
+
     out = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        lengths = [len(p) + len(c) for p, c in chunk]
-        input_ids = torch.zeros((len(chunk), max(lengths)), dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ((prompt, completion), length) in enumerate(zip(chunk, lengths)):
-            input_ids[row, :length] = torch.tensor(prompt + completion)
-            attention_mask[row, :length] = 1
+        input_ids, attention_mask = padded_batch(chunk)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]

@@ -213,6 +213,19 @@ def load_reference(model_path: str):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 
 
+def padded_batch(chunk: list[tuple[list[int], list[int]]]):
+    """(input_ids, attention_mask) of (prompt, completion) pairs, right-padded to the longest."""
+    import torch
+
+    lengths = [len(p) + len(c) for p, c in chunk]
+    input_ids = torch.zeros((len(chunk), max(lengths)), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ((prompt, completion), length) in enumerate(zip(chunk, lengths)):
+        input_ids[row, :length] = torch.tensor(prompt + completion)
+        attention_mask[row, :length] = 1
+    return input_ids, attention_mask
+
+
 def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_tokens: int = 4096) -> list[list[float]]:
     """Teacher-forced float32 logprob of each completion token, for (prompt, completion) pairs.
 
@@ -232,17 +245,12 @@ def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batc
     out: dict[int, list[float]] = {}
     for batch in batches:
         chunk = [sequences[i] for i in batch]
-        lengths = [len(p) + len(c) for p, c in chunk]
-        input_ids = torch.zeros((len(chunk), max(lengths)), dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ((prompt, completion), length) in enumerate(zip(chunk, lengths)):
-            input_ids[row, :length] = torch.tensor(prompt + completion)
-            attention_mask[row, :length] = 1
+        input_ids, attention_mask = padded_batch(chunk)
         # Logits at position t predict token t+1; only the completions' positions need the lm_head
         # (a [tokens x vocab] float32 tensor for the whole batch costs more than the model).
         first = min(len(p) for p, _ in chunk) - 1
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=max(lengths) - first).logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=input_ids.shape[1] - first).logits
         for row, (i, (prompt, completion)) in enumerate(zip(batch, chunk)):
             start = len(prompt) - 1 - first
             rows = torch.log_softmax(logits[row, start : start + len(completion)].float(), dim=-1)

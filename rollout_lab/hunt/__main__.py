@@ -236,6 +236,17 @@ class Hunt:
                               round(singles, 4), round(pairs, 4)))
         self.save_clock()
 
+    def rest_after_crash(self, group, status: str):
+        """The group's untried workloads on a fresh engine of the same configuration, after a crash in
+        one of its trials (a crashed engine is in no known state); None when there are none, or when
+        the engine itself failed to start (it would again)."""
+        from rollout_lab.hunt.search import Group
+
+        if status != "crash" or f"{group.key}-start" in self.done:
+            return None
+        left = [w for w in group.workloads if group.trial_key(w) not in self.done]
+        return Group(group.index, group.engine, left, "rest after a crash") if left else None
+
     # one group on Ray
     def run_group(self, group) -> str:
         """Run one group to its end; its status (ok, rejected, crash, hang, died, skipped)."""
@@ -467,7 +478,7 @@ class Hunt:
         if self.resumed:
             self.console.print(f"[bold]resuming[/] {self.dir}: {len(self.done)} trials, {len(self.store.findings())} findings, "
                                f"{self.elapsed_before:.0f} s spent")
-        groups = 0
+        groups, resume_after_crash = 0, None
         try:
             while self.budget_left() > 0 and (self.cfg.hunt.max_groups is None or groups < self.cfg.hunt.max_groups):
                 index = self.store.next_group_index()
@@ -476,12 +487,18 @@ class Hunt:
                 hits = {f.signature: f.trials for f in self.store.findings()}
                 fresh = [(e, w) for e, w, sig in self.failing if hits.get(sig, 0) < 3 and sig not in self.known]
                 seeds = fresh + self.interesting
-                group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
-                                                seeds, self.rejected)
-                group.engine = with_pressure(group.engine)
-                if self.run_group(group) == "rejected":
+                if resume_after_crash is not None:
+                    group, resume_after_crash = resume_after_crash, None
+                    group.index = index
+                else:
+                    group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
+                                                    seeds, self.rejected)
+                    group.engine = with_pressure(group.engine)
+                status = self.run_group(group)
+                if status == "rejected":
                     continue  # vLLM's validation refused it in the driver: no engine started
                 groups += 1
+                resume_after_crash = self.rest_after_crash(group, status)
                 self.snapshot()
                 singles, pairs = self.coverage.fractions()
                 self.console.print(

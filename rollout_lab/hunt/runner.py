@@ -6,7 +6,9 @@
 
 The driver (__main__.py) runs this as a Ray task (a crash, hang or OOM kills one process, never the
 hunt) and reads the lines file as it grows. A heartbeat line every 10 s carries the engine's step
-count: a trial whose engine takes no step for the trial timeout is a hang (a slow one is not). After a crash the engine is in no known state: the group stops there.
+count (and the reference's batches): a trial that makes no progress for the trial timeout is a hang
+(a slow one is not). After a crash the engine is in no known state: the group stops there, and the
+driver runs the rest of its workloads on a fresh engine of the same configuration.
 
 Oracles (tolerances per engine dtype, OracleConfig):
   crash        an exception from the engine, keyed like rollout_lab.crash (type @ innermost vLLM frames)
@@ -69,7 +71,8 @@ class Lines:
 
 
 def count_engine_steps(llm) -> dict:
-    """Wrap the engine's step() with a counter: {"steps": n}, read by the heartbeat."""
+    """Wrap the engine's step() with a counter: {"steps": n}, read by the heartbeat (the reference's
+    batches count too: a long teacher-forced pass takes no engine step but is progress)."""
     counter = {"steps": 0}
     engine = llm.llm_engine
     step = engine.step
@@ -266,7 +269,7 @@ def trace_case(trace: list[TraceRequest], workload: dict, keep: Optional[list[in
 
 
 def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[TraceRequest], trial: str,
-              dtype: str) -> dict:
+              dtype: str, progress: Optional[dict] = None) -> dict:
     """One workload on the (reset) engine: the result line's fields."""
     from rollout_lab.minimize.standalone import reference_logprobs
 
@@ -275,7 +278,8 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
     items = collect(outputs, workload)
     t1 = time.perf_counter()
     if reference is not None and items:
-        refs = reference_logprobs(reference, [(s.prompt_token_ids, s.token_ids) for s in items])
+        refs = reference_logprobs(reference, [(s.prompt_token_ids, s.token_ids) for s in items],
+                                  on_batch=(lambda: progress.__setitem__("steps", progress["steps"] + 1)) if progress else None)
         for item, ref in zip(items, refs):
             item.reference = ref
     t2 = time.perf_counter()
@@ -397,7 +401,8 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     lines.emit(event="engine", group=spec.group_key, status="ok", seconds=time.perf_counter() - started,
                limits=asdict(limits), dtype=dtype, blocks=config.cache_config.num_gpu_blocks)
     llm.collective_rpc(_remember_clean)
-    heartbeat(lines, count_engine_steps(llm), spec.group_key)
+    counter = count_engine_steps(llm)
+    heartbeat(lines, counter, spec.group_key)
     pool = token_pool(llm.get_tokenizer())
     reference = load_reference(spec.model_path)
     for i, w in enumerate(spec.workloads):
@@ -417,7 +422,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
                 reset_engine(llm)
             if spec.fault:
                 install_fault(llm, Case(spec.model_path, {}, [], 0, fault=spec.fault, fault_params=spec.fault_params))
-            result = run_trial(llm, reference, spec, workload, trace, trial, dtype)
+            result = run_trial(llm, reference, spec, workload, trace, trial, dtype, counter)
         except BaseException as exc:  # SystemExit too: vLLM ends a dead engine core that way
             signature = crash_signature(exc)
             lines.emit(event="result", group=spec.group_key, trial=trial, point=workload, status="crash",

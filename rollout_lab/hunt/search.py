@@ -77,7 +77,7 @@ class Group:
     index: int
     engine: dict
     workloads: list[dict] = field(default_factory=list)
-    # Why this engine was chosen: "explore" (coverage) or "exploit:<trial key>".
+    # Why this engine was chosen: "explore" (coverage), "exploit:<trial key>" or "rest after a crash".
     reason: str = "explore"
 
     @property

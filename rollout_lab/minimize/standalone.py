@@ -226,11 +226,13 @@ def padded_batch(chunk: list[tuple[list[int], list[int]]]):
     return input_ids, attention_mask
 
 
-def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_tokens: int = 4096) -> list[list[float]]:
+def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_tokens: int = 4096,
+                       on_batch=None) -> list[list[float]]:
     """Teacher-forced float32 logprob of each completion token, for (prompt, completion) pairs.
 
     Sequences go through the model shortest first, in batches of at most `batch_tokens` padded
     tokens, so mixed lengths waste little on padding; the result is in the input's order.
+    `on_batch()`, if given, is called after each batch.
     """
     import torch
 
@@ -255,6 +257,8 @@ def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batc
             start = len(prompt) - 1 - first
             rows = torch.log_softmax(logits[row, start : start + len(completion)].float(), dim=-1)
             out[i] = rows.gather(-1, torch.tensor(completion, dtype=torch.long)[:, None])[:, 0].tolist()
+        if on_batch is not None:
+            on_batch()
     return [out[i] for i in range(len(sequences))]
 
 

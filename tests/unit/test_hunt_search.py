@@ -281,3 +281,20 @@ def test_a_mismatch_whose_engine_holds_a_minimized_findings_trigger_is_its_dupli
     # Crashes keep their signatures; an unminimized finding explains nothing.
     assert duplicate_of(finding("RuntimeError@vllm/a.py:f", engine, kind="crash"), [first]) is None
     assert duplicate_of(bf16, [finding(first.signature, engine)]) is None
+
+
+def test_after_a_crash_in_a_trial_the_groups_untried_workloads_go_on_a_fresh_engine():
+    from types import SimpleNamespace
+
+    from rollout_lab.hunt.__main__ import Hunt
+    from rollout_lab.hunt.search import Group
+
+    group = Group(7, {"model": "a", "engine.dtype": "float32"}, [{"seed": i} for i in range(4)], "explore")
+    keys = [group.trial_key(w) for w in group.workloads]
+    hunt = SimpleNamespace(done={keys[0], keys[1]})  # the second trial crashed the engine
+    rest = Hunt.rest_after_crash(hunt, group, "crash")
+    assert rest.engine == group.engine and rest.workloads == group.workloads[2:]
+    assert Hunt.rest_after_crash(hunt, group, "ok") is None
+    assert Hunt.rest_after_crash(SimpleNamespace(done=set(keys)), group, "crash") is None
+    # The engine crashed at start: a fresh one would too.
+    assert Hunt.rest_after_crash(SimpleNamespace(done={f"{group.key}-start"}), group, "crash") is None

@@ -377,10 +377,19 @@ class Hunt:
                 self.console.print(f"[bold]duplicate[/] {finding.signature}: the trigger of {original.signature} "
                                    f"({_trigger_text(original.trigger)}) holds in its engine; not minimized", highlight=False)
                 continue
+            why = None
             if finding.kind == "hang":
+                why = "the minimizer replays crashes and mismatches, not hangs"
+            elif finding.signature.startswith("mismatch/metamorphic:"):
+                # The reference oracle ran and passed the sampled logprobs: the re-scoring pass
+                # (prompt_logprobs, one request alone) is the side that went wrong.
+                why = ("the sampled logprobs match the float32 reference; the re-scoring pass (prompt_logprobs, "
+                       "alone) disagreed with both, and the minimizer replays sampling, not prompt_logprobs")
+            if why is not None:
                 finding.state = "no_repro"
-                finding.detail = (finding.detail or {}) | {"why": "the minimizer replays crashes and mismatches, not hangs"}
+                finding.detail = (finding.detail or {}) | {"why": why}
                 self.store.put_finding(finding)
+                self.console.print(f"[yellow]not minimized[/] {finding.signature}: {why}", highlight=False)
                 continue
             self.console.print(f"[bold]minimizing[/] {finding.signature} -> {self.dir / 'repro' / name}")
             log = self.dir / "repro" / f"{name}.minimize.log"

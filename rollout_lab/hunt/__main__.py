@@ -238,14 +238,16 @@ class Hunt:
 
     def rest_after_crash(self, group, status: str):
         """The group's untried workloads on a fresh engine of the same configuration, after a crash in
-        one of its trials (a crashed engine is in no known state); None when there are none, or when
-        the engine itself failed to start (it would again)."""
+        one of its trials (a crashed engine is in no known state). None when there are none, when
+        the engine itself failed to start (it would again), or when the crash came on the group's
+        first trial: an engine that crashes on whatever it is given first costs a start per trial."""
         from rollout_lab.hunt.search import Group
 
         if status != "crash" or f"{group.key}-start" in self.done:
             return None
+        ran = sum(group.trial_key(w) in self.done for w in group.workloads)
         left = [w for w in group.workloads if group.trial_key(w) not in self.done]
-        return Group(group.index, group.engine, left, "rest after a crash") if left else None
+        return Group(group.index, group.engine, left, "rest after a crash") if left and ran >= 2 else None
 
     # one group on Ray
     def run_group(self, group) -> str:

@@ -296,5 +296,7 @@ def test_after_a_crash_in_a_trial_the_groups_untried_workloads_go_on_a_fresh_eng
     assert rest.engine == group.engine and rest.workloads == group.workloads[2:]
     assert Hunt.rest_after_crash(hunt, group, "ok") is None
     assert Hunt.rest_after_crash(SimpleNamespace(done=set(keys)), group, "crash") is None
+    # The crash came on the first trial: the configuration crashes on anything, no fresh engine.
+    assert Hunt.rest_after_crash(SimpleNamespace(done={keys[0]}), group, "crash") is None
     # The engine crashed at start: a fresh one would too.
     assert Hunt.rest_after_crash(SimpleNamespace(done={f"{group.key}-start"}), group, "crash") is None

@@ -93,7 +93,7 @@ def known_bugs(folder: Optional[Path]) -> dict[str, str]:
     return known
 
 
-def minimize_budget(left: float, verification: float, floor: float) -> float:
+def seconds_for_minimization(left: float, verification: float, floor: float) -> float:
     """Seconds a minimization may try candidates: the hunt's budget left, less the verification
     that follows it, never below `floor` (a finding found late still gets a useful minimization)."""
     return max(left - verification, floor)
@@ -417,7 +417,7 @@ class Hunt:
         hunt = self.cfg.hunt
         runs = hunt.verify_runs + (1 if self.fault else 0)
         per_run = max(self.verify_seconds, default=hunt.verify_run_s)
-        return minimize_budget(self.budget_left(), runs * per_run, hunt.minimize_floor_s)
+        return seconds_for_minimization(self.budget_left(), runs * per_run, hunt.minimize_floor_s)
 
     def write_case(self, finding, name: str, with_fault: bool = True) -> Path:
         """The finding's first failing trial as the minimizer's case.json (with the hunt's planted fault or not)."""

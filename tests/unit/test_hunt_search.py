@@ -254,11 +254,11 @@ def test_a_crash_with_the_signature_of_a_repro_in_the_repo_is_known_and_not_mini
 
 
 def test_a_minimization_leaves_the_verification_its_time_but_never_drops_below_the_floor():
-    from rollout_lab.hunt.__main__ import minimize_budget
+    from rollout_lab.hunt.__main__ import seconds_for_minimization
 
-    assert minimize_budget(left=800, verification=4 * 45, floor=300) == 620
-    assert minimize_budget(left=400, verification=4 * 45, floor=300) == 300
-    assert minimize_budget(left=-10, verification=0, floor=300) == 300
+    assert seconds_for_minimization(left=800, verification=4 * 45, floor=300) == 620
+    assert seconds_for_minimization(left=400, verification=4 * 45, floor=300) == 300
+    assert seconds_for_minimization(left=-10, verification=0, floor=300) == 300
 
 
 def test_a_mismatch_whose_engine_holds_a_minimized_findings_trigger_is_its_duplicate():

@@ -224,9 +224,14 @@ def rescore(llm, items: list[Scored]) -> None:
         ]
 
 
-def suspicious_first(items: list[Scored]) -> list[Scored]:
-    """Preempted, then prefix-cached, then the rest; stable within each class."""
-    return sorted(items, key=lambda s: (-(s.num_preemptions > 0), -(s.num_cached_tokens > 0)))
+def suspicious_first(items: list[Scored], tolerance: float) -> list[Scored]:
+    """Flagged by the reference (worst first), then preempted, then prefix-cached, then the rest;
+    stable within each class. Re-scoring a flagged sequence alone tells an engine that computes it
+    wrong from a batch, cache or decode path that does."""
+    def worst(s: Scored) -> float:
+        return max(s.diffs(s.reference), default=0.0)
+
+    return sorted(items, key=lambda s: (-(worst(s) > tolerance) * worst(s), -(s.num_preemptions > 0), -(s.num_cached_tokens > 0)))
 
 
 def judge(items: list[Scored], tolerance: float, attr: str) -> dict:
@@ -283,7 +288,7 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
         for item, ref in zip(items, refs):
             item.reference = ref
     t2 = time.perf_counter()
-    rescore(llm, suspicious_first(items)[:RESCORE_MAX])
+    rescore(llm, suspicious_first(items, float(spec.reference_tolerance.get(dtype, 1e-3)))[:RESCORE_MAX])
     t3 = time.perf_counter()
     oracles = {
         "reference": judge(items, float(spec.reference_tolerance.get(dtype, 1e-3)), "reference"),

@@ -300,3 +300,13 @@ def test_after_a_crash_in_a_trial_the_groups_untried_workloads_go_on_a_fresh_eng
     assert Hunt.rest_after_crash(SimpleNamespace(done={keys[0]}), group, "crash") is None
     # The engine crashed at start: a fresh one would too.
     assert Hunt.rest_after_crash(SimpleNamespace(done={f"{group.key}-start"}), group, "crash") is None
+
+
+def test_the_metamorphic_oracle_rescores_reference_flagged_sequences_first_then_preempted_then_cached():
+    from rollout_lab.hunt.runner import Scored, suspicious_first
+
+    def item(i, diff=0.0, preempted=0, cached=0):
+        return Scored(i, 0, [1], [2], [-1.0], preempted, cached, None, reference=[-1.0 - diff])
+
+    items = [item(0), item(1, cached=16), item(2, preempted=1), item(3, diff=0.5), item(4, diff=8.0), item(5, diff=1e-4)]
+    assert [s.request for s in suspicious_first(items, tolerance=1e-3)] == [4, 3, 2, 1, 0, 5]

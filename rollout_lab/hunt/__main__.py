@@ -103,6 +103,18 @@ def _trigger_text(trigger: Optional[list]) -> str:
     return ", ".join(map(str, trigger or [])) or "no knob"
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C, `kill -INT` and a scheduler's SIGTERM all stop the hunt as Ctrl-C does: the report is
+    written and the dir resumes. (A shell starts a background job with SIGINT ignored; this undoes it.)"""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def slug(signature: str, index: int) -> str:
     return f"f{index:02d}-" + re.sub(r"[^\w.-]+", "_", signature)[:60].strip("_")
 
@@ -486,6 +498,7 @@ class Hunt:
 
         if not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        stop_on_signals()
         if self.resumed:
             self.console.print(f"[bold]resuming[/] {self.dir}: {len(self.done)} trials, {len(self.store.findings())} findings, "
                                f"{self.elapsed_before:.0f} s spent")

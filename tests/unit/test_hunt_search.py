@@ -310,3 +310,23 @@ def test_the_metamorphic_oracle_rescores_reference_flagged_sequences_first_then_
 
     items = [item(0), item(1, cached=16), item(2, preempted=1), item(3, diff=0.5), item(4, diff=8.0), item(5, diff=1e-4)]
     assert [s.request for s in suspicious_first(items, tolerance=1e-3)] == [4, 3, 2, 1, 0, 5]
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_stop_the_hunt_like_ctrl_c_even_when_sigint_was_ignored(signum):
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell leaves a background job\n"
+        "from rollout_lab.hunt.__main__ import stop_on_signals\n"
+        "stop_on_signals()\n"
+        "try:\n"
+        f"    os.kill(os.getpid(), signal.{signum})\n"
+        "    import time; time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "stopped", done.stderr[-2000:]

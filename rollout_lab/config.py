@@ -161,6 +161,12 @@ def override_keys(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
 
 
+def model_pressure(preset, model: Optional[str]):
+    """The values a pressure preset (a dict as in conf/pressure/, or the composed config) lists for
+    `model` under pressure_by_model, or {}: the one place that knows that layout."""
+    return (preset.get("pressure_by_model") or {}).get(model) or {}
+
+
 def apply_pressure_by_model(cfg, overrides: list[str]):
     """The composed config with its pressure preset's values for cfg.model.name merged in.
 
@@ -169,7 +175,7 @@ def apply_pressure_by_model(cfg, overrides: list[str]):
     Keys set on the command line (or by a sweep) keep their value."""
     from omegaconf import OmegaConf
 
-    values = (cfg.get("pressure_by_model") or {}).get(cfg.model.name)
+    values = model_pressure(cfg, cfg.model.name)
     if not values:
         return cfg
     given = override_keys(overrides)

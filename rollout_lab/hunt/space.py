@@ -162,6 +162,8 @@ def with_pressure(engine: dict) -> dict:
         return engine
     from omegaconf import OmegaConf
 
+    from rollout_lab.config import model_pressure
+
     preset = OmegaConf.to_container(OmegaConf.load(PRESSURE_DIR / f"{name}.yaml"))
-    knobs = preset.get("engine", {}) | preset.get("pressure_by_model", {}).get(engine.get("model"), {}).get("engine", {})
+    knobs = preset.get("engine", {}) | model_pressure(preset, engine.get("model")).get("engine", {})
     return engine | {f"engine.{k}": v for k, v in knobs.items()}

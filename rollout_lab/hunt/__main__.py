@@ -99,10 +99,6 @@ def seconds_for_minimization(left: float, verification: float, floor: float) -> 
     return max(left - verification, floor)
 
 
-def _trigger_text(trigger: Optional[list]) -> str:
-    return ", ".join(map(str, trigger or [])) or "no knob"
-
-
 def stop_on_signals() -> None:
     """Ctrl-C, `kill -INT` and a scheduler's SIGTERM all stop the hunt as Ctrl-C does: the report is
     written and the dir resumes. (A shell starts a background job with SIGINT ignored; this undoes it.)"""
@@ -376,6 +372,7 @@ class Hunt:
 
     # findings -> repros
     def minimize_new(self) -> None:
+        from rollout_lab.hunt.report import trigger_text
         from rollout_lab.hunt.store import Finding
 
         for index, finding in enumerate(self.store.findings()):
@@ -389,7 +386,7 @@ class Hunt:
                 finding.detail = finding.detail | {"duplicate_of": original.signature}
                 self.store.put_finding(finding)
                 self.console.print(f"[bold]duplicate[/] {finding.signature}: the trigger of {original.signature} "
-                                   f"({_trigger_text(original.trigger)}) holds in its engine; not minimized", highlight=False)
+                                   f"({trigger_text(original.trigger)}) holds in its engine; not minimized", highlight=False)
                 continue
             why = None
             if finding.kind == "hang":

@@ -73,7 +73,7 @@ def _kind(finding: Finding) -> str:
     return finding.signature.split(":", 1)[0] if finding.kind == "mismatch" else finding.kind
 
 
-def _trigger(trigger: Optional[list]) -> str:
+def trigger_text(trigger: Optional[list]) -> str:
     if trigger is None:
         return "-"
     return ", ".join(map(str, trigger)) or "none (fails at defaults)"
@@ -91,7 +91,7 @@ def _relative(path: Optional[str], hunt_dir: Path) -> str:
 def finding_rows(findings: list[Finding], hunt_dir: Path) -> list[list[str]]:
     """One row per finding, in the given order, columns as FINDINGS_HEADER."""
     return [[str(rank), f.signature, _kind(f), f.first_trial, str(f.first_trial_number), f"{f.first_elapsed:.1f}",
-             str(f.trials), _trigger(f.trigger), _relative(f.repro, hunt_dir), f.repro_rate or "-", _state(f)]
+             str(f.trials), trigger_text(f.trigger), _relative(f.repro, hunt_dir), f.repro_rate or "-", _state(f)]
             for rank, f in enumerate(findings, 1)]
 
 

@@ -228,10 +228,11 @@ def suspicious_first(items: list[Scored], tolerance: float) -> list[Scored]:
     """Flagged by the reference (worst first), then preempted, then prefix-cached, then the rest;
     stable within each class. Re-scoring a flagged sequence alone tells an engine that computes it
     wrong from a batch, cache or decode path that does."""
-    def worst(s: Scored) -> float:
-        return max(s.diffs(s.reference), default=0.0)
+    def key(s: Scored) -> tuple:
+        worst = max(s.diffs(s.reference), default=0.0)
+        return -worst if worst > tolerance else 0.0, -(s.num_preemptions > 0), -(s.num_cached_tokens > 0)
 
-    return sorted(items, key=lambda s: (-(worst(s) > tolerance) * worst(s), -(s.num_preemptions > 0), -(s.num_cached_tokens > 0)))
+    return sorted(items, key=key)
 
 
 def judge(items: list[Scored], tolerance: float, attr: str) -> dict:
@@ -282,16 +283,21 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
     outputs, aborted = drive(llm, trace, workload, trial)
     items = collect(outputs, workload)
     t1 = time.perf_counter()
+    tolerance = float(spec.reference_tolerance.get(dtype, 1e-3))
+
+    def count_batch() -> None:  # the heartbeat's progress counter
+        progress["steps"] += 1
+
     if reference is not None and items:
         refs = reference_logprobs(reference, [(s.prompt_token_ids, s.token_ids) for s in items],
-                                  on_batch=(lambda: progress.__setitem__("steps", progress["steps"] + 1)) if progress else None)
+                                  on_batch=count_batch if progress is not None else None)
         for item, ref in zip(items, refs):
             item.reference = ref
     t2 = time.perf_counter()
-    rescore(llm, suspicious_first(items, float(spec.reference_tolerance.get(dtype, 1e-3)))[:RESCORE_MAX])
+    rescore(llm, suspicious_first(items, tolerance)[:RESCORE_MAX])
     t3 = time.perf_counter()
     oracles = {
-        "reference": judge(items, float(spec.reference_tolerance.get(dtype, 1e-3)), "reference"),
+        "reference": judge(items, tolerance, "reference"),
         "metamorphic": judge(items, float(spec.metamorphic_tolerance.get(dtype, 1e-3)), "rescored"),
     }
     failed = [name for name, o in oracles.items() if o["flagged"]]

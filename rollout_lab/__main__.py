@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from rollout_lab.config import ConfigError, RunConfig, apply_pressure_by_model, register
+from rollout_lab.config import ConfigError, RunConfig, apply_pressure_by_model, check_keys, register
 
 register()
 
@@ -38,10 +38,12 @@ def print_summary(result, pressure=None) -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig):
-    from rollout_lab.loop import run
     from rollout_lab.models import ModelError
 
     try:
+        check_keys(dict_cfg, RunConfig)
+        from rollout_lab.loop import run
+
         dict_cfg = apply_pressure_by_model(dict_cfg, list(HydraConfig.get().overrides.task))
         cfg: RunConfig = OmegaConf.to_object(dict_cfg)
         cfg.run_dir = HydraConfig.get().runtime.output_dir

@@ -1,10 +1,15 @@
 """Structured configs: the single source of truth for every knob (conf/ holds presets only)."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 
 DTYPES = ("float32", "bfloat16", "float16")
 SEED_POLICIES = ("per_request", "engine")
@@ -268,6 +273,103 @@ def validate(cfg: RunConfig) -> RunConfig:
         # The trainer recomputes the raw distribution; processed logprobs differ by design.
         raise ConfigError("engine.logprobs_mode=processed_logprobs needs temperature=1, top_p=1, top_k=-1")
     return cfg
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def schema_keys(schema: type, prefix: str = "") -> dict[str, bool]:
+    """Every dotted key of a config dataclass -> whether it takes free sub-keys (a dict field)."""
+    keys = {}
+    hints = get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        path, kind = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            keys[path] = False
+            keys |= schema_keys(kind, path + ".")
+        else:
+            keys[path] = getattr(kind, "__origin__", None) is dict
+    return keys
+
+
+def unknown_key_message(key: str, schema: type) -> Optional[str]:
+    """One line naming `key` and the closest valid keys when the schema has no such key, else None.
+
+    Hydra's `+key=value` adds a key even where the schema has none (it opens the struct), so
+    every key a user types is checked here: a typo must not run another configuration."""
+    keys = schema_keys(schema)
+    parts = key.split(".")
+    for depth in range(1, len(parts) + 1):
+        head = ".".join(parts[:depth])
+        if head not in keys:
+            break
+        if keys[head]:
+            return None  # fault.params.<name>, pressure_by_model.<model>...: checked where they are read
+    else:
+        return None
+    parent = ".".join(parts[:depth - 1])
+    siblings = [k.rsplit(".", 1)[-1] for k in keys if k.rpartition(".")[0] == parent]
+    if not siblings:
+        return f"unknown config key {key!r}; {parent} is a value and takes no sub-keys"
+    return f"unknown config key {key!r}; {closest(parts[depth - 1], siblings, parent)}"
+
+
+def closest(name: str, valid: list[str], parent: str = "") -> str:
+    """'did you mean a.x, a.y?' for the valid names nearest `name`, else the list of valid names."""
+    where = f"{parent}." if parent else ""
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    if close:
+        return f"did you mean {', '.join(where + c for c in close)}?"
+    return f"valid keys under {parent or 'the top level'}: {', '.join(valid)}"
+
+
+def check_keys(dict_cfg, schema: type) -> None:
+    """Raise ConfigError naming the first key of a composed config that its schema lacks."""
+    from omegaconf import OmegaConf
+
+    keys = schema_keys(schema)
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            message = unknown_key_message(path, schema)
+            if message:
+                raise ConfigError(message)
+            if isinstance(value, dict) and not keys.get(path, True):
+                walk(value, path + ".")
+
+    tree = OmegaConf.to_container(dict_cfg, resolve=False)
+    tree.pop("hydra", None)
+    walk(tree, "")
+
+
+def check_override_keys(overrides: list[str], schema: type) -> None:
+    """Raise ConfigError on a command-line override (a sweep grid too) whose key the schema lacks.
+
+    Config groups (the folders of conf/: model=, +pressure=, +sweep=, fault=) and hydra.* are
+    Hydra's to check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key in groups or key.split(".")[0] == "hydra":
+            continue
+        message = unknown_key_message(key, schema)
+        if message:
+            raise ConfigError(message)
+
+
+class CheckOverrideKeys(Callback):
+    """Hydra callback (conf/config.yaml): a multirun whose grid names an unknown key stops before
+    its first job, with one line, instead of failing (or silently running) once per job."""
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        try:
+            check_override_keys(list(config.hydra.overrides.task), RunConfig)
+        except ConfigError as exc:
+            print(f"rollout_lab: {exc}", file=sys.stderr)
+            sys.exit(2)
 
 
 def register() -> None:

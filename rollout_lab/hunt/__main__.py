@@ -478,10 +478,11 @@ class Hunt:
         runs = self.cfg.hunt.verify_runs
         verifications = [run_isolated(out / "repro.py") for _ in range(runs)]
         self.verify_seconds += [v.seconds for v in verifications]
-        exits = [v.returncode for v in verifications]
+        # The verdict as an exit status (1 reproduced, 0 not, 2 cannot run): a repro that never ran is no reproduction.
+        exits = [v.status for v in verifications]
         finding.repro_rate = f"{sum(e == 1 for e in exits)}/{runs}"
         needs_fault = finding.detail.get("needs_planted_fault")
-        off = run_isolated(out / "repro.py", ("--no-fault",)).returncode if needs_fault else None
+        off = run_isolated(out / "repro.py", ("--no-fault",)).status if needs_fault else None
         finding.detail = finding.detail | {"minimized": info, "verify_exits": exits, "no_fault_exit": off}
         finding.state = "verified" if exits.count(1) == runs else "flaky"
         self.store.put_finding(finding)
@@ -571,14 +572,15 @@ def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="hunt_run")
 def main(dict_cfg: DictConfig) -> None:
-    from rollout_lab.config import ConfigError
+    from rollout_lab.config import ConfigError, check_keys
     from rollout_lab.hunt.store import StoreError
 
     # vLLM's INFO lines (the driver validates engine configs) would bury the progress lines.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    cfg: HuntRunConfig = OmegaConf.to_object(dict_cfg)
-    hunt_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     try:
+        check_keys(dict_cfg, HuntRunConfig)
+        cfg: HuntRunConfig = OmegaConf.to_object(dict_cfg)
+        hunt_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
         hunt = Hunt(cfg, hunt_dir)
     except (ConfigError, StoreError, ValueError) as exc:
         print(f"rollout_lab.hunt: {exc}", file=sys.stderr)

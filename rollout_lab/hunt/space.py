@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig
+from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig, closest
 
 
 @dataclass
@@ -110,6 +110,10 @@ class Space:
             empty = [k for k, values in knobs.items() if not values]
             if empty:
                 raise ConfigError(f"hunt.space.{group}.{empty[0]} has no values")
+        for group, knobs, valid in (("engine", engine, vllm_engine_args()), ("sampling", sampling, sampling_knobs())):
+            for name in knobs:
+                if name not in valid:
+                    raise ConfigError(f"hunt.space.{group}.{name} is not a knob: {closest(name, sorted(valid), f'hunt.space.{group}')}")
         unknown = [g for g in cfg.generators if g not in GENERATORS]
         if unknown:
             raise ConfigError(f"hunt.space.generators: {unknown[0]!r} is not a generator; choose from {', '.join(GENERATORS)}")
@@ -134,6 +138,24 @@ class Space:
 
     def dims(self) -> dict[str, list]:
         return self.engine_dims() | self.workload_dims()
+
+
+def vllm_engine_args() -> set[str]:
+    """The keyword arguments the installed vLLM's engine takes (EngineArgs' fields)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def sampling_knobs() -> set[str]:
+    """The hunt's sampling knobs: SamplingParams' fields, plus per_request_seed (runner.py)."""
+    from vllm import SamplingParams
+
+    # A msgspec struct in the releases we run (no __dict__); vars() for a plain class.
+    fields = getattr(SamplingParams, "__struct_fields__", None) or vars(SamplingParams())
+    return set(fields) | {"per_request_seed"}
 
 
 def engine_args(point: dict) -> dict:

@@ -5,10 +5,12 @@
 #   clean      five clean float32 runs under that calibration must flag nothing
 #   sweep      the 4-point cache_size sweep with index_overflow
 #   hunt       a short hunt (hunt=smoke) with stale_state planted
+#   hunt_default  the default hunt space, no planted fault, GPU_CHECK_DEFAULT_HUNT_S (300) seconds;
+#              prints every crash, hang and harness error with its message line (from hunt.db)
 # Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
 # and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
 # another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
-#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt]   (no argument: all)
+#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default]   (no argument: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu_check}
@@ -29,7 +31,7 @@ job() {  # job NAME ARGS...: one logged command, its summary lines echoed
   return $rc
 }
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt)
+[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default)
 say "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 for step in "${steps[@]}"; do
   case $step in
@@ -38,7 +40,21 @@ for step in "${steps[@]}"; do
     clean) job clean "$py" -m rollout_lab -m engine.seed=1,2,3,4,5 run_name=gpu-clean "${share[@]}" engine.kv_cache_memory_bytes=2000000000 ;;
     sweep) job sweep "$py" -m rollout_lab +sweep=cache_size fault=index_overflow "${share[@]}" ;;
     hunt) job hunt "$py" -m rollout_lab.hunt hunt=smoke fault=stale_state hunt.budget_s=${GPU_CHECK_HUNT_S:-240} hunt.minimize=false hydra.run.dir="$out/hunt" ;;
-    *) echo "unknown step $step (calibrate fault clean sweep hunt)" >&2; exit 2 ;;
+    hunt_default)
+      job hunt_default "$py" -m rollout_lab.hunt hunt.budget_s=${GPU_CHECK_DEFAULT_HUNT_S:-300} hunt.minimize=false hydra.run.dir="$out/hunt_default"
+      "$py" - "$out/hunt_default" <<'PY'
+import collections, sys
+from pathlib import Path
+from rollout_lab.hunt.store import Store
+trials = Store(Path(sys.argv[1]) / "hunt.db").trials()
+print(f"hunt_default: {len(trials)} trials: {dict(collections.Counter(t['status'] for t in trials))}")
+for t in trials:
+    if t["status"] in ("crash", "hang", "harness_error"):
+        crash = t["result"].get("crash") or {}
+        print(f"  {t['status']} {t['signature']}: {crash.get('message', t['result'].get('phase', ''))}")
+PY
+      ;;
+    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default)" >&2; exit 2 ;;
   esac
 done
 "$py" - "$out" <<'EOF'

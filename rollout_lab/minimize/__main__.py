@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(reduction.seconds, 1),
     }, indent=2))
     console.print(f"[bold]wrote[/] {out_dir / 'repro.py'} and {out_dir / 'REPORT.md'}")
-    expected = emit.expected_exits(reduction)
+    expected = emit.expected_verdicts(reduction)
     ok = True
     for v in verifications:
-        good = v.returncode == expected[tuple(v.args)]
+        good = v.verdict == expected[tuple(v.args)]
         ok &= good
         colour = "green" if good else "red"
-        console.print(f"[{colour}]repro.py {' '.join(v.args)}: exit {v.returncode} in {v.seconds:.0f} s[/]")
+        console.print(f"[{colour}]repro.py {' '.join(v.args)}:[/] {escape(v.describe())}", highlight=False)
         if not good:
             console.print(v.output_tail, highlight=False, markup=False)
     return 0 if ok else 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -46,14 +47,40 @@ MODEL_NOTES = {
 }
 
 
+# The verdict line every repro.py prints, and the exit status that goes with it. No other output
+# counts: an uncaught traceback, a missing file, an argparse error all read as "cannot run".
+VERDICT_EXITS = {"REPRODUCED": 1, "NOT REPRODUCED": 0, "CANNOT RUN": 2}
+VERDICT_LINE = re.compile(r"^(REPRODUCED|NOT REPRODUCED|CANNOT RUN): .*$", re.MULTILINE)
+
+
 @dataclass
 class Verification:
-    """One run of the emitted repro.py in a fresh interpreter without rollout_lab."""
+    """One run of a repro.py in a fresh interpreter without rollout_lab."""
 
     args: list[str]
     returncode: int
     seconds: float
     output_tail: str
+    # The last verdict line the script printed ("" when it printed none).
+    verdict_line: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """REPRODUCED or NOT REPRODUCED when the verdict line and the exit status agree; else CANNOT RUN."""
+        match = VERDICT_LINE.match(self.verdict_line)
+        if match and VERDICT_EXITS[match.group(1)] == self.returncode:
+            return match.group(1)
+        return "CANNOT RUN"
+
+    @property
+    def status(self) -> int:
+        """The verdict as an exit status: 1 reproduced, 0 not, 2 cannot run."""
+        return VERDICT_EXITS[self.verdict]
+
+    def describe(self) -> str:
+        why = "" if self.verdict != "CANNOT RUN" or self.verdict_line.startswith("CANNOT RUN") else (
+            f" (exit {self.returncode}, no verdict line)" if not self.verdict_line else f" (exit {self.returncode} after {self.verdict_line!r})")
+        return f"{self.verdict_line or self.verdict}{why}, exit {self.returncode} in {self.seconds:.0f} s"
 
 
 def title(reduction: Reduction, vllm_version: str, device: str) -> str:
@@ -173,6 +200,8 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
     (rollout_lab's editable install is one); the site-packages directories are put on sys.path
     by hand, and the run stops with status NOT_ISOLATED if rollout_lab is importable anyway.
     """
+    # Absolute: the interpreter starts in a temporary directory, where a relative path names nothing.
+    script = Path(script).resolve()
     paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     bootstrap = (
         f"import sys\nsys.path.extend({paths!r})\n"
@@ -191,7 +220,8 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
             # TimeoutExpired keeps bytes even in text mode.
             partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
             returncode, output = -1, f"{partial}\ntimed out after {timeout} s"
-    return Verification(list(args), returncode, time.perf_counter() - started, output[-6000:])
+    verdicts = [m.group(0) for m in VERDICT_LINE.finditer(output)]
+    return Verification(list(args), returncode, time.perf_counter() - started, output[-6000:], verdicts[-1] if verdicts else "")
 
 
 def _log_summary(reduction: Reduction) -> list[str]:
@@ -286,7 +316,7 @@ def report(reduction: Reduction, name: str, env: dict[str, str], verifications: 
     ]
     if verifications:
         lines += ["", "## Verification", "", "`repro.py` run in a fresh interpreter where rollout_lab cannot be imported:", ""]
-        lines += [f"- `{' '.join(['python repro.py', *v.args])}`: exit {v.returncode} in {v.seconds:.0f} s" for v in verifications]
+        lines += [f"- `{' '.join(['python repro.py', *v.args])}`: {v.describe()}" for v in verifications]
     return "\n".join(lines) + "\n"
 
 
@@ -307,10 +337,10 @@ def write(reduction: Reduction, out_dir: Path, name: str, verify: bool) -> list[
     return verifications
 
 
-def expected_exits(reduction: Reduction) -> dict[tuple[str, ...], int]:
-    """The exit status a working repro.py gives for each verification run."""
-    exits = {(): 1}
+def expected_verdicts(reduction: Reduction) -> dict[tuple[str, ...], str]:
+    """The verdict a working repro.py gives for each verification run."""
+    verdicts = {(): "REPRODUCED"}
     if reduction.case.fault:
-        exits[("--no-fault",)] = 0
-    return exits
+        verdicts[("--no-fault",)] = "NOT REPRODUCED"
+    return verdicts
 

@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 import types
 from dataclasses import dataclass, field
 from typing import Optional
@@ -331,7 +332,16 @@ def print_outcome(outcome: Outcome, tokenizer=None) -> None:
 
 
 def main(case: Case, expected: Expected, argv: Optional[list[str]] = None) -> int:
-    """Run the case once on a fresh engine: 1 while the bug reproduces, 0 once it does not, 2 if it cannot run."""
+    """Run the case once on a fresh engine; one verdict line and exit 1 (reproduced), 0 (not) or 2 (cannot run)."""
+    try:
+        return _run(case, expected, argv)
+    except Exception as exc:  # anything unexpected must not read as "reproduced"
+        traceback.print_exc()
+        print(f"CANNOT RUN: {type(exc).__name__}: {exc}".splitlines()[0], flush=True)
+        return 2
+
+
+def _run(case: Case, expected: Expected, argv: Optional[list[str]]) -> int:
     parser = argparse.ArgumentParser(description="Exits 1 while the bug reproduces, 0 otherwise, 2 when it cannot run.")
     parser.add_argument("--no-fault", action="store_true", help="run vLLM as shipped, without the planted fault")
     parser.add_argument("--model", default=case.model, help=f"model directory or hub id (default {case.model})")
@@ -349,7 +359,7 @@ def main(case: Case, expected: Expected, argv: Optional[list[str]] = None) -> in
         llm = start_engine(case, with_fault)
     except Exception as exc:
         if expected.kind != "crash":
-            print(f"cannot run: the engine did not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"CANNOT RUN: the engine did not start: {type(exc).__name__}: {exc}".splitlines()[0], flush=True)
             return 2
         outcome = crash_outcome(exc)
     else:
@@ -359,5 +369,5 @@ def main(case: Case, expected: Expected, argv: Optional[list[str]] = None) -> in
     print_outcome(outcome, tokenizer)
     reproduced = same_failure(expected, outcome)
     verdict = "REPRODUCED" if reproduced else "NOT REPRODUCED"
-    print(f"{verdict} in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"{verdict}: {outcome.describe()} ({time.perf_counter() - started:.1f} s)", flush=True)
     return 1 if reproduced else 0

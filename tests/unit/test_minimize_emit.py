@@ -71,7 +71,8 @@ def test_a_crash_repro_without_fault_carries_only_crash_py(tmp_path):
 
 
 def test_report_is_a_draft_issue_with_the_reduction_summary():
-    text = report(reduction(), "stale", ENV, [Verification([], 1, 31.0, ""), Verification(["--no-fault"], 0, 29.0, "")])
+    text = report(reduction(), "stale", ENV, [Verification([], 1, 31.0, "", "REPRODUCED: 3/18 tokens flagged"),
+                                       Verification(["--no-fault"], 0, 29.0, "", "NOT REPRODUCED: no flagged token")])
     assert text.startswith("# [vLLM 0.32.0, CPU] sampled-token logprobs disagree")
     for needle in (
         "**Not a vLLM bug as shipped**",
@@ -85,7 +86,7 @@ def test_report_is_a_draft_issue_with_the_reduction_summary():
         "- Before: 4 prompts x 2 samples (8 requests)",
         "- After: 1 prompts x 2 samples (2 requests)",
         "| calibrate | 1 | 1 | 30 |",
-        "`python repro.py --no-fault`: exit 0 in 29 s",
+        "`python repro.py --no-fault`: NOT REPRODUCED: no flagged token, exit 0 in 29 s",
     ):
         assert needle in text, needle
 
@@ -94,7 +95,33 @@ def test_run_isolated_sees_site_packages_but_not_rollout_lab(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(
         "import sys, rich\n"
-        "try:\n    import rollout_lab\nexcept ImportError:\n    sys.exit(int(sys.argv[1]))\n"
+        "try:\n    import rollout_lab\nexcept ImportError:\n    print('REPRODUCED: ' + sys.argv[1]); sys.exit(1)\n"
         "sys.exit(99)\n"
     )
-    assert run_isolated(script, ("7",)).returncode == 7
+    done = run_isolated(script, ("isolated",))
+    assert (done.returncode, done.verdict, done.verdict_line) == (1, "REPRODUCED", "REPRODUCED: isolated")
+
+
+def test_run_isolated_takes_a_relative_path_from_another_directory(tmp_path, monkeypatch):
+    (tmp_path / "repro" / "case").mkdir(parents=True)
+    (tmp_path / "repro" / "case" / "repro.py").write_text("import sys\nprint('NOT REPRODUCED: clean')\nsys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    done = run_isolated(Path("repro/case/repro.py"))
+    assert (done.returncode, done.verdict) == (0, "NOT REPRODUCED"), done.output_tail
+
+
+def test_an_exit_1_without_its_verdict_line_cannot_run(tmp_path):
+    # Exit 1 is what any traceback, or a missing script, gives: it must not read as reproduced.
+    crashing = tmp_path / "crashing.py"
+    crashing.write_text("raise FileNotFoundError('model.safetensors')\n")
+    missing = run_isolated(Path("no/such/repro.py"))
+    for done in (run_isolated(crashing), missing):
+        assert done.returncode == 1 and done.verdict == "CANNOT RUN" and done.status == 2, done.output_tail
+    assert "no verdict line" in missing.describe()
+
+
+def test_a_verdict_line_that_disagrees_with_the_exit_status_cannot_run(tmp_path):
+    script = tmp_path / "liar.py"
+    script.write_text("print('REPRODUCED: yes')\nraise SystemExit(0)\n")
+    done = run_isolated(script)
+    assert done.verdict == "CANNOT RUN" and "after 'REPRODUCED: yes'" in done.describe()

@@ -1,439 +1,79 @@
-"""[vLLM 0.32.0, CPU] engine crash RuntimeError@vllm/v1/worker/gpu_worker.py:sample_tokens|vllm/v1/worker/gpu_model_runner.py:sample_tokens|vllm/v1/worker/gpu_model_runner.py:_bookkeeping_sync
+"""[Bug]: Seeded sampling crashes when chunked prefill splits the prompt (CPU)
 
-Emitted by `python -m rollout_lab.minimize /work/main/hunts/long1/findings/f00-RuntimeError_vllm_v1_worker_gpu_worker.py_sample_tokens_vllm` from run f00-RuntimeError_vllm_v1_worker_gpu_worker.py_sample_tokens_vllm; REPORT.md
-beside this file is the draft issue. Needs only vllm, torch and transformers:
-
-    python repro.py [--no-fault] [--model DIR_OR_HUB_ID]
-
-Exits 1 while the bug reproduces, 0 otherwise (2: it cannot run, e.g. no model at the path).
-It starts one vllm.LLM in this process and runs the triggering generate call and keys its
-exception like rollout_lab.crash. Reproduces when it sees a crash with key RuntimeError@vllm/v1/
-worker/gpu_worker.py:sample_tokens|vllm/v1/worker/gpu_model_runner.py:sample_tokens|vllm/v1/work
-er/gpu_model_runner.py:_bookkeeping_sync.
-
-Model: /root/.cache/rollout_lab/models/hybrid-tiny
-  rollout_lab's embedded hybrid-tiny: a seeded random GraniteMoeHybrid (Mamba2 + attention) with
-  SmolLM2's tokenizer. Rebuild it with `python -m rollout_lab.models prepare hybrid-tiny`, then
-  pass --model DIR.
+A request with a per-request seed whose prompt (65 tokens) is longer than max_num_batched_tokens=64,
+so that its prefill is split in two chunks, raises RuntimeError: CPU Generator does not use offset
+in gpu_model_runner._bookkeeping_sync, which rewinds the seeded generator of a partially prefilled
+request with set_offset.
+Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
+import argparse, os, platform, sys, tempfile, traceback
 
-from __future__ import annotations
+# The engine core in this process: its exceptions reach this script.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-import argparse
-import importlib
-import os
-import platform
-import sys
-import time
-import types
-from dataclasses import dataclass, field
-from typing import Optional
-
-# rollout_lab modules a repro.py carries as source (torch/stdlib only), by module name. Empty in
-# the lab, where they are imported; emit.py fills it in each repro.py.
-CARRIED_SOURCES: dict[str, str] = {}
+# The model: rollout_lab's hybrid-tiny, a GraniteMoeHybridConfig with seeded random weights, rebuilt here
+# (no tokenizer: prompts are token ids); its head widened so logits spread like a trained model's.
+MODEL_CONFIG = {'vocab_size': 49152, 'hidden_size': 256, 'intermediate_size': 512,
+    'num_hidden_layers': 4, 'num_attention_heads': 4, 'num_key_value_heads': 2, 'pad_token_id': 2,
+    'rope_parameters': {'rope_type': 'default', 'rope_theta': 10000.0}, 'attention_multiplier':
+    0.125, 'num_local_experts': 0, 'num_experts_per_tok': 0, 'shared_intermediate_size': 512,
+    'position_embedding_type': 'rope', 'layer_types': ['linear_attention', 'full_attention',
+    'linear_attention', 'full_attention'], 'mamba_n_heads': 8, 'mamba_d_state': 64}
 
 
-@dataclass
-class Request:
-    """One sampled completion: the prompt's token ids and the request's own sampling seed."""
-
-    prompt_token_ids: list[int]
-    seed: int
-    # Coordinates in the run the case came from (reports only).
-    prompt_index: int = -1
-    sample_index: int = -1
-
-
-@dataclass
-class Case:
-    """Everything one trial, or a repro.py, runs."""
-
-    model: str
-    # vllm.LLM keyword arguments besides `model`; a knob left out takes vLLM's default.
-    engine_args: dict
-    requests: list[Request]
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    # A planted fault from rollout_lab/faults.py, installed through collective_rpc; None: vLLM as shipped.
-    fault: Optional[str] = None
-    fault_params: dict = field(default_factory=dict)
-
-
-@dataclass
-class Expected:
-    """The failure to keep: the same crash key, or flagged tokens on the same class of requests."""
-
-    kind: str  # "crash" or "mismatch"
-    spike_threshold: float
-    crash_key: Optional[str] = None
-    request_class: Optional[str] = None
-
-    def describe(self) -> str:
-        if self.kind == "crash":
-            return f"a crash with key {self.crash_key}"
-        where = {
-            "preempted": "every flagged request preempted, or reusing a preempted one's KV through the prefix cache",
-            "prefix_cached": "every flagged request a prefix-cache hit, none preempted",
-            "any": "flagged requests neither needing a preemption nor, in the run, a prefix-cache hit",
-        }[self.request_class]
-        return (
-            f"at least one token with |vLLM - transformers float32| logprob > {self.spike_threshold:g}, "
-            f"request class '{self.request_class}' ({where})"
-        )
-
-
-@dataclass
-class TokenDiff:
-    """One sampled token: vLLM's logprob beside the reference's."""
-
-    request: int
-    position: int
-    token_id: int
-    vllm_logprob: float
-    reference_logprob: float
-    abs_diff: float
-    num_preemptions: int
-    num_cached_tokens: int
-
-
-@dataclass
-class Outcome:
-    """What one run of a case showed."""
-
-    crash_key: Optional[str] = None
-    crash_message: str = ""
-    num_requests: int = 0
-    num_tokens: int = 0
-    num_flagged: int = 0
-    max_abs_diff: float = 0.0
-    request_class: Optional[str] = None
-    num_preempted_requests: int = 0
-    worst: list[TokenDiff] = field(default_factory=list)
-
-    def describe(self) -> str:
-        if self.crash_key is not None:
-            return f"crash {self.crash_key}: {self.crash_message}"
-        if not self.num_tokens:
-            return "no crash"
-        flagged = f"{self.num_flagged}/{self.num_tokens} tokens flagged, max diff {self.max_abs_diff:.3g}"
-        where = f" on '{self.request_class}' requests" if self.request_class else ""
-        return f"{flagged}{where} ({self.num_preempted_requests}/{self.num_requests} requests preempted)"
-
-
-def lab_module(name: str) -> types.ModuleType:
-    """rollout_lab.<name>: imported in the lab, built from its carried source inside a repro.py."""
-    if name not in CARRIED_SOURCES:
-        return importlib.import_module(f"rollout_lab.{name}")
-    if f"carried_{name}" not in sys.modules:
-        module = types.ModuleType(f"carried_{name}")
-        # Registered before exec: dataclasses look their module up in sys.modules.
-        sys.modules[module.__name__] = module
-        exec(compile(CARRIED_SOURCES[name], f"rollout_lab/{name}.py", "exec"), module.__dict__)
-    return sys.modules[f"carried_{name}"]
-
-
-def request_class(flagged: list[tuple[int, int]]) -> Optional[str]:
-    """Class of the requests holding flagged tokens, from (num_preemptions, num_cached_tokens) each.
-
-    preempted: every flagged request was preempted or reused KV through the prefix cache, and one
-    at least was preempted (wrong KV computed after a resume spreads through the cache).
-    prefix_cached: every flagged request hit the prefix cache, none was preempted.
-    any: some flagged request was neither.
-    """
-    if not flagged:
-        return None
-    if any(preemptions == 0 and cached == 0 for preemptions, cached in flagged):
-        return "any"
-    if any(preemptions > 0 for preemptions, _ in flagged):
-        return "preempted"
-    return "prefix_cached"
-
-
-# Request classes that count as the same failure as each expected one. A failure on ordinary
-# requests may land on prefix-cache hits only once fewer requests remain; a failure that needed a
-# preemption must still need one, and one that did not must not.
-SAME_CLASS = {"preempted": ("preempted",), "prefix_cached": ("prefix_cached",), "any": ("any", "prefix_cached")}
-
-
-def same_failure(expected: Expected, outcome: Outcome) -> bool:
-    """The predicate: the same crash key, or flagged tokens (rate above the clean 0) of the same class."""
-    if expected.kind == "crash":
-        return outcome.crash_key == expected.crash_key
-    return outcome.crash_key is None and outcome.num_flagged > 0 and outcome.request_class in SAME_CLASS[expected.request_class]
-
-
-def crash_outcome(exc: BaseException) -> Outcome:
-    """An exception as an outcome, keyed the way rollout_lab.crash keys a run's crash."""
-    signature = lab_module("crash").crash_signature(exc)
-    return Outcome(crash_key=signature.key, crash_message=signature.message)
-
-
-def start_engine(case: Case, with_fault: bool):
-    """A vllm.LLM for the case, in this process, with the case's planted fault installed."""
-    # Read when vLLM is imported and when the engine starts: keep the engine core in-process, so
-    # collective_rpc can hand it a plain function.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-
-    llm = LLM(model=case.model, **case.engine_args)
-    if with_fault and case.fault is not None:
-        install_fault(llm, case)
-    return llm
-
-
-def install_fault(llm, case: Case) -> None:
-    """Plant the case's fault in the engine's worker (rollout_lab/faults.py, `install`)."""
-    faults = lab_module("faults")
-    llm.collective_rpc(faults.install, args=(case.fault, dict(case.fault_params)))
-
-
-def sample(llm, case: Case) -> list:
-    """vLLM's completions for the case's requests, in request order, with sampled-token logprobs."""
-    from vllm import SamplingParams
-
-    params = [
-        SamplingParams(
-            n=1,
-            max_tokens=case.max_tokens,
-            temperature=case.temperature,
-            top_p=case.top_p,
-            top_k=case.top_k,
-            seed=request.seed,
-            logprobs=0,
-        )
-        for request in case.requests
-    ]
-    prompts = [{"prompt_token_ids": request.prompt_token_ids} for request in case.requests]
-    return llm.generate(prompts, params, use_tqdm=False)
-
-
-def load_reference(model_path: str):
-    """The transformers model in float32: the reference that the trainer would be."""
+def build_model() -> str:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GraniteMoeHybridConfig
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-
-
-def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[list[float]]:
-    """Teacher-forced float32 logprob of each completion token, for (prompt, completion) pairs."""
-    import torch
-
-    out: list[list[float]] = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        lengths = [len(p) + len(c) for p, c in chunk]
-        input_ids = torch.zeros((len(chunk), max(lengths)), dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ((prompt, completion), length) in enumerate(zip(chunk, lengths)):
-            input_ids[row, :length] = torch.tensor(prompt + completion)
-            attention_mask[row, :length] = 1
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        # Logits at position t predict token t+1.
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        for row, (prompt, completion) in enumerate(chunk):
-            first = len(prompt) - 1
-            out.append(logprobs[row, first : first + len(completion)].tolist())
-    return out
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GraniteMoeHybridConfig(**MODEL_CONFIG), dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)
+    path = tempfile.mkdtemp(prefix="repro-model-")
+    model.save_pretrained(path)
+    return path
 
 
-def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) -> Outcome:
-    """Sample the case on `llm` and, for a mismatch, compare with the reference token by token."""
+ENGINE_ARGS = {'dtype': 'bfloat16', 'max_num_batched_tokens': 64, 'disable_log_stats': False,
+    'enforce_eager': True, 'kv_cache_memory_bytes': 268435456}
+PROMPTS = [
+    # '? Answer with just the number. What is 9 * 14? Answer with just the number. What is 13 + 15? 
+    [47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 41, 1672, 216, 33, 36, 47, 19842, 351, 915,
+    260, 1230, 30, 1812, 314, 216, 33, 35, 1232, 216, 33, 37, 47, 19842, 351, 915, 260, 1230, 30,
+    1812, 314, 216, 33, 32, 731, 216, 41, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 33,
+    41, 1232, 216, 33, 38, 47, 19842, 351],
+]
+REQUESTS = [(0, 2096179276)]  # (prompt, seed) of each request, sampled in one generate call
+SAMPLING = {'max_tokens': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': -1}
+
+CRASH = ('RuntimeError', '_bookkeeping_sync')  # the failure: this exception, raised in this vLLM function
+
+
+def reproduce(args) -> tuple[str, str]:
+    import torch, transformers, vllm
+    from vllm import LLM, SamplingParams
+
+    print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
     try:
-        outputs = sample(llm, case)
-    except Exception as exc:  # the engine's exception is the result
-        return crash_outcome(exc)
-    outcome = Outcome(num_requests=len(outputs))
-    if expected.kind == "crash":
-        return outcome
-    completions = [out.outputs[0] for out in outputs]
-    sequences = [(list(out.prompt_token_ids), list(c.token_ids)) for out, c in zip(outputs, completions)]
-    diffs, flagged = [], []
-    for index, (out, completion, ref) in enumerate(zip(outputs, completions, reference_logprobs(reference, sequences))):
-        preemptions = int(out.metrics.num_preemptions) if out.metrics is not None else 0
-        cached = int(out.num_cached_tokens or 0)
-        outcome.num_preempted_requests += preemptions > 0
-        request_flagged = False
-        for position, (token_id, ref_logprob) in enumerate(zip(completion.token_ids, ref)):
-            vllm_logprob = completion.logprobs[position][token_id].logprob
-            diff = TokenDiff(index, position, token_id, vllm_logprob, ref_logprob, abs(vllm_logprob - ref_logprob), preemptions, cached)
-            diffs.append(diff)
-            if diff.abs_diff > expected.spike_threshold:
-                outcome.num_flagged += 1
-                request_flagged = True
-        if request_flagged:
-            flagged.append((preemptions, cached))
-    outcome.num_tokens = len(diffs)
-    outcome.max_abs_diff = max((d.abs_diff for d in diffs), default=0.0)
-    outcome.request_class = request_class(flagged)
-    outcome.worst = sorted(diffs, key=lambda d: -d.abs_diff)[:worst]
-    return outcome
-
-
-def environment() -> dict[str, str]:
-    """Versions and hardware a bug report needs."""
-    import torch
-    import transformers
-    import vllm
-
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {
-        "vllm": vllm.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": f"{cpu} ({os.cpu_count()} logical cores)",
-        "gpu": gpu,
-    }
-
-
-def print_outcome(outcome: Outcome, tokenizer=None) -> None:
-    """The verdict's evidence: the crash, or the worst tokens."""
-    print(f"outcome: {outcome.describe()}")
-    if outcome.worst:
-        print(f"{'req':>4} {'pos':>4} {'token':>14} {'vllm':>10} {'reference':>10} {'|diff|':>9} {'preempt':>7} {'cached':>6}")
-        for d in outcome.worst:
-            token = repr(tokenizer.decode([d.token_id])) if tokenizer is not None else str(d.token_id)
-            print(
-                f"{d.request:>4} {d.position:>4} {token[:14]:>14} {d.vllm_logprob:>10.4f} "
-                f"{d.reference_logprob:>10.4f} {d.abs_diff:>9.3g} {d.num_preemptions:>7} {d.num_cached_tokens:>6}"
-            )
-
-
-def main(case: Case, expected: Expected, argv: Optional[list[str]] = None) -> int:
-    """Run the case once on a fresh engine: 1 while the bug reproduces, 0 once it does not, 2 if it cannot run."""
-    parser = argparse.ArgumentParser(description="Exits 1 while the bug reproduces, 0 otherwise, 2 when it cannot run.")
-    parser.add_argument("--no-fault", action="store_true", help="run vLLM as shipped, without the planted fault")
-    parser.add_argument("--model", default=case.model, help=f"model directory or hub id (default {case.model})")
-    args = parser.parse_args(argv)
-    case.model = args.model
-    with_fault = case.fault is not None and not args.no_fault
-    started = time.perf_counter()
-    for key, value in environment().items():
-        print(f"{key}: {value}")
-    print(f"engine args: {case.engine_args}")
-    print(f"planted fault: {case.fault if with_fault else 'none'}")
-    print(f"expecting: {expected.describe()}", flush=True)
-    tokenizer = None
-    try:
-        llm = start_engine(case, with_fault)
+        llm = LLM(model=args.model or build_model(), skip_tokenizer_init=True, **ENGINE_ARGS)
+        params = [SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
+        llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in REQUESTS], params, use_tqdm=False)
     except Exception as exc:
-        if expected.kind != "crash":
-            print(f"cannot run: the engine did not start: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 2
-        outcome = crash_outcome(exc)
-    else:
-        reference = load_reference(case.model) if expected.kind == "mismatch" else None
-        outcome = run_case(llm, reference, case, expected)
-        tokenizer = llm.get_tokenizer()
-    print_outcome(outcome, tokenizer)
-    reproduced = same_failure(expected, outcome)
-    verdict = "REPRODUCED" if reproduced else "NOT REPRODUCED"
-    print(f"{verdict} in {time.perf_counter() - started:.1f} s", flush=True)
-    return 1 if reproduced else 0
+        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
+        if type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {CRASH[1]}\n" in trace):
+            return "REPRODUCED", f"{type(exc).__name__} in {CRASH[1]}: {exc}"
+        return "CANNOT RUN", f"not the {CRASH[0]} in {CRASH[1]} but {type(exc).__name__}: {exc}"
+    return "NOT REPRODUCED", f"generate returned {len(REQUESTS)} completion(s) without an error"
 
-
-# ---- the minimal case: f00-RuntimeError_vllm_v1_worker_gpu_worker.py_sample_tokens_vllm (1 prompts x 1 samples (1 requests), max_tokens 1, prompts <= 65 tokens, non-default knobs: max_num_batched_tokens)
-
-CASE = Case(
-    model='/root/.cache/rollout_lab/models/hybrid-tiny',
-    engine_args={'dtype': 'bfloat16', 'max_num_batched_tokens': 64, 'disable_log_stats': False, 'gpu_memory_utilization': 0.3, 'enforce_eager': True},
-    requests=[
-        # prompt 1: '? Answer with just the number. What is 9 * 14? Answer with just the number. What is 13 + 15? Answer with just the number. What is 10 - 9? A
-        Request(prompt_token_ids=[47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 41, 1672, 216, 33, 36, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 33, 35, 1232, 216, 33, 37, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 33, 32, 731, 216, 41, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 33, 41, 1232, 216, 33, 38, 47, 19842, 351], seed=2096179276, prompt_index=1, sample_index=0),
-    ],
-    max_tokens=1,
-    temperature=1.0,
-    top_p=1.0,
-    top_k=-1,
-    fault=None,
-    fault_params={},
-)
-
-EXPECTED = Expected(kind='crash', spike_threshold=1.5, crash_key='RuntimeError@vllm/v1/worker/gpu_worker.py:sample_tokens|vllm/v1/worker/gpu_model_runner.py:sample_tokens|vllm/v1/worker/gpu_model_runner.py:_bookkeeping_sync', request_class=None)
-
-# rollout_lab/crash.py, verbatim.
-CARRIED_SOURCES['crash'] = r'''"""Crash signatures: an engine exception turned into a record that can be compared and swept."""
-from __future__ import annotations
-
-import re
-import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Optional
-
-# How many of the innermost vLLM frames identify a crash site.
-SIGNATURE_FRAMES = 3
-
-
-@dataclass
-class CrashSignature:
-    """Exception type, first message line, and the innermost vLLM frames (file:function)."""
-
-    exception_type: str
-    message: str
-    vllm_frames: list[str] = field(default_factory=list)
-    phase: str = "generate"
-    step: Optional[int] = None
-    traceback: str = ""
-
-    @property
-    def key(self) -> str:
-        """What two crashes must share to count as the same bug: type and crash site."""
-        return f"{self.exception_type}@{'|'.join(self.vllm_frames) or 'no-vllm-frame'}"
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"key": self.key}
-
-
-class EngineCrash(RuntimeError):
-    """Raised by a sampler worker when its engine fails; picklable, so it crosses Ray."""
-
-    def __init__(self, signature: CrashSignature):
-        super().__init__(f"{signature.exception_type}: {signature.message}")
-        self.signature = signature
-
-    def __reduce__(self):
-        return (EngineCrash, (self.signature,))
-
-
-def _vllm_frame(filename: str, function: str) -> Optional[str]:
-    match = re.search(r"[/\\](vllm[/\\].*)$", filename)
-    if match is None:
-        return None
-    return f"{match.group(1).replace(chr(92), '/')}:{function}"
-
-
-def crash_signature(exc: BaseException, phase: str = "generate", step: Optional[int] = None) -> CrashSignature:
-    """Signature of an exception, looking through chained causes for the innermost vLLM frames."""
-    frames: list[str] = []
-    seen = set()
-    current: Optional[BaseException] = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        for frame in traceback.extract_tb(current.__traceback__):
-            name = _vllm_frame(frame.filename, frame.name)
-            if name is not None:
-                frames.append(name)
-        current = current.__cause__ or current.__context__
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return CrashSignature(
-        exception_type=type(exc).__name__,
-        message=message[:300],
-        vllm_frames=frames[-SIGNATURE_FRAMES:],
-        phase=phase,
-        step=step,
-        traceback="".join(traceback.format_exception(exc))[-8000:],
-    )
-'''
 
 if __name__ == "__main__":
-    sys.exit(main(CASE, EXPECTED))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model directory or hub id (default: the model above)")
+    args = parser.parse_args()
+    try:
+        verdict, why = reproduce(args)
+    except Exception as exc:  # anything unexpected is no verdict on the bug
+        traceback.print_exc()
+        verdict, why = "CANNOT RUN", f"{type(exc).__name__}: {exc}"
+    print(f"{verdict}: {why}".splitlines()[0], flush=True)
+    sys.exit({"REPRODUCED": 1, "NOT REPRODUCED": 0, "CANNOT RUN": 2}[verdict])

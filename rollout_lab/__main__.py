@@ -20,7 +20,8 @@ def print_summary(result, pressure=None) -> None:
     console.print(f"[bold {colour}]status: {result.status}[/] after {result.steps_completed} steps, {result.seconds:.0f} s")
     console.print(
         f"tokens: {result.num_tokens}  max |sampler-trainer|: {result.abs_diff_max:.3g}  "
-        f"mean: {result.abs_diff_mean:.3g}  spike fraction (> {result.spike_threshold:g}): {result.spike_fraction:.4f}"
+        f"mean: {result.abs_diff_mean:.3g}  spike fraction (> {result.spike_threshold:g}): {result.spike_fraction:.4f}  "
+        f"bitwise equal: {result.bitwise_equal_fraction:.1%}"
     )
     console.print(
         f"reward mean: {result.reward_mean:.3f}  preemptions: {result.preemptions:.0f}  "

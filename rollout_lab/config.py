@@ -50,6 +50,10 @@ class EngineConfig:
     # Record every scheduler step (requests, blocks, state slots, preemptions) through
     # rollout_lab's scheduler hook, joined onto the token table. Costs: scripts/bench_instrument.py.
     record_schedule: bool = True
+    # vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, set in the sampler's process before
+    # vLLM is imported): a request's logprobs do not depend on the batch. Promised on NVIDIA
+    # compute capability >= 8.0 only; `python -m rollout_lab.invariance` checks the promise.
+    batch_invariant: bool = False
     # Run the engine core inside the sampler actor's process (weight sync and our plugins need
     # no serialization); set true to use vLLM's separate engine-core process.
     multiprocessing: bool = False

@@ -47,6 +47,8 @@ class RunResult:
     abs_diff_max: float = 0.0
     abs_diff_mean: float = 0.0
     spike_fraction: float = 0.0
+    # Share of tokens whose sampler and trainer logprobs are bitwise equal (1.0: truly on-policy).
+    bitwise_equal_fraction: float = 0.0
     spike_threshold: float = 0.0
     spike_threshold_source: str = ""
     reward_mean: float = 0.0
@@ -215,6 +217,7 @@ def run(cfg: RunConfig) -> RunResult:
         if diffs.size:
             result.abs_diff_max, result.abs_diff_mean = float(diffs.max()), float(diffs.mean())
             result.spike_fraction = float(np.mean(diffs > threshold))
+            result.bitwise_equal_fraction = float(np.mean(diffs == 0.0))
         result.reward_mean = float(np.mean(all_rewards)) if all_rewards else 0.0
         result.seconds = time.perf_counter() - started
         summary = {k: v for k, v in asdict(result).items() if k not in ("crash",)}

@@ -34,6 +34,8 @@ def token_metrics(
         "abs_diff_mean": float(abs_diff.mean()),
         "abs_diff_max": float(abs_diff.max()),
         "abs_diff_p99": float(np.quantile(abs_diff, 0.99)),
+        # On-policy in the strict sense: sampler and trainer agree bitwise (batch-invariant RL).
+        "bitwise_equal_fraction": float(np.mean(log_ratio == 0.0)),
         "kl_k1": float(np.mean(-log_ratio)),
         "kl_k2": float(np.mean(0.5 * log_ratio**2)),
         "kl_k3": float(np.mean(ratio - 1.0 - log_ratio)),

@@ -76,6 +76,7 @@ class SamplerWorker:
     def __init__(self, cfg: RunConfig, worker_index: int, model_path: str):
         # Set before vLLM is imported: its env vars are read at import.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.engine.multiprocessing else "0"
+        os.environ["VLLM_BATCH_INVARIANT"] = "1" if cfg.engine.batch_invariant else "0"
         if cfg.engine.dtype == "float32":
             # vLLM's float32 attention on CUDA is Triton's (TRITON_ATTN), and Triton's tl.dot rounds
             # float32 inputs to TF32 unless told otherwise: |sampler - trainer| ~2e-3 per token

@@ -26,6 +26,7 @@ def test_metrics_match_hand_computation():
     # Sequence 0 max is 0.5, sequence 1 max is 0.2.
     assert m["sequence_max_mean"] == pytest.approx(0.35)
     assert m["sequences_with_spike_fraction"] == pytest.approx(0.5)
+    assert m["bitwise_equal_fraction"] == pytest.approx(1 / 3)
 
 
 def test_identical_logprobs_have_zero_divergence():
@@ -35,6 +36,7 @@ def test_identical_logprobs_have_zero_divergence():
     assert m["kl_k1"] == m["kl_k2"] == m["kl_k3"] == 0.0
     assert m["importance_ratio_min"] == m["importance_ratio_max"] == 1.0
     assert m["spike_fraction"] == 0.0
+    assert m["bitwise_equal_fraction"] == 1.0
 
 
 def test_shape_mismatch_is_an_error():

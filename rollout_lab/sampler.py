@@ -7,20 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollout_lab import faults
+from rollout_lab import compat, faults
 from rollout_lab.config import RunConfig, fault_params
 from rollout_lab.crash import EngineCrash, crash_signature
 from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, token_facts
 from rollout_lab.records import RolloutBatch, Sample
 
-COUNTER_METRICS = {
-    "vllm:num_preemptions": "preemptions",
-    "vllm:prefix_cache_queries": "prefix_cache_queries",
-    "vllm:prefix_cache_hits": "prefix_cache_hits",
-    "vllm:prompt_tokens": "prompt_tokens",
-    "vllm:generation_tokens": "generation_tokens",
-}
-GAUGE_METRICS = {"vllm:kv_cache_usage_perc": "kv_cache_usage"}
 
 
 
@@ -114,7 +106,7 @@ class SamplerWorker:
         """Seconds the engine took to start; raises EngineCrash if it failed to start."""
         if self.start_crash is not None:
             raise EngineCrash(self.start_crash)
-        self.counters_before = self._counters()
+        self.counters_before = compat.engine_metrics(self.llm)
         return self.start_seconds
 
     def generate(self, step: int, prompts: list[PromptRequest]) -> RolloutBatch:
@@ -161,8 +153,7 @@ class SamplerWorker:
                     token_ids=token_ids,
                     sampler_logprobs=logprobs,
                     num_cached_tokens=int(out.num_cached_tokens or 0),
-                    # vLLM 0.25 (GPU) keeps no per-request preemption count; vLLM CPU 0.32 does.
-                    num_preemptions=int(getattr(out.metrics, "num_preemptions", -1)),
+                    num_preemptions=compat.preemptions_of(out),
                     finish_reason=completion.finish_reason,
                     text=completion.text,
                 )
@@ -201,21 +192,16 @@ class SamplerWorker:
         )[0]
         return [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], token_ids[1:], strict=True)]
 
-    def _counters(self) -> dict[str, float]:
-        values: dict[str, float] = {}
-        for metric in self.llm.get_metrics():
-            name = COUNTER_METRICS.get(metric.name) or GAUGE_METRICS.get(metric.name)
-            if name is not None and hasattr(metric, "value"):
-                values[name] = values.get(name, 0.0) + float(metric.value)
-        return values
-
     def _step_stats(self) -> dict[str, float]:
-        """Counter deltas since the last call (what this step did) and current gauges."""
-        now = self._counters()
+        """Counter deltas since the last call (what this step did) and current gauges; a metric this
+        vLLM does not report is left out (unknown), not 0."""
+        now = compat.engine_metrics(self.llm)
         stats = {}
-        for name in COUNTER_METRICS.values():
-            stats[name] = now.get(name, 0.0) - self.counters_before.get(name, 0.0)
-        for name in GAUGE_METRICS.values():
-            stats[name] = now.get(name, 0.0)
+        for name in compat.COUNTER_METRICS.values():
+            if name in now:
+                stats[name] = now[name] - self.counters_before.get(name, 0.0)
+        for name in compat.GAUGE_METRICS.values():
+            if name in now:
+                stats[name] = now[name]
         self.counters_before = now
         return stats

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rollout_lab import compat
+
 # numpy has no bfloat16: such tensors travel as their int16 bit pattern.
 _BITCAST = {torch.bfloat16: torch.int16}
 
@@ -40,5 +42,5 @@ class WeightSyncExtension:
 
     def rl_load_weights(self, encoded: list) -> int:
         """Load encoded (name, dtype, array) weights through vLLM's in-place reload."""
-        self.model_runner.reload_weights(weights_iterator=decode(encoded), is_checkpoint_format=True)
+        compat.reload_weights(self.model_runner, decode(encoded))
         return len(encoded)

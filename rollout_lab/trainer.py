@@ -38,6 +38,12 @@ class Trainer:
         torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        if cfg.batch_invariant:
+            if self.device.type != "cuda":
+                raise ValueError(f"trainer.batch_invariant needs a CUDA device (vLLM's batch-invariant kernels are Triton), not {self.device}")
+            from rollout_lab import compat
+
+            compat.enable_batch_invariant_mode()
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, foreach=True)

@@ -9,9 +9,12 @@ number and never from a try/except around the call that needs it. What differs, 
 - per-request preemption counts (`RequestOutput.metrics.num_preemptions`): kept from vLLM 0.31
   on; before that the count is unknown (None), never 0;
 - engine metric names (`LLM.get_metrics()`), mapped to the lab's names;
-- the model runner: the v1 runner (CPU, and CUDA before model runner v2) keeps a persistent batch
-  (`input_batch`) whose rows are the step's requests; model runner v2 (vLLM 0.25 on CUDA) keeps none;
-- the in-place weight reload entry point (`model_runner.reload_weights(weights_iterator=...)`).
+- the in-place weight reload entry point (`model_runner.reload_weights(weights_iterator=...)`);
+- where the batch-invariant kernels live.
+
+One exception, by design: faults.py is carried verbatim into emitted repro.py scripts, which import
+nothing of rollout_lab, so it keeps its own probe of the model runner (the v1 runner, on CPU, keeps
+a persistent batch `input_batch`; model runner v2, vLLM 0.25 on CUDA, keeps none).
 """
 from __future__ import annotations
 
@@ -104,23 +107,6 @@ def engine_metrics(llm) -> dict[str, float]:
     return values
 
 
-def persistent_batch_req_ids(model_runner) -> Optional[list]:
-    """Request ids of the persistent batch's rows, in row order (v1 model runner: CPU, and CUDA
-    before model runner v2); None where the runner keeps no persistent batch (model runner v2)."""
-    batch = getattr(model_runner, "input_batch", None)
-    return None if batch is None else list(batch.req_ids)
-
-
-def attention_metadata_builders(model_runner) -> list[tuple[int, object]]:
-    """(KV cache group id, attention metadata builder) of every attention group of the runner."""
-    return [
-        (group.kv_cache_group_id, builder)
-        for groups in model_runner.attn_groups
-        for group in groups
-        for builder in group.metadata_builders
-    ]
-
-
 @functools.cache
 def _reload_takes_iterator(runner_class: type) -> bool:
     reload = getattr(runner_class, "reload_weights", None)
@@ -139,7 +125,6 @@ def reload_weights(model_runner, weights: Iterable) -> None:
             "is_checkpoint_format=...) is missing; in-place weight sync needs a vLLM that has it (0.25 or later)"
         )
     model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-
 
 
 # Where vLLM keeps its batch-invariant kernels and the aten overrides that switch them on.

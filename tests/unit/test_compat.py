@@ -66,9 +66,3 @@ def test_a_runner_without_in_place_reload_is_refused_with_the_release_named():
 
     with pytest.raises(RuntimeError, match=f"vLLM {vllm.__version__}.*OldRunner.reload_weights"):
         compat.reload_weights(OldRunner(), iter([]))
-
-
-def test_persistent_batch_rows_or_none():
-    runner_v1 = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b", None]))
-    assert compat.persistent_batch_req_ids(runner_v1) == ["a", "b", None]
-    assert compat.persistent_batch_req_ids(SimpleNamespace()) is None

@@ -7,8 +7,7 @@ Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCE
 """
 import argparse, os, platform, sys, tempfile, traceback
 
-# The engine core in this process: its exceptions reach this script.
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its exceptions reach us
 
 # The model: rollout_lab's mamba2-tiny, a Mamba2Config with seeded random weights, rebuilt here
 # (no tokenizer: prompts are token ids); its head widened so logits spread like a trained model's.
@@ -20,13 +19,11 @@ MODEL_CONFIG = {'num_heads': 8, 'vocab_size': 49152, 'hidden_size': 256, 'state_
 def build_model() -> str:
     import torch
     from transformers import AutoModelForCausalLM, Mamba2Config
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(Mamba2Config(**MODEL_CONFIG), dtype=torch.float32)
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)
-    path = tempfile.mkdtemp(prefix="repro-model-")
-    model.save_pretrained(path)
+    model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
     return path
 
 
@@ -45,7 +42,6 @@ CRASH = ('IndexError', 'conv_ssm_forward')  # the failure: this exception, raise
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
     from vllm import LLM, SamplingParams
-
     print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
     try:
         llm = LLM(model=args.model or build_model(), skip_tokenizer_init=True, **ENGINE_ARGS)
@@ -62,9 +58,8 @@ def reproduce(args) -> tuple[str, str]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory or hub id (default: the model above)")
-    args = parser.parse_args()
     try:
-        verdict, why = reproduce(args)
+        verdict, why = reproduce(parser.parse_args())
     except Exception as exc:  # anything unexpected is no verdict on the bug
         traceback.print_exc()
         verdict, why = "CANNOT RUN", f"{type(exc).__name__}: {exc}"

@@ -135,6 +135,7 @@ FAULT_DEFAULTS = {
     "index_overflow": {"threshold": 16, "stride": 1},
     "logit_noise": {"scale": 0.05, "seed": 0},
     "engine_crash": {"at_step": 3},
+    "batch_threshold": {"min_batch": 4, "scale": 0.1, "seed": 0},
 }
 
 

@@ -19,6 +19,12 @@ Planted faults (ground truth for the lab's own detectors):
                  threshold go wrong, so failures track cache size and the number of blocks in use.
   logit_noise    Gaussian noise of std `scale` on every logit of every request: a magnitude-only
                  perturbation whose structure depends on nothing (the negative control).
+  batch_threshold
+                 Trigger: an engine step schedules >= `min_batch` requests at once. Gaussian noise
+                 of std `scale` on every logit of every request in that step; steps with fewer
+                 requests are exact. Silent, and switched on by batch size: clean while
+                 max_num_seqs < min_batch, failing once the scheduler may run min_batch requests
+                 together (and as long as enough requests are in flight).
   engine_crash   Raises RuntimeError in the forward pass at engine step `at_step`: a real
                  exception inside the engine, for crash capture and crash minimization.
 """
@@ -43,6 +49,7 @@ class _FaultState:
     def __init__(self, runner, name: str, params: dict):
         self.runner, self.name, self.params = runner, name, params
         self.step = 0
+        self.batch_size = 0  # requests scheduled in the current engine step
         self.block_rows: dict[str, tuple[list[int], ...]] = {}  # req -> blocks per group, this life
         self.stale_rows: dict[str, tuple[list[int], ...]] = {}  # req -> blocks before its preemption
         self.generator = torch.Generator(device="cpu").manual_seed(int(params.get("seed", 0)))
@@ -133,6 +140,7 @@ def install(worker, name: str, params: dict) -> str:
 
     def observed_execute_model(scheduler_output, *args, **kwargs):
         state.observe(scheduler_output)
+        state.batch_size = len(scheduler_output.num_scheduled_tokens)
         if name == "engine_crash" and state.step == int(params["at_step"]):
             raise RuntimeError(f"planted engine_crash at engine step {state.step}")
         state.step += 1
@@ -141,13 +149,13 @@ def install(worker, name: str, params: dict) -> str:
     runner.execute_model = observed_execute_model
     if name in ("stale_state", "index_overflow"):
         _wrap_builders(runner, state)
-    if name == "logit_noise":
+    if name in ("logit_noise", "batch_threshold"):
         model = runner.model
         compute_logits = model.compute_logits
 
         def noisy_compute_logits(*args, **kwargs):
             logits = compute_logits(*args, **kwargs)
-            if logits is None:
+            if logits is None or (name == "batch_threshold" and state.batch_size < int(params["min_batch"])):
                 return logits
             noise = torch.randn(logits.shape, generator=state.generator, dtype=torch.float32)
             return logits + float(params["scale"]) * noise.to(logits.device, logits.dtype)

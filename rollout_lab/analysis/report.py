@@ -1,6 +1,7 @@
 """The sweep report: a sweep dir in; SWEEP_REPORT.md, sweep_report.json, plots and a W&B run out.
 
-    <sweep_dir>/SWEEP_REPORT.md              ranked verdicts, run signatures, broken runs, all tests
+    <sweep_dir>/SWEEP_REPORT.md              ranked verdicts with a sentence each and the next sweep,
+                                             run signatures, runs not run (refused by vLLM), broken runs, all tests
     <sweep_dir>/sweep_report.json            the same as data
     <sweep_dir>/analysis/<variable>-<feature>.png   each moved feature against its variable
     <sweep_dir>/analysis/wandb/offline-run-* the report in W&B, grouped with the sweep's runs
@@ -15,6 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from rollout_lab.analysis.outcome import fmt_value, next_sweep_command
 from rollout_lab.analysis.signature import BrokenRun, RunSignature, read_sweep
 from rollout_lab.analysis.verdict import (
     ALPHA,
@@ -41,9 +43,13 @@ class SweepReport:
 
     sweep_dir: str
     runs: list[RunSignature]
+    # Runs vLLM refused to start: listed apart, in no test.
+    not_run: list[RunSignature]
     broken: list[BrokenRun]
     variables: dict[str, list[Any]]
     verdicts: list[VariableVerdict]
+    # The command of the next sweep per variable with a threshold.
+    next_sweeps: dict[str, str] = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
     wandb_dir: Optional[str] = None
 
@@ -51,8 +57,9 @@ class SweepReport:
         return {
             "sweep_dir": self.sweep_dir,
             "variables": self.variables,
-            "verdicts": [v.to_dict() for v in self.verdicts],
+            "verdicts": [v.to_dict() | {"next_sweep": self.next_sweeps.get(v.variable)} for v in self.verdicts],
             "runs": [r.to_dict() for r in self.runs],
+            "not_run": [r.to_dict() for r in self.not_run],
             "broken": [asdict(b) for b in self.broken],
             "plots": self.plots,
             "wandb_dir": self.wandb_dir,
@@ -68,10 +75,11 @@ def analyze_sweep(sweep_dir: Path, seed: int = 0, wandb_mode: Optional[str] = No
     if not sweep_dir.is_dir():
         raise SweepDirError(f"sweep dir {sweep_dir} does not exist")
     sweep = read_sweep(sweep_dir)
-    if not sweep.runs and not sweep.broken:
+    if not sweep.runs and not sweep.not_run and not sweep.broken:
         raise SweepDirError(f"sweep dir {sweep_dir} holds no run (no numbered job dir, no multirun.yaml)")
-    verdicts = variable_verdicts(sweep.runs, seed)
-    report = SweepReport(str(sweep_dir), sweep.runs, sweep.broken, {v.variable: v.values for v in verdicts}, verdicts)
+    verdicts = variable_verdicts(sweep.runs, seed, sweep.not_run)
+    report = SweepReport(str(sweep_dir), sweep.runs, sweep.not_run, sweep.broken, {v.variable: v.values for v in verdicts}, verdicts)
+    report.next_sweeps = {v.variable: next_sweep_command(v.variable, v.next_values, sweep.overrides) for v in verdicts if v.next_values}
     report.plots = plot_moved(report, sweep_dir / PLOT_DIR)
     (sweep_dir / REPORT_FILE).write_text(markdown(report))
     mode = wandb_mode or _runs_value(report.runs, "logger.mode", "offline")
@@ -87,11 +95,7 @@ def _runs_value(runs: list[RunSignature], key: str, default: Any) -> Any:
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
+    return "-" if value is None else fmt_value(value)
 
 
 def _where(run: RunSignature) -> str:
@@ -105,7 +109,7 @@ def verdict_rows(report: SweepReport) -> list[list[str]]:
     for v in report.verdicts:
         head = v.headline
         test = [head.feature, head.test, _fmt(head.statistic), _fmt(head.p_adjusted), f"{head.effect_name} {head.effect_size:.3g}"] if head else ["-"] * 5
-        rows.append([v.variable, v.verdict, *test, ", ".join(t.feature for t in v.moved) or "-"])
+        rows.append([v.variable, v.verdict, v.sentence, *test, ", ".join(t.feature for t in v.moved) or "-"])
     return rows
 
 
@@ -117,20 +121,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-VERDICT_HEADER = ["variable", "verdict", "headline feature", "test", "statistic", "p (Holm)", "effect", "features that moved"]
+VERDICT_HEADER = ["variable", "verdict", "what it means", "headline feature", "test", "statistic", "p (Holm)", "effect", "features that moved"]
 
 
 def markdown(report: SweepReport) -> str:
     """SWEEP_REPORT.md: what a person reads after a sweep."""
     out = [f"# Sweep report: {report.sweep_dir}", ""]
     swept = "; ".join(f"`{k}` = " + ", ".join(map(_fmt, v)) for k, v in report.variables.items())
-    out.append(f"{len(report.runs)} runs analyzed, {len(report.broken)} not analyzed. Swept: {swept or 'nothing varies between the runs'}.")
+    out.append(f"{len(report.runs)} runs analyzed, {len(report.not_run)} not run (refused by vLLM), {len(report.broken)} not analyzed. "
+               f"Swept: {swept or 'nothing varies between the runs that ran'}.")
     out += ["", "## Verdicts, strongest first", ""]
-    if not report.verdicts:
+    if report.not_run and not report.runs:
+        out.append("Every point was refused by vLLM at start: no run, no verdict (see Not run).")
+    elif not report.verdicts:
         out.append("Nothing to judge: no config key differs between the runs that could be analyzed.")
     out += [_table(VERDICT_HEADER, verdict_rows(report)), ""]
     for v in report.verdicts:
-        out.append(f"- `{v.variable}`: **{v.verdict}**: {v.reason}")
+        out.append(f"- `{v.variable}`: **{v.verdict}**: {v.sentence} ({v.reason})")
+        if v.variable in report.next_sweeps:
+            out.append(f"  Next sweep, between {_fmt(v.threshold[0])} and {_fmt(v.threshold[1])}: `{report.next_sweeps[v.variable]}`")
     out += ["", "## Failure signature per run", ""]
     header = ["run", *report.variables, "status", "outcome", "crash", "spike rate", "|diff| p50", "p99", "max",
               "requests affected", "first spike step", "top-10% share", "spikes fall at"]
@@ -142,6 +151,11 @@ def markdown(report: SweepReport) -> str:
                      _fmt(run.spike_rate), _fmt(q.get("p50")), _fmt(q.get("p99")), _fmt(q.get("max")),
                      _fmt(run.affected_request_share), _fmt(run.first_spike_step), _fmt(run.spike_concentration), _where(run)])
     out += [_table(header, rows), ""]
+    if report.not_run:
+        out += ["## Not run: configurations vLLM refused at start", "",
+                "Left out of every test: there is no result, only vLLM's reason.", "",
+                _table(["run", *report.variables, "vLLM's reason"],
+                       [[r.name, *(_fmt(r.config.get(k)) for k in report.variables), r.refusal or "-"] for r in report.not_run]), ""]
     if report.broken:
         out += ["## Runs not analyzed", "", _table(["run", "run dir", "problem"], [[b.name, b.run_dir, b.problem] for b in report.broken]), ""]
     out += ["## Every test", ""]
@@ -159,9 +173,12 @@ def markdown(report: SweepReport) -> str:
     out += ["## How to read this", "",
             "A feature moved when its Holm-adjusted p-value is below "
             f"{ALPHA} and its effect reaches the minimum ({', '.join(f'{k} {v}' for k, v in MIN_EFFECT.items())}). "
-            "Structure features (crash signatures, the shape of log |difference| after standardizing each run, "
+            "Structure features (the outcome class of each run: clean, silent mismatch, sync mismatch, crash by its key; "
+            "the shape of log |difference| after standardizing each run, "
             "where the larger differences fall, the share of requests affected) say the variable changes where and how "
-            "runs fail; magnitude features (per-request max |difference|, spike rate) say it changes only how much. "
+            "runs fail; a variable whose values move runs between outcome classes switches the failure, and its threshold "
+            "lies between the last value of one class and the first of the next. "
+            "Magnitude features (per-request max |difference|, spike rate) say it changes only how much. "
             "Method: rollout_lab/analysis/verdict.py.", ""]
     return "\n".join(out)
 
@@ -169,13 +186,14 @@ def markdown(report: SweepReport) -> str:
 def print_report(report: SweepReport) -> None:
     """The ranked verdict table and the broken runs, on the console."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"sweep {report.sweep_dir}: {len(report.runs)} runs, {len(report.broken)} not analyzed")
-    colour = {"structural": "red", "magnitude-only": "yellow", "none": "green"}
+    table = Table(title=f"sweep {report.sweep_dir}: {len(report.runs)} runs, {len(report.not_run)} not run, {len(report.broken)} not analyzed")
+    colour = {"structural": "red", "magnitude-only": "yellow", "none": "green", "no verdict": "dim"}
     # The test's name and statistic are in SWEEP_REPORT.md; the console keeps to 80 columns.
-    columns = {0: "variable", 1: "verdict", 2: "strongest", 5: "p Holm", 6: "effect"}
+    columns = {0: "variable", 1: "verdict", 3: "strongest", 6: "p Holm", 7: "effect"}
     for name in columns.values():
         table.add_column(name, no_wrap=True)
     rows = verdict_rows(report)
@@ -185,7 +203,11 @@ def print_report(report: SweepReport) -> None:
         table.add_row(*cells)
     console.print(table)
     for row in rows:
-        console.print(f"{row[0]} moved: {row[7]}")
+        console.print(f"{row[0]}: {row[2]} (moved: {row[8]})", soft_wrap=True, markup=False)
+        if row[0] in report.next_sweeps:
+            console.print(f"  next sweep: {report.next_sweeps[row[0]]}", soft_wrap=True, markup=False)
+    for r in report.not_run:
+        console.print(f"[yellow]not run[/] run {r.name}: vLLM refused it: {escape(r.refusal or '')}", soft_wrap=True)
     for b in report.broken:
         console.print(f"[red]not analyzed[/] run {b.name}: {b.problem}")
     console.print(f"report: {Path(report.sweep_dir) / REPORT_FILE}")
@@ -210,10 +232,10 @@ def plot_moved(report: SweepReport, out_dir: Path) -> list[str]:
         tokens = grouped_tokens(groups)
         labels = [_fmt(v) for v in verdict.values]
         for test in verdict.moved:
-            location = test.feature not in ("crash", "shape", "magnitude", "spike_rate", "affected_requests")
+            location = test.feature not in ("outcome", "shape", "magnitude", "spike_rate", "affected_requests")
             fig, axes = plt.subplots(1, 2 if location else 1, figsize=(10.0 if location else 6.4, 4.0), squeeze=False)
-            if test.feature == "crash":
-                _plot_crash(axes[0, 0], groups, labels)
+            if test.feature == "outcome":
+                _plot_outcome(axes[0, 0], groups, labels)
             elif test.feature == "shape":
                 _plot_shape(axes[0, 0], tokens, labels)
             elif location:
@@ -235,11 +257,11 @@ def plot_moved(report: SweepReport, out_dir: Path) -> list[str]:
     return paths
 
 
-def _plot_crash(ax, groups: list[list[RunSignature]], labels: list[str]) -> None:
-    ends = sorted({run.end for runs in groups for run in runs})
+def _plot_outcome(ax, groups: list[list[RunSignature]], labels: list[str]) -> None:
+    ends = sorted({run.label for runs in groups for run in runs})
     bottom = np.zeros(len(groups))
     for end in ends:
-        counts = np.array([sum(run.end == end for run in runs) for runs in groups])
+        counts = np.array([sum(run.label == end for run in runs) for runs in groups])
         ax.bar(np.arange(len(labels)), counts, bottom=bottom, label=end[:60])
         bottom += counts
     ax.set_xticks(np.arange(len(labels)), labels)
@@ -312,14 +334,16 @@ def log_wandb(report: SweepReport, mode: str) -> Optional[str]:
     runs = wandb.Table(
         columns=["run", "status", "outcome", "crash_key", "spike_rate", "abs_diff_max", "affected_request_share", "first_spike_step"],
         data=[[r.name, r.status, r.outcome, r.crash_key, r.spike_rate, r.abs_diff_quantiles.get("max"), r.affected_request_share,
-               r.first_spike_step] for r in report.runs],
+               r.first_spike_step] for r in [*report.runs, *report.not_run]],
     )
     payload: dict[str, Any] = {"sweep/verdicts": verdicts, "sweep/runs": runs}
     payload |= {f"sweep/plots/{Path(p).stem}": wandb.Image(p) for p in report.plots}
     run.log(payload)
     for v in report.verdicts:
         run.summary[f"verdict/{v.variable}"] = v.verdict
+        run.summary[f"sentence/{v.variable}"] = v.sentence
     run.summary["runs_analyzed"], run.summary["runs_broken"] = len(report.runs), len(report.broken)
+    run.summary["runs_not_run"] = len(report.not_run)
     wandb_dir = str(Path(run.dir).parent)
     run.finish()
     return wandb_dir

@@ -1,9 +1,10 @@
 """Failure signatures: one run dir in, a RunSignature out; a sweep dir in, its runs and broken runs out.
 
-A signature says how a run failed: the crash signature if the engine raised, else how often
-and how badly tokens disagreed (spike rate, |difference| quantiles) and where the spikes fell
-(position, step, sample, request, worker, KV block, state slot). It also keeps the per-token
-table the sweep statistics need.
+A signature says how a run failed: its outcome class (outcome.py: clean, silent mismatch, sync
+mismatch, crash, or not run when vLLM refused its configuration), the crash signature if the
+engine raised, how often and how badly tokens disagreed (spike rate, |difference| quantiles) and
+where the spikes fell (position, step, sample, request, worker, KV block, state slot). It also
+keeps the per-token table the sweep statistics need.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from rollout_lab.analysis.outcome import CLEAN, NOT_RUN, outcome_class, outcome_label, vllm_refusal
 from rollout_lab.records import RecordsError, read_records
 
 # Per-token columns a spike can be located by (null columns are skipped: instrumentation off).
@@ -63,33 +65,28 @@ class RunSignature:
     first_spike_step: Optional[int] = None
     spike_concentration: float = 0.0
     where: list[SpikeSpread] = field(default_factory=list)
+    # clean | silent mismatch | sync mismatch | crash | not run (outcome.py)
+    outcome: str = CLEAN
+    # Not run: vLLM's reason for refusing the configuration.
+    refusal: Optional[str] = None
     # One row per token: request, the LOCATION_FEATURES, abs_diff, spike.
     tokens: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     @property
-    def end(self) -> str:
-        """How the run ended: its crash key, a weight-sync mismatch, or no crash."""
-        if self.crash_key is not None:
-            return self.crash_key
-        return "weight-sync mismatch" if self.status == "sync_mismatch" else "no crash"
+    def label(self) -> str:
+        """The outcome as runs are compared: the class, with the crash site for a crash."""
+        return outcome_label(self.outcome, self.crash_key)
 
     @property
     def failed(self) -> bool:
         """A crash, a weight-sync mismatch, or a token above the spike threshold."""
-        return self.end != "no crash" or self.num_spikes > 0
-
-    @property
-    def outcome(self) -> str:
-        """crash, silent (tokens above the spike threshold) or clean."""
-        if self.crash_key is not None:
-            return "crash"
-        return "silent" if self.num_spikes else "clean"
+        return self.outcome not in (CLEAN, NOT_RUN)
 
     def to_dict(self) -> dict:
         """Everything but the token table, for JSON."""
         out = asdict(self)
         out.pop("tokens")
-        return out | {"outcome": self.outcome}
+        return out | {"label": self.label}
 
 
 @dataclass
@@ -103,11 +100,14 @@ class BrokenRun:
 
 @dataclass
 class SweepRuns:
-    """A sweep dir read back: the analyzable runs and the ones reported as broken."""
+    """A sweep dir read back: the runs with a result, those vLLM refused to start, the broken ones."""
 
     sweep_dir: str
     runs: list[RunSignature]
+    not_run: list[RunSignature]
     broken: list[BrokenRun]
+    # The sweep's command-line overrides (multirun.yaml), for the next sweep's command.
+    overrides: list[str] = field(default_factory=list)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -162,6 +162,7 @@ def run_signature(run_dir: Path, name: Optional[str] = None) -> RunSignature:
         raise RunError("summary.json has no spike_threshold")
     threshold = float(summary["spike_threshold"])
     crash = summary.get("crash") or {}
+    refusal = vllm_refusal(run_dir, crash) if summary.get("status") == "crash" else None
     tokens = token_frame(run_dir, threshold)
     signature = RunSignature(
         name=name or run_dir.name,
@@ -173,8 +174,10 @@ def run_signature(run_dir: Path, name: Optional[str] = None) -> RunSignature:
         crash_key=crash.get("key") if summary.get("status") == "crash" else None,
         crash_message=crash.get("message") if summary.get("status") == "crash" else None,
         crash_step=crash.get("step") if summary.get("status") == "crash" else None,
+        refusal=refusal,
         tokens=tokens,
     )
+    signature.outcome = outcome_class(signature.status, int(tokens["spike"].sum()) if not tokens.empty else 0, refusal is not None)
     if tokens.empty:
         return signature
     abs_diff = tokens["abs_diff"].to_numpy()
@@ -199,25 +202,26 @@ def run_signature(run_dir: Path, name: Optional[str] = None) -> RunSignature:
     return signature
 
 
-def _planned_jobs(sweep_dir: Path) -> list[str]:
-    """Job dir names Hydra planned for this sweep (from multirun.yaml), or [] if it cannot tell."""
+def _multirun(sweep_dir: Path) -> tuple[list[str], list[str]]:
+    """From multirun.yaml: (job dir names Hydra planned, the sweep's task overrides); ([], []) if it cannot tell."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     path = sweep_dir / "multirun.yaml"
     if not path.exists():
-        return []
+        return [], []
     try:
         hydra = OmegaConf.to_container(OmegaConf.load(path).hydra, resolve=False)
+        task = [str(o) for o in hydra["overrides"]["task"]]
         if hydra["sweep"]["subdir"] != "${hydra.job.num}":
-            return []
+            return [], task
         params = [f"{k}={v}" for k, v in (hydra["sweeper"].get("params") or {}).items()]
-        overrides = OverridesParser.create().parse_overrides(params + list(hydra["overrides"]["task"]))
+        overrides = OverridesParser.create().parse_overrides(params + task)
         batches = BasicSweeper.split_arguments(overrides, None)
     except Exception:  # a damaged multirun.yaml: fall back to the job dirs that exist
-        return []
-    return [str(i) for i in range(sum(len(batch) for batch in batches))]
+        return [], []
+    return [str(i) for i in range(sum(len(batch) for batch in batches))], task
 
 
 def _looks_like_run(path: Path) -> bool:
@@ -225,13 +229,16 @@ def _looks_like_run(path: Path) -> bool:
 
 
 def read_sweep(sweep_dir: Path) -> SweepRuns:
-    """Every run of a sweep dir: planned ones (multirun.yaml) and present ones; broken ones reported."""
+    """Every run of a sweep dir: planned ones (multirun.yaml) and present ones; refused and broken ones apart."""
     sweep_dir = Path(sweep_dir)
-    names = set(_planned_jobs(sweep_dir)) | {p.name for p in sweep_dir.iterdir() if _looks_like_run(p)}
-    runs, broken = [], []
+    planned, overrides = _multirun(sweep_dir)
+    names = set(planned) | {p.name for p in sweep_dir.iterdir() if _looks_like_run(p)}
+    runs, not_run, broken = [], [], []
     for name in sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)):
         try:
-            runs.append(run_signature(sweep_dir / name, name))
+            signature = run_signature(sweep_dir / name, name)
         except RunError as exc:
             broken.append(BrokenRun(name, str(sweep_dir / name), str(exc)))
-    return SweepRuns(str(sweep_dir), runs, broken)
+            continue
+        (not_run if signature.outcome == NOT_RUN else runs).append(signature)
+    return SweepRuns(str(sweep_dir), runs, not_run, broken, overrides)

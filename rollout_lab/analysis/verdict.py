@@ -3,8 +3,10 @@
 For each swept variable the runs are grouped by its value and every feature below is tested
 across the groups (scipy; permutations where no closed form fits):
 
-  structure  crash      how runs end: crash signature, weight-sync mismatch or no crash (seeded
-                        runs: compared as facts, no p-value)
+  structure  outcome    how runs end, by outcome class (outcome.py): clean, silent mismatch,
+                        sync mismatch, crash by its key; compared as facts, no p-value. A value
+                        that moves runs between classes switches the failure on, off or into
+                        another class: the verdict names the threshold (Switch.sentence)
              shape      KS on log10 |difference| standardized per run (median, IQR): scaling every
                         difference by a factor leaves it unchanged, a changed mix of failing and
                         clean tokens does not
@@ -27,23 +29,26 @@ p-values are Holm-adjusted over every test in the sweep: a verdict rests on any 
 moving, so the family-wise error is what must stay at ALPHA. A feature moved when its adjusted
 p < ALPHA and its effect reaches MIN_EFFECT (thousands of tokens make tiny effects significant).
 Verdict: structural if a structure feature moved, else magnitude-only if a magnitude feature
-moved, else none; none as well when no run failed at all.
+moved, else none; none as well when no run failed at all. Runs vLLM refused to start (not run)
+enter no test; a variable with fewer than two values that ran gets no verdict. Each verdict
+carries one sentence a user can act on, and for a threshold the values the next sweep should try.
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from rollout_lab.analysis.outcome import Switch, fmt_value, values_between
 from rollout_lab.analysis.signature import LOCATION_FEATURES, RunSignature
 
 STRUCTURE, MAGNITUDE = "structure", "magnitude"
-STRUCTURAL, MAGNITUDE_ONLY, NONE = "structural", "magnitude-only", "none"
+STRUCTURAL, MAGNITUDE_ONLY, NONE, NO_VERDICT = "structural", "magnitude-only", "none", "no verdict"
 ALPHA = 0.05
 # Smallest effect that counts as a move, per effect measure (Cohen-style "small to medium").
 MIN_EFFECT = {"D": 0.15, "eta^2": 0.02, "Cramer's V": 0.2, "|rho|": 0.2, "epsilon^2": 0.04}
@@ -79,9 +84,18 @@ class VariableVerdict:
     """The verdict on one swept variable, with every test behind it."""
 
     variable: str
+    # The values that ran, in order; not_run: the values vLLM refused, with its reason.
     values: list[Any]
     verdict: str = NONE
     reason: str = ""
+    # One plain sentence a user can act on.
+    sentence: str = ""
+    # Ordered variables that switch outcome class: (last value before, first after) and whether
+    # the switch happens once only; next_values: what to sweep between them.
+    threshold: Optional[tuple[Any, Any]] = None
+    monotone: Optional[bool] = None
+    next_values: list[Any] = field(default_factory=list)
+    not_run: dict[str, str] = field(default_factory=dict)
     tests: list[FeatureTest] = field(default_factory=list)
 
     @property
@@ -164,15 +178,24 @@ def grouped_tokens(groups: list[list[RunSignature]]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _crash_test(groups: list[list[RunSignature]]) -> Optional[FeatureTest]:
-    # Clean versus silent is left to the token features: a smaller magnitude can make it too.
-    ends = [[run.end for run in runs] for runs in groups]
+def value_labels(groups: list[list[RunSignature]]) -> list[str]:
+    """Per value, how its runs ended: their common outcome label, or "mixed (a, b)"."""
+    labels = []
+    for runs in groups:
+        own = sorted({run.label for run in runs})
+        labels.append(own[0] if len(own) == 1 else f"mixed ({', '.join(own)})")
+    return labels
+
+
+def _outcome_test(groups: list[list[RunSignature]]) -> Optional[FeatureTest]:
+    ends = [[run.label for run in runs] for runs in groups]
     labels = sorted({end for group in ends for end in group})
-    if labels == ["no crash"]:
+    if len(labels) < 2:
         return None
     table = np.array([[group.count(label) for label in labels] for group in ends])
-    moved = len({frozenset(group) for group in ends if group}) > 1
-    return FeatureTest("crash", STRUCTURE, "run ends compared (crash key, sync mismatch)", float(len(labels)), None, _cramers_v(table), "Cramer's V", moved=moved)
+    moved = len(set(value_labels(groups))) > 1
+    return FeatureTest("outcome", STRUCTURE, "outcome classes compared (clean, silent, sync, crash key)", float(len(labels)), None,
+                       _cramers_v(table), "Cramer's V", moved=moved)
 
 
 def _cramers_v(table: np.ndarray) -> float:
@@ -293,7 +316,7 @@ def variable_tests(runs: list[RunSignature], variable: str, values: list[Any], s
     """Every feature test for one variable (p-values not yet adjusted)."""
     groups = group_runs(runs, variable, values)
     ordered = _is_ordered(values)
-    tests = [t for t in [_crash_test(groups)] if t is not None]
+    tests = [t for t in [_outcome_test(groups)] if t is not None]
     tokens = grouped_tokens(groups)
     if tokens.empty or tokens["group"].nunique() < 2:
         return tests
@@ -305,31 +328,70 @@ def variable_tests(runs: list[RunSignature], variable: str, values: list[Any], s
     return tests
 
 
-def variable_verdicts(runs: list[RunSignature], seed: int = 0) -> list[VariableVerdict]:
-    """A verdict per swept variable, tests Holm-adjusted across the whole sweep, ranked strongest first."""
-    verdicts = [VariableVerdict(variable, values) for variable, values in swept_variables(runs).items()]
+def variable_verdicts(runs: list[RunSignature], seed: int = 0, not_run: Sequence[RunSignature] = ()) -> list[VariableVerdict]:
+    """A verdict per swept variable, tests Holm-adjusted across the whole sweep, ranked strongest first.
+
+    runs: the runs with a result; not_run: those vLLM refused, which only name the values that
+    did not run (a variable swept over refused values alone is still reported).
+    """
+    verdicts = []
+    for variable, values in swept_variables([*runs, *not_run]).items():
+        ran = [v for v in values if any(_hashable(r.config.get(variable)) == v for r in runs)]
+        refused = {fmt_value(_hashable(r.config.get(variable))): r.refusal or "" for r in not_run}
+        verdicts.append(VariableVerdict(variable, ran, not_run={k: v for k, v in refused.items() if k not in map(fmt_value, ran)}))
     any_failure = any(run.failed for run in runs)
     for verdict in verdicts:
-        if any_failure:
+        if any_failure and len(verdict.values) > 1:
             verdict.tests = variable_tests(runs, verdict.variable, verdict.values, seed)
     tested = [t for v in verdicts for t in v.tests if t.p_value is not None]
     for test, adjusted in zip(tested, holm([t.p_value for t in tested])):
         test.p_adjusted = adjusted
         test.moved = adjusted < ALPHA and test.effect_size >= MIN_EFFECT[test.effect_name]
     for verdict in verdicts:
-        _decide(verdict, any_failure)
-    rank = {STRUCTURAL: 0, MAGNITUDE_ONLY: 1, NONE: 2}
+        _decide(verdict, runs, any_failure)
+    rank = {STRUCTURAL: 0, MAGNITUDE_ONLY: 1, NONE: 2, NO_VERDICT: 3}
     return sorted(verdicts, key=lambda v: (rank[v.verdict], -(v.headline.effect_size if v.headline else 0.0)))
 
 
-def _decide(verdict: VariableVerdict, any_failure: bool) -> None:
+def _per_value(groups: list[list[RunSignature]], values: list[Any], stat) -> str:
+    """'a at v0 to b at vN' for a per-run statistic averaged over each end value's runs."""
+    first, last = (float(np.mean([stat(r) for r in g])) for g in (groups[0], groups[-1]))
+    return f"{fmt_value(first)} at {fmt_value(values[0])} to {fmt_value(last)} at {fmt_value(values[-1])}"
+
+
+def _decide(verdict: VariableVerdict, runs: list[RunSignature], any_failure: bool) -> None:
+    """The verdict, its reason (which features moved) and its sentence (what to do about it)."""
+    var, values = verdict.variable, verdict.values
+    refused = f"; not run at {', '.join(verdict.not_run)} (vLLM refused the configuration)" if verdict.not_run else ""
+    if len(values) < 2:
+        verdict.verdict = NO_VERDICT
+        verdict.reason = verdict.sentence = (
+            f"only {var} = {fmt_value(values[0])} ran{refused}: nothing to compare" if values
+            else f"every point was refused by vLLM{refused}: no verdict")
+        return
+    groups = group_runs(runs, var, values)
+    switch = Switch(var, values, value_labels(groups), _is_ordered(values))
     structure = [t.feature for t in verdict.moved if t.kind == STRUCTURE]
     magnitude = [t.feature for t in verdict.moved if t.kind == MAGNITUDE]
+    alike = f"fails alike at every value ({switch.labels[0]})" if not switch.switched else ""
     if not any_failure:
         verdict.verdict, verdict.reason = NONE, "no run failed: no crash, no sync mismatch, no token above the spike threshold"
+        verdict.sentence = f"clean at every value ({', '.join(map(fmt_value, values))}): {var} does not switch a failure on here"
     elif structure:
         verdict.verdict, verdict.reason = STRUCTURAL, f"where/how it fails moved: {', '.join(structure)}"
+        if switch.switched:
+            verdict.sentence = switch.sentence()
+            verdict.threshold, verdict.monotone = switch.threshold, switch.monotone
+            if switch.threshold is not None:
+                verdict.next_values = values_between(*switch.threshold)
+        else:
+            verdict.sentence = (f"{alike}, but where it fails moves with {var} ({', '.join(structure)}); requests affected "
+                                f"{_per_value(groups, values, lambda r: r.affected_request_share)}: {var} is part of the trigger")
     elif magnitude:
         verdict.verdict, verdict.reason = MAGNITUDE_ONLY, f"same shape, size moved: {', '.join(magnitude)}"
+        verdict.sentence = (f"{alike} with the same shape; only its size moves with {var} (spike rate "
+                            f"{_per_value(groups, values, lambda r: r.spike_rate)}): {var} scales the failure, it does not switch it on")
     else:
         verdict.verdict, verdict.reason = NONE, "no feature moved beyond chance and the minimum effect"
+        verdict.sentence = f"{alike or 'fails'}: neither where nor how much it fails changes with {var}; look elsewhere for the trigger"
+    verdict.sentence += refused

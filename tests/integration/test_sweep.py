@@ -1,8 +1,9 @@
 """Sweeps end to end, the way a user runs them: `python -m rollout_lab +sweep=<preset> ...` runs a
-Hydra multirun of the real RL loop on Ray and ends with the analysis. Tiny points (one or two
-RL steps of 4 prompts x 2 samples x 16 tokens) keep each sweep to a few minutes on 2 cores."""
+Hydra multirun of the real RL loop on Ray and ends with the analysis. Tiny points (one RL step of
+4 prompts x 2 samples x 16 tokens, a 64 MB KV cache) keep each sweep to a few minutes on 2 cores."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,9 @@ TINY = [
     "workload.samples_per_prompt=2",
     "workload.max_tokens=16",
     "loop.check_weight_sync=false",
+    "loop.steps=1",
+    # vLLM CPU would otherwise take a share of the machine's memory per engine.
+    "engine.kv_cache_memory_bytes=64000000",
 ]
 
 
@@ -40,50 +44,93 @@ def verdict(report: dict, variable: str) -> dict:
     return next(v for v in report["verdicts"] if v["variable"] == variable)
 
 
-def test_index_overflow_over_cache_size_is_structural_and_a_crash_point_is_recorded(tmp_path):
+def analyze(sweep_dir: Path) -> dict:
+    """`python -m rollout_lab.analyze` on a sweep dir (no W&B); returns sweep_report.json."""
+    result = subprocess.run([sys.executable, "-m", "rollout_lab.analyze", str(sweep_dir), "--wandb", "disabled"],
+                            cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((sweep_dir / "sweep_report.json").read_text())
+
+
+def test_index_overflow_over_cache_size_states_its_threshold_and_a_refused_point_is_not_run(tmp_path):
     # 8 prompts x 2 samples need ~24 blocks of 32 tokens at once (a 64-token context is 2 blocks;
     # 1.47 MB a block). Blocks >= 8 are read wrongly: a 12 MB cache (8 blocks) never hands one
     # out, 24 MB (16 blocks) some, 48 MB (32) every block past the 8th. 1 MB holds no request:
-    # that point's engine fails to start, a crash result.
+    # vLLM refuses to start that engine (KV cache too small for max_model_len): not run.
+    sweep_dir = tmp_path / "sweep"
     report, output = sweep(
-        tmp_path, "+sweep=cache_size", "fault=index_overflow", "fault.params.threshold=8", "engine.max_model_len=64",
-        "workload.num_prompts=8", "loop.steps=1", "engine.kv_cache_memory_bytes=1000000,12000000,24000000,48000000",
+        sweep_dir, "+sweep=cache_size", "fault=index_overflow", "fault.params.threshold=8", "engine.max_model_len=64",
+        "workload.num_prompts=8", "engine.kv_cache_memory_bytes=1000000,12000000,24000000,48000000",
     )
-    outcomes = {r["config"]["engine.kv_cache_memory_bytes"]: r for r in report["runs"]}
-    assert outcomes[1000000]["outcome"] == "crash" and outcomes[1000000]["config"]["run_name"] == "cache_size"
-    assert [outcomes[size]["outcome"] for size in (12000000, 24000000, 48000000)] == ["clean", "silent", "silent"]
+    (refused,) = report["not_run"]
+    assert refused["config"]["engine.kv_cache_memory_bytes"] == 1000000 and refused["config"]["run_name"] == "cache_size"
+    assert refused["outcome"] == "not run" and refused["refusal"].startswith("ValueError: No available memory for the cache blocks")
+    outcomes = {r["config"]["engine.kv_cache_memory_bytes"]: r["outcome"] for r in report["runs"]}
+    assert outcomes == {12000000: "clean", 24000000: "silent mismatch", 48000000: "silent mismatch"}
     cache = verdict(report, "engine.kv_cache_memory_bytes")
     assert cache["verdict"] == "structural", cache
-    # Structural from the tokens themselves, not only from the crash point.
-    assert set(cache["moved"]) - {"crash"}, cache["moved"]
-    assert "structural" in output  # the console table
-    assert (tmp_path / "SWEEP_REPORT.md").exists() and report["plots"]
+    assert cache["values"] == [12000000, 24000000, 48000000] and cache["threshold"] == [12000000, 24000000] and cache["monotone"]
+    assert cache["sentence"].startswith("fails from engine.kv_cache_memory_bytes >= 24000000 (clean at 12000000)"), cache["sentence"]
+    assert cache["sentence"].endswith("not run at 1000000 (vLLM refused the configuration)")
+    assert cache["next_sweep"].endswith("engine.kv_cache_memory_bytes=14000000,16000000,18000000,20000000,22000000")
+    assert "+sweep=cache_size" in cache["next_sweep"] and "fault=index_overflow" in cache["next_sweep"]
+    # Structural from the tokens themselves too, not only from the switch of outcome class.
+    assert set(cache["moved"]) - {"outcome"}, cache["moved"]
+    assert "structural" in output and "next sweep: python -m rollout_lab -m" in output  # the console
+    text = (sweep_dir / "SWEEP_REPORT.md").read_text()
+    assert "## Not run: configurations vLLM refused at start" in text and cache["sentence"] in text
+    assert report["plots"]
+
+    # The same sweep without the refused point (its job dir left out) gives the same verdict.
+    without = tmp_path / "without_refused"
+    for job in ("1", "2", "3"):
+        shutil.copytree(sweep_dir / job, without / job)
+    alone = analyze(without)
+    assert alone["not_run"] == [] and len(alone["runs"]) == 3
+    same = verdict(alone, "engine.kv_cache_memory_bytes")
+    assert (same["verdict"], same["threshold"], same["moved"]) == (cache["verdict"], cache["threshold"], cache["moved"])
+    assert cache["sentence"] == same["sentence"] + "; not run at 1000000 (vLLM refused the configuration)"
 
     # Every run and the analysis share one W&B group, the sweep's name.
-    groups = {r["config"]["logger.group"] for r in report["runs"]}
-    assert groups == {tmp_path.name}
-    assert read_offline_run(report["wandb_dir"])["summary"]["verdict/engine.kv_cache_memory_bytes"] == "structural"
+    groups = {r["config"]["logger.group"] for r in report["runs"] + report["not_run"]}
+    assert groups == {sweep_dir.name}
+    summary = read_offline_run(report["wandb_dir"])["summary"]
+    assert summary["verdict/engine.kv_cache_memory_bytes"] == "structural" and summary["runs_not_run"] == 1
 
     # Rerun the analysis with a damaged run: it is reported, the rest analyzed.
-    (tmp_path / "2" / "records" / "step_00000.parquet").write_bytes(b"not parquet")
-    rerun = subprocess.run([sys.executable, "-m", "rollout_lab.analyze", str(tmp_path), "--wandb", "disabled"],
-                           cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
-    again = json.loads((tmp_path / "sweep_report.json").read_text())
-    assert [b["name"] for b in again["broken"]] == ["2"] and len(again["runs"]) == 3
+    (sweep_dir / "2" / "records" / "step_00000.parquet").write_bytes(b"not parquet")
+    again = analyze(sweep_dir)
+    assert [b["name"] for b in again["broken"]] == ["2"] and len(again["runs"]) == 2 and len(again["not_run"]) == 1
+
+
+def test_a_fault_switched_on_by_batch_size_is_structural_over_max_num_seqs_with_its_threshold(tmp_path):
+    # batch_threshold corrupts every logit of an engine step that schedules >= 4 requests: with
+    # 8 requests in flight, max_num_seqs 1 and 2 never reach it, 8 does.
+    report, output = sweep(tmp_path, "+sweep=max_num_seqs", "fault=batch_threshold", "engine.max_num_seqs=1,2,8")
+    outcomes = {r["config"]["engine.max_num_seqs"]: r["outcome"] for r in report["runs"]}
+    assert outcomes == {1: "clean", 2: "clean", 8: "silent mismatch"}
+    seqs = verdict(report, "engine.max_num_seqs")
+    assert seqs["verdict"] == "structural" and "outcome" in seqs["moved"], seqs
+    assert seqs["sentence"].startswith("fails from engine.max_num_seqs >= 8 (clean at 1, 2)"), seqs["sentence"]
+    assert seqs["threshold"] == [2, 8] and seqs["monotone"] is True
+    assert seqs["next_sweep"].endswith("engine.max_num_seqs=3,4,5,6,7") and "fault=batch_threshold" in seqs["next_sweep"]
+    assert f"next sweep: {seqs['next_sweep']}" in output
 
 
 def test_logit_noise_over_its_scale_is_magnitude_only(tmp_path):
-    report, _ = sweep(tmp_path, "+sweep=noise_scale", "fault.params.scale=0.02,0.1", "loop.steps=1")
+    report, _ = sweep(tmp_path, "+sweep=noise_scale", "fault.params.scale=0.02,0.1")
     scale = verdict(report, "fault.params.scale")
     assert scale["verdict"] == "magnitude-only", scale
-    assert all(r["outcome"] == "silent" for r in report["runs"])
+    assert "outcome" not in scale["moved"] and scale["threshold"] is None and scale["next_sweep"] is None
+    assert "scales the failure, it does not switch it on" in scale["sentence"], scale["sentence"]
+    assert all(r["outcome"] == "silent mismatch" for r in report["runs"])
 
 
 def test_clean_model_over_batch_size_is_none(tmp_path):
-    report, _ = sweep(tmp_path, "+sweep=batch_size", "workload.num_prompts=2,4", "loop.steps=1")
+    report, _ = sweep(tmp_path, "+sweep=batch_size", "workload.num_prompts=2,4")
     batch = verdict(report, "workload.num_prompts")
     assert batch["verdict"] == "none", batch
+    assert batch["sentence"] == "clean at every value (2, 4): workload.num_prompts does not switch a failure on here"
     assert all(r["outcome"] == "clean" for r in report["runs"])
 
 
@@ -98,4 +145,4 @@ def test_a_job_that_fails_is_written_down_and_the_sweep_goes_on(tmp_path):
     for job in ("0", "1"):
         assert (tmp_path / job / "failure.txt").read_text().startswith("SystemExit: 2")
     report = json.loads((tmp_path / "sweep_report.json").read_text())
-    assert report["runs"] == [] and [b["name"] for b in report["broken"]] == ["0", "1"]
+    assert report["runs"] == report["not_run"] == [] and [b["name"] for b in report["broken"]] == ["0", "1"]

@@ -102,7 +102,7 @@ def test_signature_of_a_run_counts_spikes_where_and_how_bad(tmp_path):
     # Requests 20..23 hold blocks 40..47 >= 40: 4 of 24 requests fail, from step 0 on.
     write_run(tmp_path / "0", {CACHE: 1}, overflow(40))
     sig = run_signature(tmp_path / "0")
-    assert sig.status == "ok" and sig.outcome == "silent" and sig.crash_key is None
+    assert sig.status == "ok" and sig.outcome == "silent mismatch" and sig.crash_key is None
     assert sig.num_tokens == STEPS * REQUESTS * TOKENS and sig.num_requests == STEPS * REQUESTS
     assert sig.num_spikes == STEPS * 4 * TOKENS
     assert sig.spike_rate == pytest.approx(4 / 24)
@@ -159,12 +159,14 @@ def test_crash_at_some_values_and_silent_at_others_is_structural(tmp_path):
     write_run(tmp_path / "1", {"engine.dtype": "bfloat16"}, noise(0.05), seed=1, status="crash", crash=crash, steps=1)
     verdict = verdict_of(tmp_path, "engine.dtype")
     assert verdict.verdict == "structural"
-    crash_test = next(t for t in verdict.tests if t.feature == "crash")
-    assert crash_test.moved and crash_test.p_value is None and crash_test.effect_size == pytest.approx(1.0)
+    outcome_test = next(t for t in verdict.tests if t.feature == "outcome")
+    assert outcome_test.moved and outcome_test.p_value is None and outcome_test.effect_size == pytest.approx(1.0)
+    assert verdict.sentence.startswith("ends differently with engine.dtype: ")
     sig = run_signature(tmp_path / "1")
     assert sig.outcome == "crash" and sig.crash_step == 1 and sig.num_tokens == REQUESTS * TOKENS
 
-    # An engine that never started leaves no records: still a crash run, with no tokens.
+    # An engine that raised at start (not vLLM refusing its configuration) leaves no records:
+    # still a crash run, with no tokens.
     crash = {"key": "ValueError@vllm/v1/core/kv_cache_utils.py:check_enough_kv_cache_memory", "message": "no memory", "step": None}
     write_run(tmp_path / "2", {"engine.dtype": "float16"}, noise(0.05), status="crash", crash=crash, steps=0)
     sig = run_signature(tmp_path / "2")
@@ -176,9 +178,10 @@ def test_a_weight_sync_mismatch_is_a_way_of_ending_too(tmp_path):
     # No token spikes anywhere, but the loop stopped on a sync mismatch at one value.
     write_run(tmp_path / "0", {"engine.dtype": "float32"}, clean, seed=0)
     write_run(tmp_path / "1", {"engine.dtype": "bfloat16"}, clean, seed=1, status="sync_mismatch", crash={"key": "WeightSyncError@no-vllm-frame"})
-    assert run_signature(tmp_path / "1").end == "weight-sync mismatch"
+    assert run_signature(tmp_path / "1").outcome == "sync mismatch"
     verdict = verdict_of(tmp_path, "engine.dtype")
-    assert verdict.verdict == "structural" and [t.feature for t in verdict.moved] == ["crash"]
+    assert verdict.verdict == "structural" and [t.feature for t in verdict.moved] == ["outcome"]
+    assert verdict.sentence == "fails at engine.dtype = bfloat16 (clean at float32): sync mismatch at bfloat16"
 
 
 def write_multirun_yaml(sweep_dir, values):

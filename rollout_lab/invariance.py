@@ -183,6 +183,30 @@ def _params(mode: str, cfg: InvarianceConfig, seeds: list[int]) -> list:
     return [SamplingParams(temperature=1.0, seed=s, max_tokens=cfg.max_tokens, logprobs=cfg.top_logprobs) for s in seeds]
 
 
+def batch_oracle(llm, sampled: list[tuple[list[int], object, Output]], promised: bool, limit: int = 4) -> dict:
+    """The hunt's batch-invariance oracle: up to `limit` requests of a trial whose sampling does
+    not depend on an RNG stream shared with the batch (greedy, or a seed of their own), each run
+    again alone with its own SamplingParams and compared bitwise with what it gave in the batch.
+    `sampled` holds (prompt ids, SamplingParams, in-batch output). A difference is a failure only
+    where vLLM promises invariance; elsewhere it is the noise floor, kept as `max`."""
+    chosen = [(p, q, o) for p, q, o in sampled if q.n == 1 and (q.temperature == 0.0 or q.seed is not None)][:limit]
+    comparisons = [compare(o, _outputs(llm, [p], [q])[0], "alone", "greedy" if q.temperature == 0.0 else "seeded", i)
+                   for i, (p, q, o) in enumerate(chosen)]
+    differing = [c for c in comparisons if not c.identical]
+    return {
+        "tokens": sum(c.compared for c in comparisons),
+        "requests": len(comparisons),
+        "identical": len(comparisons) - len(differing),
+        "promised": promised,
+        "flagged": len(differing) if promised else 0,
+        "max": max((c.max_abs_diff for c in comparisons), default=0.0),
+        "first_token_diff": min((c.first_token_diff for c in differing if c.first_token_diff is not None), default=None),
+        # As the other oracles' verdicts (runner.judge): the hunt keys findings by class.
+        "class": "any" if promised and differing else None,
+        "worst": None,
+    }
+
+
 class Engine:
     """The targets, the fillers and their sampling params on one engine configuration."""
 

@@ -47,13 +47,23 @@ def signature_of(engine: dict, result: dict) -> str:
         return result["crash"]["key"]
     if status == "hang":
         return f"hang@{result.get('phase', 'trial')}:{engine.get('model')}"
-    oracle = "reference" if result["oracles"]["reference"]["flagged"] else "metamorphic"
+    oracle = first_flagged(result["oracles"])
     klass = result["oracles"][oracle]["class"]
     # The minimizer counts flagged prefix-cache hits as the same failure as flagged ordinary
     # requests (standalone.SAME_CLASS): one fault hitting whichever requests hold a bad block is
     # one finding, not one per class of the requests it happened to land on.
     klass = "any" if klass in SAME_CLASS["any"] else klass
     return f"mismatch/{oracle}:{engine.get('model')}:{engine.get('engine.dtype', 'auto')}:{klass}"
+
+
+# Oracles in the order a failing trial is keyed by: the float32 reference speaks for the sampled
+# tokens; the others only when it passed them.
+ORACLE_ORDER = ("reference", "metamorphic", "batch_invariance")
+
+
+def first_flagged(oracles: dict) -> str:
+    """The oracle a failing trial's signature names: the first in ORACLE_ORDER that flagged."""
+    return next(name for name in ORACLE_ORDER if (oracles.get(name) or {}).get("flagged"))
 
 
 def duplicate_of(finding, minimized: list) -> Optional[object]:
@@ -364,11 +374,13 @@ class Hunt:
             self.console.print(f"  trial {event['trial']}: [red]crash[/] {event['crash']['key']}", highlight=False)
             return
         ref, meta = event["oracles"]["reference"], event["oracles"]["metamorphic"]
+        alone = event["oracles"].get("batch_invariance") or {}
+        invariance = f" batch vs alone {alone['identical']}/{alone['requests']} identical" if alone.get("requests") else ""
         colour = "red" if event["status"] == "fail" else "green"
         self.console.print(
             f"  trial {event['trial']}: [{colour}]{event['status']}[/] {event['num_requests']} requests, "
             f"{event['num_tokens']} tokens, {event['preempted_requests']} preempted, {event['cached_requests']} cached; "
-            f"max |ref| {ref['max']:.2g} |alone| {meta['max']:.2g} ({event['seconds']:.1f} s)", highlight=False)
+            f"max |ref| {ref['max']:.2g} |alone| {meta['max']:.2g}{invariance} ({event['seconds']:.1f} s)", highlight=False)
 
     # findings -> repros
     def minimize_new(self) -> None:
@@ -396,6 +408,10 @@ class Hunt:
                 # (prompt_logprobs, one request alone) is the side that went wrong.
                 why = ("the sampled logprobs match the float32 reference; the re-scoring pass (prompt_logprobs, "
                        "alone) disagreed with both, and the minimizer replays sampling, not prompt_logprobs")
+            elif finding.signature.startswith("mismatch/batch_invariance:"):
+                why = ("vLLM promised batch invariance and a request's output changed when run alone; the minimizer "
+                       "compares with the float32 reference, not batch against alone (python -m rollout_lab.invariance "
+                       "measures it on this engine configuration)")
             if why is not None:
                 finding.state = "no_repro"
                 finding.detail = (finding.detail or {}) | {"why": why}
@@ -442,7 +458,7 @@ class Hunt:
             expected = {"kind": "crash", "spike_threshold": tolerance, "crash_key": result["crash"]["key"]}
         else:
             case = result["case"]
-            oracle = "reference" if result["oracles"]["reference"]["flagged"] else "metamorphic"
+            oracle = first_flagged(result["oracles"])
             expected = {"kind": "mismatch", "spike_threshold": tolerance,
                         "request_class": result["oracles"][oracle]["class"] or "any"}
         data = {

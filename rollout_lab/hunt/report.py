@@ -129,6 +129,31 @@ def _engine(engine: dict) -> str:
     return " ".join(f"{k.removeprefix('engine.')}={json.dumps(v)}" for k, v in engine.items())
 
 
+def oracle_levels(trials: list[dict]) -> list[str]:
+    """Per engine dtype, the largest difference each oracle saw on trials that passed: the clean
+    levels the tolerances stand on, and the batch-composition noise floor (batch against alone)
+    where vLLM promised no invariance."""
+    levels: dict[tuple[str, str], float] = {}
+    alone = Counter()
+    for t in trials:
+        if t["status"] != "ok":
+            continue
+        dtype = t["result"].get("dtype", "?")
+        for name, verdict in t["result"].get("oracles", {}).items():
+            key = (dtype, name)
+            levels[key] = max(levels.get(key, 0.0), float(verdict.get("max", 0.0)))
+            if name == "batch_invariance":
+                alone[(dtype, "requests")] += verdict.get("requests", 0)
+                alone[(dtype, "identical")] += verdict.get("identical", 0)
+    lines = []
+    for dtype in sorted({d for d, _ in levels}):
+        parts = [f"{name} {levels[(dtype, name)]:.2g}" for name in ("reference", "metamorphic", "batch_invariance") if (dtype, name) in levels]
+        if alone[(dtype, "requests")]:
+            parts.append(f"batch vs alone bitwise identical {alone[(dtype, 'identical')]}/{alone[(dtype, 'requests')]} requests")
+        lines.append(f"- {dtype}: max |diff| " + ", ".join(parts))
+    return lines or ["- no passing trial"]
+
+
 def markdown(hunt_dir: Path, store: Store, coverage: Coverage, rows: list[list[str]], plots: list[Path],
              cfg: HuntRunConfig, wandb_line: Optional[str]) -> str:
     """HUNT_REPORT.md: what a person reads after a hunt."""
@@ -144,6 +169,8 @@ def markdown(hunt_dir: Path, store: Store, coverage: Coverage, rows: list[list[s
         out.append(f"- {wandb_line}")
     out += ["", "## Findings, verified repros first, then by trials hit", ""]
     out.append(_table(FINDINGS_HEADER, rows) if rows else "No findings.")
+
+    out += ["", "## What the oracles measured on passing trials", ""] + oracle_levels(trials)
 
     (values, pairs), (total_values, total_pairs) = coverage.covered(), coverage.totals()
     out += ["", "## Coverage", "", f"- values tried: {_percent(values, total_values)}",

@@ -16,6 +16,10 @@ Oracles (tolerances per engine dtype, OracleConfig):
   metamorphic  |sampled logprob - the same sequence re-scored alone| on the same engine: one
                request at a time, a prefill with prompt_logprobs (which never reads the prefix
                cache), so no batch, no cached prefix, no preemption, no decode path
+  batch_invariance
+               a greedy or seeded request of the batch sampled again alone, compared bitwise
+               (invariance.batch_oracle): a failure where vLLM promises invariance
+               (VLLM_BATCH_INVARIANT=1 on a supported GPU: 4 requests), else the noise floor (1)
 A start that vLLM refuses with a ValueError (its config validation) is "rejected", not a bug.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from rollout_lab import compat
-from rollout_lab.hunt.space import engine_args, sampling_args
+from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
 from rollout_lab.minimize.standalone import request_class
 
@@ -261,6 +265,29 @@ def judge(items: list[Scored], tolerance: float, attr: str) -> dict:
     }
 
 
+def batch_invariance(llm, trace: list[TraceRequest], outputs: list, workload: dict) -> dict:
+    """The batch-invariance oracle (invariance.batch_oracle) on a trial of more than one request:
+    a failure only where vLLM promises invariance (VLLM_BATCH_INVARIANT=1 on a supported GPU)."""
+    from rollout_lab.invariance import Output, batch_oracle, promises_invariance
+
+    if len(outputs) < 2:
+        return batch_oracle(llm, [], False)
+    params = trace_params(trace, workload)
+    sampled = []
+    for position, out in enumerate(outputs):
+        # A step-driven trace names requests "<trial>-<index>"; LLM.generate returns them in order.
+        index = int(str(out.request_id).rsplit("-", 1)[-1]) if "-" in str(out.request_id) else position
+        c = out.outputs[0]
+        if not c.logprobs:
+            continue
+        top = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in c.logprobs]
+        sampled.append((list(out.prompt_token_ids), params[index],
+                        Output(list(c.token_ids), [top[p][t] for p, t in enumerate(c.token_ids)], top)))
+    promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
+    # Where nothing is promised one request measures the noise floor; decoding alone is costly.
+    return batch_oracle(llm, sampled, promised, limit=4 if promised else 1)
+
+
 def trace_case(trace: list[TraceRequest], workload: dict, keep: Optional[list[int]] = None) -> dict:
     """The trace as a minimizer Case's workload fields (every request at once, in order)."""
     sampling = sampling_args(workload)
@@ -300,7 +327,9 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
     oracles = {
         "reference": judge(items, tolerance, "reference"),
         "metamorphic": judge(items, float(spec.metamorphic_tolerance.get(dtype, 1e-3)), "rescored"),
+        "batch_invariance": batch_invariance(llm, trace, outputs, workload),
     }
+    t4 = time.perf_counter()
     failed = [name for name, o in oracles.items() if o["flagged"]]
     result = {
         "status": "fail" if failed else "ok",
@@ -312,7 +341,8 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
         "preempted_requests": sum(1 for s in items if compat.was_preempted(s.num_preemptions)),
         "cached_requests": sum(1 for s in items if s.num_cached_tokens > 0),
         "batch": is_batch(trace),
-        "phase_seconds": {"engine": round(t1 - t0, 2), "reference": round(t2 - t1, 2), "rescore": round(t3 - t2, 2)},
+        "phase_seconds": {"engine": round(t1 - t0, 2), "reference": round(t2 - t1, 2), "rescore": round(t3 - t2, 2),
+                          "alone": round(t4 - t3, 2)},
     }
     if failed:
         # The requests that completed, all at once; n > 1 becomes n requests with seeds of their own.
@@ -374,6 +404,7 @@ def kv_cache_too_small(config, kv_bytes: Optional[int]) -> Optional[str]:
 def run_group(spec: GroupSpec, lines_path: str) -> None:
     """The whole group in this process; every outcome goes to the lines file."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.update(engine_env(spec.engine))  # read when vLLM is imported, below
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

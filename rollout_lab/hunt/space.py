@@ -29,6 +29,9 @@ class SpaceConfig:
     # preset's engine knobs replace the drawn ones. null: no preset.
     pressure: list[Optional[str]] = field(default_factory=lambda: [None])
     engine: dict[str, Any] = field(default_factory=dict)
+    # vLLM environment variables read when vLLM is imported (VLLM_BATCH_INVARIANT,
+    # VLLM_USE_V2_MODEL_RUNNER, ...): set in the engine's own process, one more engine dimension.
+    env: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     generators: list[str] = field(default_factory=list)
 
@@ -99,6 +102,7 @@ class Space:
     sampling: dict[str, list]
     generators: list[str]
     pressure: list = field(default_factory=lambda: [None])
+    env: dict[str, list] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: SpaceConfig) -> "Space":
@@ -106,7 +110,11 @@ class Space:
 
         engine = {k: list(v) for k, v in dict(cfg.engine).items()}
         sampling = {k: list(v) for k, v in dict(cfg.sampling).items()}
-        for group, knobs in (("engine", engine), ("sampling", sampling)):
+        env = {k: [str(int(x)) if isinstance(x, bool) else str(x) for x in v] for k, v in dict(cfg.env).items()}
+        for name in env:
+            if not name.startswith("VLLM_"):
+                raise ConfigError(f"hunt.space.env.{name}: only vLLM's own environment variables (VLLM_*) are knobs")
+        for group, knobs in (("engine", engine), ("sampling", sampling), ("env", env)):
             empty = [k for k, values in knobs.items() if not values]
             if empty:
                 raise ConfigError(f"hunt.space.{group}.{empty[0]} has no values")
@@ -123,11 +131,12 @@ class Space:
         for name in pressure:
             if name is not None and not (PRESSURE_DIR / f"{name}.yaml").is_file():
                 raise ConfigError(f"hunt.space.pressure: {name!r} is not a preset in {PRESSURE_DIR}")
-        return cls(list(cfg.models), engine, sampling, list(cfg.generators), pressure)
+        return cls(list(cfg.models), engine, sampling, list(cfg.generators), pressure, env)
 
     def engine_dims(self) -> dict[str, list]:
         """Dimensions of an engine point: the model, the pressure preset and every engine knob."""
-        dims = {"model": self.models, **{f"engine.{k}": v for k, v in self.engine.items()}}
+        dims = {"model": self.models, **{f"engine.{k}": v for k, v in self.engine.items()},
+                **{f"env.{k}": v for k, v in self.env.items()}}
         if self.pressure != [None]:
             dims["pressure"] = self.pressure
         return dims
@@ -161,6 +170,11 @@ def sampling_knobs() -> set[str]:
 def engine_args(point: dict) -> dict:
     """vllm.LLM keyword arguments of an engine point (null values left out: vLLM's default)."""
     return {k.removeprefix("engine."): v for k, v in point.items() if k.startswith("engine.") and v is not None}
+
+
+def engine_env(point: dict) -> dict[str, str]:
+    """The vLLM environment variables of an engine point (set before vLLM is imported)."""
+    return {k.removeprefix("env."): str(v) for k, v in point.items() if k.startswith("env.") and v is not None}
 
 
 def sampling_args(point: dict) -> dict:

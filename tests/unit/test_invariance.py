@@ -49,3 +49,49 @@ def test_summary_rows_and_the_verdict():
     assert not floor.broken and "noise floor elsewhere: max |diff| 3e-06" in verdict([floor])
     failed = SettingResult(True, False, "", "", [], 0.0, 0.0, "TypeError@x: no")
     assert verdict([failed]).startswith("CANNOT RUN")
+
+
+class _Completion:
+    def __init__(self, tokens, logprobs):
+        from types import SimpleNamespace
+
+        self.token_ids = tokens
+        self.logprobs = [{t: SimpleNamespace(logprob=lp)} for t, lp in zip(tokens, logprobs)]
+
+
+class _AloneEngine:
+    """Answers each request run alone with canned tokens and logprobs (keyed by its first prompt id)."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = answers, 0
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        return [SimpleNamespace(outputs=[_Completion(*self.answers[p["prompt_token_ids"][0]])]) for p in prompts]
+
+
+def test_the_hunt_oracle_reruns_only_reproducible_requests_and_flags_only_where_promised():
+    from types import SimpleNamespace
+
+    from rollout_lab.invariance import batch_oracle
+
+    greedy, seeded = SimpleNamespace(n=1, temperature=0.0, seed=None), SimpleNamespace(n=1, temperature=1.0, seed=7)
+    unseeded, pair = SimpleNamespace(n=1, temperature=1.0, seed=None), SimpleNamespace(n=2, temperature=0.0, seed=None)
+    sampled = [([1], greedy, out([5, 6], [-0.5, -0.25])), ([2], seeded, out([7], [-1.0])),
+               ([3], unseeded, out([8], [-2.0])), ([4], pair, out([9], [-3.0]))]
+    engine = _AloneEngine({1: ([5, 6], [-0.5, -0.25 + 2**-30]), 2: ([7], [-1.0])})
+    floor = batch_oracle(engine, sampled, promised=False)
+    assert engine.calls == 2  # neither the unseeded sample nor n=2 can be replayed alone
+    assert (floor["requests"], floor["identical"], floor["flagged"], floor["class"]) == (2, 1, 0, None)
+    assert 0 < floor["max"] < 1e-8
+    promised = batch_oracle(_AloneEngine({1: ([5, 6], [-0.5, -0.25 + 2**-30]), 2: ([7], [-1.0])}), sampled, promised=True)
+    assert (promised["flagged"], promised["class"]) == (1, "any")
+
+
+def test_a_failing_trial_is_keyed_by_the_first_oracle_that_flagged():
+    from rollout_lab.hunt.__main__ import first_flagged
+
+    assert first_flagged({"reference": {"flagged": 2}, "metamorphic": {"flagged": 1}}) == "reference"
+    assert first_flagged({"reference": {"flagged": 0}, "metamorphic": {"flagged": 0}, "batch_invariance": {"flagged": 1}}) == "batch_invariance"

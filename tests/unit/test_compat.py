@@ -11,7 +11,7 @@ from rollout_lab import compat
 
 
 def test_greedy_sampling_with_two_samples_is_a_rejection():
-    # The default hunt space reaches this: vLLM 0.25 raises VLLMValidationError (a ValueError),
+    # The default hunt space reaches this: vLLM 0.25-0.26 raise VLLMValidationError (a ValueError),
     # 0.27 on a VLLMClientError that is not one; both must read as vLLM refusing the request.
     with pytest.raises(Exception) as refused:
         SamplingParams(temperature=0.0, n=2)
@@ -25,8 +25,8 @@ def test_a_failure_while_running_is_not_a_rejection():
 
 
 def test_per_request_preemption_count_is_unknown_where_vllm_keeps_none():
-    # RequestStateStats.num_preemptions arrived in vLLM 0.31 (read in each release's source).
-    keeps = Version(Version(vllm.__version__).base_version) >= Version("0.31")
+    # RequestStateStats.num_preemptions arrived in vLLM 0.30 (read in each release's source).
+    keeps = Version(Version(vllm.__version__).base_version) >= Version("0.30")
     assert compat.keeps_request_preemptions() is keeps
     from vllm.v1.metrics.stats import RequestStateStats
 

@@ -353,6 +353,13 @@ def variable_verdicts(runs: list[RunSignature], seed: int = 0, not_run: Sequence
     return sorted(verdicts, key=lambda v: (rank[v.verdict], -(v.headline.effect_size if v.headline else 0.0)))
 
 
+# How a magnitude feature reads per run in a sentence.
+SIZE_STATS = {
+    "magnitude": ("max |diff|", lambda run: run.abs_diff_quantiles.get("max", 0.0)),
+    "spike_rate": ("spike rate", lambda run: run.spike_rate),
+}
+
+
 def _per_value(groups: list[list[RunSignature]], values: list[Any], stat) -> str:
     """'a at v0 to b at vN' for a per-run statistic averaged over each end value's runs."""
     first, last = (float(np.mean([stat(r) for r in g])) for g in (groups[0], groups[-1]))
@@ -389,8 +396,9 @@ def _decide(verdict: VariableVerdict, runs: list[RunSignature], any_failure: boo
                                 f"{_per_value(groups, values, lambda r: r.affected_request_share)}: {var} is part of the trigger")
     elif magnitude:
         verdict.verdict, verdict.reason = MAGNITUDE_ONLY, f"same shape, size moved: {', '.join(magnitude)}"
-        verdict.sentence = (f"{alike} with the same shape; only its size moves with {var} (spike rate "
-                            f"{_per_value(groups, values, lambda r: r.spike_rate)}): {var} scales the failure, it does not switch it on")
+        name, stat = SIZE_STATS[verdict.headline.feature]
+        verdict.sentence = (f"{alike} with the same shape; only its size moves with {var} ({name} "
+                            f"{_per_value(groups, values, stat)}): {var} scales the failure, it does not switch it on")
     else:
         verdict.verdict, verdict.reason = NONE, "no feature moved beyond chance and the minimum effect"
         verdict.sentence = f"{alike or 'fails'}: neither where nor how much it fails changes with {var}; look elsewhere for the trigger"

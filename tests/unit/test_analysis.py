@@ -135,6 +135,9 @@ def test_pure_scaling_is_magnitude_only_even_when_block_ids_shift(tmp_path):
     assert verdict.verdict == "magnitude-only", [(t.feature, t.p_adjusted, t.effect_size) for t in verdict.tests]
     assert "magnitude" in {t.feature for t in verdict.moved}
     assert verdict.headline.feature == "magnitude" and verdict.headline.effect_size > 0.5
+    assert verdict.sentence.startswith("fails alike at every value (silent mismatch) with the same shape; "
+                                       "only its size moves with fault.params.scale (max |diff| ")
+    assert verdict.sentence.endswith(": fault.params.scale scales the failure, it does not switch it on")
 
 
 def test_same_failure_at_every_value_is_none(tmp_path):

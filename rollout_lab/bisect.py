@@ -116,14 +116,16 @@ def table(results: list[ReleaseResult], package: str) -> str:
 
 
 def replace_section(report: str, title: str, body: str) -> str:
-    """`report` with the body of its `## title` section replaced by `body` (appended if absent)."""
-    heading = f"## {title}"
+    """`report` with the body of its section headed `title` (at any heading level: vLLM's bug
+    template uses ###) replaced by `body`, up to the next heading of the same or a higher level;
+    appended as a `## title` section if there is none."""
     lines = report.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    level = lambda line: len(line) - len(line.lstrip("#")) if line.startswith("#") else 0
+    start = next((i for i, line in enumerate(lines) if level(line) and line.lstrip("#").strip() == title), None)
     if start is None:
-        return report.rstrip("\n") + f"\n\n{heading}\n\n{body.strip()}\n"
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    section = "\n".join(lines[:start] + [heading, "", body.strip()]) + "\n"
+        return report.rstrip("\n") + f"\n\n## {title}\n\n{body.strip()}\n"
+    end = next((i for i in range(start + 1, len(lines)) if 0 < level(lines[i]) <= level(lines[start])), len(lines))
+    section = "\n".join(lines[: start + 1] + ["", body.strip()]) + "\n"
     rest = "\n".join(lines[end:])
     return section + ("\n" + rest.rstrip("\n") + "\n" if rest else "")
 

@@ -101,6 +101,11 @@ def test_report_section_is_replaced_in_place_and_keeps_what_follows():
     )
 
 
+def test_report_section_at_the_bug_templates_level_ends_at_the_next_heading_of_that_level():
+    report = "# Bug\n\n### Regression range\n\n(run the bisect)\n\n#### detail\n\nold\n\n### Next\n\nkept\n"
+    assert replace_section(report, "Regression range", "table") == "# Bug\n\n### Regression range\n\ntable\n\n### Next\n\nkept\n"
+
+
 def test_report_section_is_appended_when_absent_and_replacing_twice_is_stable():
     once = replace_section("# Bug\n\nbody\n", "Regression range", "table")
     assert once == "# Bug\n\nbody\n\n## Regression range\n\ntable\n"

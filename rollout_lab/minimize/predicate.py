@@ -48,6 +48,8 @@ class FailingRun:
     expected: Expected
     # One line: what failed in the run.
     description: str
+    # Where the run's flagged tokens sat, from its scheduling records ("" where there are none).
+    placement: str = ""
 
 
 def read_config(run_dir: Path) -> RunConfig:
@@ -87,8 +89,24 @@ def step_requests(cfg: RunConfig, tokenizer, step: int, worker: int) -> list[Req
     ]
 
 
-def _silent_failure(run_dir: Path, threshold: float) -> tuple[int, int, str, str, dict[int, int]]:
-    """(step, worker, request class, description, prompt length by prompt index) of the first flagged step."""
+def placement(flagged) -> str:
+    """Where flagged tokens (rows of the token table) sat: requests, first bad position, KV blocks, state slots."""
+    requests = flagged.groupby("request_id").agg(first=("position", "min"), preempted=("num_preemptions", "first"),
+                                                 cached=("num_cached_tokens", "first"))
+    parts = [f"{len(requests)} flagged requests ({int((requests.preempted > 0).sum())} preempted, "
+             f"{int((requests.cached > 0).sum())} prefix-cache hits), first bad position {int(requests['first'].min())}"]
+    for column, what in (("kv_block", "KV blocks"), ("state_slot", "state slots")):
+        values = sorted({int(v) for v in flagged[column].dropna()})
+        if values:
+            parts.append(f"{what} {values[0]}-{values[-1]} ({len(values)} distinct)")
+    resumed = flagged.preemptions_before.dropna()
+    if len(resumed):
+        parts.append(f"{int((resumed > 0).sum())}/{len(resumed)} flagged tokens sampled after their request's preemption")
+    return "; ".join(parts)
+
+
+def _silent_failure(run_dir: Path, threshold: float) -> tuple[int, int, str, str, dict[int, int], str]:
+    """(step, worker, request class, description, prompt length by prompt index, placement) of the first flagged step."""
     try:
         table = read_records(run_dir).to_pandas()
     except RecordsError as exc:
@@ -111,7 +129,7 @@ def _silent_failure(run_dir: Path, threshold: float) -> tuple[int, int, str, str
         f"on {len(requests)} '{kind}' requests, max |diff| {at_step.abs_diff.max():.3g}"
     )
     prompt_lens = table[table.step == step].groupby("prompt_index").prompt_len.first()
-    return step, worker, kind, description, {int(i): int(n) for i, n in prompt_lens.items()}
+    return step, worker, kind, description, {int(i): int(n) for i, n in prompt_lens.items()}, placement(at_step)
 
 
 def load_run(run_dir: Path | str) -> FailingRun:
@@ -138,12 +156,12 @@ def load_run(run_dir: Path | str) -> FailingRun:
                 f"run {run_dir} crashed in phase {phase!r}; the minimizer replays crashes in "
                 f"{' or '.join(REPLAYABLE_PHASES)} only (the others need the trainer)"
             )
-        step, worker, prompt_lens = crash.get("step") or 0, None, {}
+        step, worker, prompt_lens, where = crash.get("step") or 0, None, {}, ""
         expected = Expected("crash", threshold, crash_key=crash["key"])
         description = f"crash at step {step} ({phase}): {crash['key']}: {crash.get('message', '')}"
     else:
         try:
-            step, worker, kind, description, prompt_lens = _silent_failure(run_dir, threshold)
+            step, worker, kind, description, prompt_lens, where = _silent_failure(run_dir, threshold)
         except RunDirError:
             if status != "sync_mismatch":
                 raise
@@ -178,7 +196,7 @@ def load_run(run_dir: Path | str) -> FailingRun:
         fault=cfg.fault.name,
         fault_params=fault_params(cfg.fault.name, dict(cfg.fault.params)) if cfg.fault.name else {},
     )
-    return FailingRun(run_dir, summary.get("run_id", run_dir.name), cfg, step, case, expected, description)
+    return FailingRun(run_dir, summary.get("run_id", run_dir.name), cfg, step, case, expected, description, where)
 
 
 def load_case(path: Path | str) -> FailingRun:

@@ -168,12 +168,28 @@ class Reduction:
     records: list[TrialRecord] = field(default_factory=list)
     new_trials: int = 0
     seconds: float = 0.0
+    # The --budget-s deadline passed before every candidate was tried.
+    budget_spent: bool = False
 
     def final_outcome(self) -> Optional[Outcome]:
         """The outcome of the last failing run of the minimal case."""
-        key = case_key(self.case, self.run.expected)
+        return self.outcome_of(self.case)
+
+    def outcome_of(self, case: Case) -> Optional[Outcome]:
+        """The outcome of the last failing trial of `case`."""
+        key = case_key(case, self.run.expected)
         failing = [r for r in self.records if r.failed and r.key == key]
         return failing[-1].result() if failing else None
+
+    def accepted(self) -> list[Case]:
+        """The cases the reduction went through, original first, minimal last: each failing candidate once."""
+        cases: dict[str, Case] = {}
+        for record in self.records:
+            candidate = record.candidate() if record.failed else None
+            if candidate is not None:
+                cases.setdefault(record.key, candidate)
+        key = case_key(self.case, self.run.expected)
+        return [c for k, c in cases.items() if k != key] + [self.case]
 
 
 class Reducer:
@@ -268,4 +284,5 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
         records=trials.records,
         new_trials=trials.new_trials,
         seconds=time.perf_counter() - started,
+        budget_spent=trials.budget_spent(),
     )

@@ -1,28 +1,16 @@
-"""The code every emitted repro.py runs: one vllm.LLM, a transformers float32 reference, a verdict.
+"""One trial of a case: one vllm.LLM, a transformers float32 reference, the predicate.
 
-It imports only vllm, torch, transformers and the standard library, because emit.py copies this
-file verbatim into each repro.py; the minimizer runs its trials through the same functions, so a
-repro script judges the failure exactly as the minimizer did.
+The emitted repro.py (script.py) states the same predicate in a few lines of its own.
 
     Case (model, engine args, fault, requests) -> sample (vLLM) -> reference_logprobs
         (transformers, teacher forcing) -> Outcome (crash key, flagged tokens) -> same_failure
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import platform
-import sys
-import time
-import traceback
-import types
 from dataclasses import dataclass, field
 from typing import Optional
-
-# rollout_lab modules a repro.py carries as source (torch/stdlib only), by module name. Empty in
-# the lab, where they are imported; emit.py fills it in each repro.py.
-CARRIED_SOURCES: dict[str, str] = {}
 
 
 @dataclass
@@ -114,18 +102,6 @@ class Outcome:
         return f"{flagged}{where} ({self.num_preempted_requests}/{self.num_requests} requests preempted)"
 
 
-def lab_module(name: str) -> types.ModuleType:
-    """rollout_lab.<name>: imported in the lab, built from its carried source inside a repro.py."""
-    if name not in CARRIED_SOURCES:
-        return importlib.import_module(f"rollout_lab.{name}")
-    if f"carried_{name}" not in sys.modules:
-        module = types.ModuleType(f"carried_{name}")
-        # Registered before exec: dataclasses look their module up in sys.modules.
-        sys.modules[module.__name__] = module
-        exec(compile(CARRIED_SOURCES[name], f"rollout_lab/{name}.py", "exec"), module.__dict__)
-    return sys.modules[f"carried_{name}"]
-
-
 def preemptions_of(out) -> int:
     """How often vLLM preempted a finished request (0 where it keeps no count: vLLM 0.25)."""
     return int(getattr(getattr(out, "metrics", None), "num_preemptions", 0) or 0)
@@ -163,7 +139,9 @@ def same_failure(expected: Expected, outcome: Outcome) -> bool:
 
 def crash_outcome(exc: BaseException) -> Outcome:
     """An exception as an outcome, keyed the way rollout_lab.crash keys a run's crash."""
-    signature = lab_module("crash").crash_signature(exc)
+    from rollout_lab.crash import crash_signature
+
+    signature = crash_signature(exc)
     return Outcome(crash_key=signature.key, crash_message=signature.message)
 
 
@@ -182,7 +160,8 @@ def start_engine(case: Case, with_fault: bool):
 
 def install_fault(llm, case: Case) -> None:
     """Plant the case's fault in the engine's worker (rollout_lab/faults.py, `install`)."""
-    faults = lab_module("faults")
+    from rollout_lab import faults
+
     llm.collective_rpc(faults.install, args=(case.fault, dict(case.fault_params)))
 
 
@@ -316,58 +295,3 @@ def environment() -> dict[str, str]:
         "cpu": f"{cpu} ({os.cpu_count()} logical cores)",
         "gpu": gpu,
     }
-
-
-def print_outcome(outcome: Outcome, tokenizer=None) -> None:
-    """The verdict's evidence: the crash, or the worst tokens."""
-    print(f"outcome: {outcome.describe()}")
-    if outcome.worst:
-        print(f"{'req':>4} {'pos':>4} {'token':>14} {'vllm':>10} {'reference':>10} {'|diff|':>9} {'preempt':>7} {'cached':>6}")
-        for d in outcome.worst:
-            token = repr(tokenizer.decode([d.token_id])) if tokenizer is not None else str(d.token_id)
-            print(
-                f"{d.request:>4} {d.position:>4} {token[:14]:>14} {d.vllm_logprob:>10.4f} "
-                f"{d.reference_logprob:>10.4f} {d.abs_diff:>9.3g} {d.num_preemptions:>7} {d.num_cached_tokens:>6}"
-            )
-
-
-def main(case: Case, expected: Expected, argv: Optional[list[str]] = None) -> int:
-    """Run the case once on a fresh engine; one verdict line and exit 1 (reproduced), 0 (not) or 2 (cannot run)."""
-    try:
-        return _run(case, expected, argv)
-    except Exception as exc:  # anything unexpected must not read as "reproduced"
-        traceback.print_exc()
-        print(f"CANNOT RUN: {type(exc).__name__}: {exc}".splitlines()[0], flush=True)
-        return 2
-
-
-def _run(case: Case, expected: Expected, argv: Optional[list[str]]) -> int:
-    parser = argparse.ArgumentParser(description="Exits 1 while the bug reproduces, 0 otherwise, 2 when it cannot run.")
-    parser.add_argument("--no-fault", action="store_true", help="run vLLM as shipped, without the planted fault")
-    parser.add_argument("--model", default=case.model, help=f"model directory or hub id (default {case.model})")
-    args = parser.parse_args(argv)
-    case.model = args.model
-    with_fault = case.fault is not None and not args.no_fault
-    started = time.perf_counter()
-    for key, value in environment().items():
-        print(f"{key}: {value}")
-    print(f"engine args: {case.engine_args}")
-    print(f"planted fault: {case.fault if with_fault else 'none'}")
-    print(f"expecting: {expected.describe()}", flush=True)
-    tokenizer = None
-    try:
-        llm = start_engine(case, with_fault)
-    except Exception as exc:
-        if expected.kind != "crash":
-            print(f"CANNOT RUN: the engine did not start: {type(exc).__name__}: {exc}".splitlines()[0], flush=True)
-            return 2
-        outcome = crash_outcome(exc)
-    else:
-        reference = load_reference(case.model) if expected.kind == "mismatch" else None
-        outcome = run_case(llm, reference, case, expected)
-        tokenizer = llm.get_tokenizer()
-    print_outcome(outcome, tokenizer)
-    reproduced = same_failure(expected, outcome)
-    verdict = "REPRODUCED" if reproduced else "NOT REPRODUCED"
-    print(f"{verdict}: {outcome.describe()} ({time.perf_counter() - started:.1f} s)", flush=True)
-    return 1 if reproduced else 0

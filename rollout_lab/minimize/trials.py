@@ -25,6 +25,7 @@ from rollout_lab.minimize.standalone import (
     Case,
     Expected,
     Outcome,
+    Request,
     TokenDiff,
     crash_outcome,
     install_fault,
@@ -86,6 +87,14 @@ class TrialRecord:
     outcome: dict
     seconds: float
     engine_start_seconds: float = 0.0
+    # The candidate itself (standalone.Case as a dict), so that a later stage can re-run it.
+    case: Optional[dict] = None
+
+    def candidate(self) -> Optional[Case]:
+        """The candidate this run tried (None in logs written before cases were recorded)."""
+        if self.case is None:
+            return None
+        return Case(**(self.case | {"requests": [Request(**r) for r in self.case["requests"]]}))
 
     def result(self) -> Outcome:
         fields = dict(self.outcome)
@@ -220,6 +229,7 @@ class TrialRunner:
             outcome=asdict(outcome),
             seconds=round(time.perf_counter() - started, 2),
             engine_start_seconds=round(engine_seconds, 2),
+            case=asdict(case),
         )
         self.records.append(record)
         self.cache[(key, attempt)] = record

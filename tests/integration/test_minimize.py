@@ -21,6 +21,7 @@ from rollout_lab.crash import EngineCrash
 from rollout_lab.minimize.emit import run_isolated
 from rollout_lab.minimize.reduce import deviating_knobs, knob_targets
 from rollout_lab.minimize.trials import read_log
+from rollout_lab.models import resolve_model
 
 pytestmark = pytest.mark.integration
 
@@ -69,19 +70,19 @@ def minimize(run_dir: Path, out: Path, name: str, *args: str) -> Path:
     return out / name
 
 
-def emitted_case(repro: Path):
-    """CASE and EXPECTED as the emitted script defines them (its main does not run)."""
-    namespace = runpy.run_path(str(repro), run_name="emitted_repro")
-    return namespace["CASE"], namespace["EXPECTED"]
+def emitted_case(repro: Path) -> dict:
+    """The emitted script's module globals (PROMPTS, REQUESTS, SAMPLING, ENGINE_ARGS, FAULT, CRASH or
+    TOLERANCE); its main block does not run."""
+    return runpy.run_path(str(repro), run_name="emitted_repro")
 
 
-def assert_standalone_repro(repro: Path, with_fault_off: bool) -> None:
-    """Fails (exit 1) in under 60 s without rollout_lab; with the fault off, exits 0."""
-    failing = run_isolated(repro)
+def assert_standalone_repro(repro: Path, with_fault_off: bool, *args: str) -> None:
+    """Fails (REPRODUCED, exit 1) in under 60 s without rollout_lab; with the fault off, NOT REPRODUCED."""
+    failing = run_isolated(repro, args)
     assert failing.verdict == "REPRODUCED", failing.output_tail
     assert failing.seconds < 60, f"repro took {failing.seconds:.0f} s"
     if with_fault_off:
-        clean = run_isolated(repro, ("--no-fault",))
+        clean = run_isolated(repro, (*args, "--no-fault"))
         assert clean.verdict == "NOT REPRODUCED", clean.output_tail
 
 
@@ -97,13 +98,13 @@ def stale_state_run(tmp_path_factory) -> Path:
 
 def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale_state_run, tmp_path):
     out = minimize(stale_state_run, tmp_path, "stale", "--calibration-runs", "1")
-    case, expected = emitted_case(out / "repro.py")
-    assert expected.kind == "mismatch" and expected.request_class == "preempted"
-    assert len({r.prompt_index for r in case.requests}) <= 2
-    assert case.fault == "stale_state"
+    script = emitted_case(out / "repro.py")
+    assert "TOLERANCE" in script and script["CLASSES"] == ("preempted",)
+    assert len(script["PROMPTS"]) <= 2
+    assert script["FAULT"] == "stale_state"
 
     # Every knob left off its default matters: with it alone back at its default, the case passed.
-    kept = deviating_knobs(case.engine_args, knob_targets(on_gpu=False))
+    kept = deviating_knobs(script["ENGINE_ARGS"], knob_targets(on_gpu=False))
     assert "cache_size" in kept, "kv_tight's small cache is what makes stale_state fire"
     knob_trials = [r for r in read_log(out / "reduction.jsonl") if r.stage == "knobs"]
     for knob in kept:
@@ -111,8 +112,9 @@ def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale
         assert any(sorted(r.size["knobs"]) == without and not r.failed for r in knob_trials), (knob, [r.change for r in knob_trials])
 
     report = (out / "REPORT.md").read_text()
-    assert "## Expected" in report and "## Actual" in report and "Not a vLLM bug as shipped" in report
-    assert_standalone_repro(out / "repro.py", with_fault_off=True)
+    assert report.startswith("# [Bug]: ") and "### What makes it go away" in report and "Not a vLLM bug as shipped" in report
+    # smollm2's repro names the hub weights; the lab's copy is passed as --model.
+    assert_standalone_repro(out / "repro.py", True, "--model", str(resolve_model("smollm2")))
 
 
 def test_engine_crash_shrinks_to_its_triggering_call(tmp_path_factory, tmp_path):
@@ -123,12 +125,12 @@ def test_engine_crash_shrinks_to_its_triggering_call(tmp_path_factory, tmp_path)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "crash"
 
     out = minimize(run_dir, tmp_path, "crash", "--calibration-runs", "1")
-    case, expected = emitted_case(out / "repro.py")
-    assert expected.kind == "crash" and "RuntimeError" in expected.crash_key
+    script = emitted_case(out / "repro.py")
+    assert script["CRASH"][0] == "RuntimeError"
     # at_step=3 needs a 4th engine step: one request of 4 tokens, nothing more.
-    assert len(case.requests) == 1 and case.max_tokens == 4
-    assert deviating_knobs(case.engine_args, knob_targets(on_gpu=False)) == []
-    assert_standalone_repro(out / "repro.py", with_fault_off=True)
+    assert len(script["REQUESTS"]) == 1 and script["SAMPLING"]["max_tokens"] == 4
+    assert deviating_knobs(script["ENGINE_ARGS"], knob_targets(on_gpu=False)) == []
+    assert_standalone_repro(out / "repro.py", True, "--model", str(resolve_model("smollm2")))
 
 
 def test_the_cli_with_its_defaults_from_another_directory_verifies_for_real(tmp_path_factory, tmp_path):
@@ -144,5 +146,5 @@ def test_the_cli_with_its_defaults_from_another_directory_verifies_for_real(tmp_
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "repro" / "engine_crash-crash" / "REPORT.md").read_text()
-    assert "`python repro.py`: REPRODUCED: " in report and "exit 1 in" in report
-    assert "`python repro.py --no-fault`: NOT REPRODUCED: " in report
+    assert "REPRODUCED: RuntimeError in " in report
+    assert "- planted fault off (--no-fault): clean 1/1" in report

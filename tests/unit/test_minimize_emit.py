@@ -1,23 +1,15 @@
-"""The emitted repro.py and REPORT.md, from a hand-made reduction (no engine)."""
-import ast
-import runpy
-import sys
+"""REPORT.md, MINIMIZATION.md, the fresh-process confirmation and the verifier, from a hand-made reduction (no engine)."""
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from rollout_lab import faults
 from rollout_lab.config import RunConfig
-from rollout_lab.minimize.emit import Verification, report, repro_source, run_isolated
+from rollout_lab.minimize.emit import Confirmation, Emitter, Flip, Verification, minimization_log, report, run_isolated, title
 from rollout_lab.minimize.predicate import FailingRun
 from rollout_lab.minimize.reduce import Reduction, Size, knob_targets
 from rollout_lab.minimize.standalone import Case, Expected, Request
 from rollout_lab.minimize.trials import Rule, TrialRecord, case_key
 
 ENV = {"vllm": "0.32.0", "torch": "2.13.0+cpu", "transformers": "5.0", "python": "3.11.7", "platform": "Linux", "cpu": "x86", "gpu": "none"}
-
-
-class FakeTokenizer:
-    def decode(self, ids):
-        return " ".join(f"t{i}" for i in ids)
 
 
 def reduction(fault="stale_state", kind="mismatch") -> Reduction:
@@ -40,55 +32,107 @@ def reduction(fault="stale_state", kind="mismatch") -> Reduction:
     return Reduction(run, small, Rule(), Size.of(big, targets), Size.of(small, targets), targets, records, new_trials=2, seconds=40.0)
 
 
-def load(source: str, tmp_path) -> dict:
-    """The repro's globals, run as a module other than __main__ (so main() does not run)."""
-    path = tmp_path / "repro.py"
-    path.write_text(source)
-    return runpy.run_path(str(path), run_name="repro_under_test")
+def test_the_title_is_one_a_person_would_write():
+    crash = reduction(fault=None, kind="crash")
+    assert title(crash, crash.case, "CPU") == (
+        "[Bug]: generate raises RuntimeError: planted engine_crash at engine step 3 in f with block_size=32 (CPU)")
+    silent = reduction()
+    assert title(silent, silent.case, "CPU") == (
+        "[Bug]: sampled-token logprobs disagree with transformers on requests that were preempted and resumed "
+        "with block_size=32 (CPU) (planted fault stale_state, not vLLM as shipped)")
 
 
-def test_repro_compiles_and_carries_the_fault_source_verbatim(tmp_path):
-    source = repro_source(reduction(), "stale", FakeTokenizer(), ENV)
-    assert source.startswith('"""[vLLM 0.32.0, CPU] sampled-token logprobs disagree with transformers on requests that were preempted')
-    assert "PLANTED FAULT: this failure needs rollout_lab's planted fault `stale_state`" in source
-    imported = {alias.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
-    assert not [m for m in imported if m.split(".")[0] not in ("vllm", "torch", "transformers", "__future__") and m.split(".")[0] not in sys.stdlib_module_names]
-    namespace = load(source, tmp_path)
-    assert namespace["CARRIED_SOURCES"]["faults"] == Path(faults.__file__).read_text()
-    assert namespace["CASE"].requests[1].seed == 12 and namespace["CASE"].max_tokens == 9
-    assert namespace["EXPECTED"].request_class == "preempted"
-    # Inside the repro, faults come from the carried source, not from an installed rollout_lab.
-    carried = namespace["lab_module"]("faults")
-    assert carried.__name__ == "carried_faults" and callable(carried.install)
+def fenced_out(text: str) -> list[str]:
+    """The report's lines outside ``` blocks and <details> (the inline repro, its output, collect_env)."""
+    kept, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            kept.append(line)
+    return kept
 
 
-def test_a_crash_repro_without_fault_carries_only_crash_py(tmp_path):
-    source = repro_source(reduction(fault=None, kind="crash"), "crash", FakeTokenizer(), ENV)
-    namespace = load(source, tmp_path)
-    assert set(namespace["CARRIED_SOURCES"]) == {"crash"}
-    assert "PLANTED FAULT" not in source
-
-
-def test_report_is_a_draft_issue_with_the_reduction_summary():
-    text = report(reduction(), "stale", ENV, [Verification([], 1, 31.0, "", "REPRODUCED: 3/18 tokens flagged"),
-                                       Verification(["--no-fault"], 0, 29.0, "", "NOT REPRODUCED: no flagged token")])
-    assert text.startswith("# [vLLM 0.32.0, CPU] sampled-token logprobs disagree")
+def test_report_follows_vllms_bug_template_within_80_lines():
+    red = reduction()
+    source = "print('the repro')\n"
+    verification = Verification([], 1, 31.0, "vllm 0.32.0\nREPRODUCED: 3 tokens", "REPRODUCED: 3 tokens")
+    confirmation = Confirmation(red.case, verification, [])
+    flips = [Flip("block_size=default", ["NOT REPRODUCED"] * 3), Flip("planted fault off (--no-fault)", ["NOT REPRODUCED"], True)]
+    text = report(red, source, "Collecting environment information...\nPyTorch version: 2.13.0+cpu", confirmation, flips,
+                  "CPU", "repro/stale/repro.py")
+    assert text.startswith("# [Bug]: sampled-token logprobs disagree")
     for needle in (
         "**Not a vLLM bug as shipped**",
-        "## Environment",
-        "- torch: 2.13.0+cpu",
-        "## Minimal steps",
-        "## Expected",
-        "## Actual",
-        "3/18 tokens flagged",
-        "| 1 | 4 | 99 | -0.1000 | -4.3000 | 4.2 | 1 | 0 |",
-        "- Before: 4 prompts x 2 samples (8 requests)",
-        "- After: 1 prompts x 2 samples (2 requests)",
-        "| calibrate | 1 | 1 | 30 |",
-        "`python repro.py --no-fault`: NOT REPRODUCED: no flagged token, exit 0 in 29 s",
+        "### Your current environment",
+        "PyTorch version: 2.13.0+cpu",
+        "### 🐛 Describe the bug",
+        "```python\nprint('the repro')\n```",
+        "REPRODUCED: 3 tokens",
+        "### What makes it go away",
+        "- block_size=default: clean 3/3",
+        "- planted fault off (--no-fault): clean 1/1",
+        "### Where it fails",
+        "3/18 sampled tokens flagged, on requests [1] of 2 (1 preempted); first bad position 4",
+        "### Regression range",
+        "(run `python -m rollout_lab.bisect repro/stale/repro.py --versions ...`)",
     ):
         assert needle in text, needle
+    assert "depends on the engine's history" not in text
+    assert len(fenced_out(text)) <= 80
+
+
+def test_a_walked_back_case_says_the_failure_depends_on_the_engines_history():
+    red = reduction()
+    confirmation = Confirmation(red.case, Verification([], 1, 20.0, "", "REPRODUCED: x"), [("small", "NOT REPRODUCED")], steps_back=2)
+    text = report(red, "", "env", confirmation, [], "CPU", "repro/x/repro.py")
+    assert "The failure depends on the engine's history" in text and "2 reduction(s) before the minimal one" in text
+    log = minimization_log(red, confirmation)
+    assert "- Before: 4 prompts x 2 samples (8 requests)" in log and "| calibrate | 1 | 1 | 30 |" in log
+    assert "- small: NOT REPRODUCED" in log
+
+
+class ScriptedEmitter(Emitter):
+    """An Emitter whose fresh-process runs are scripted: the verdict per case size (no engine)."""
+
+    def __init__(self, red, verdicts):
+        super().__init__(red, Path("."), None, "CPU")
+        self.verdicts, self.ran = verdicts, []
+
+    def run(self, case, args=()):
+        self.ran.append(len(case.requests))
+        verdict = self.verdicts[len(case.requests)]
+        return Verification(list(args), {"REPRODUCED": 1, "NOT REPRODUCED": 0}[verdict], 1.0, "", f"{verdict}: scripted")
+
+
+def chain_reduction() -> Reduction:
+    """A reduction whose accepted cases have 8, 6, 4, 2 and 1 requests."""
+    red = reduction()
+    cases = [replace(red.case, requests=[Request([1, 2], 10 + i, 0, i) for i in range(n)]) for n in (8, 6, 4, 2, 1)]
+    records = [TrialRecord(i + 1, case_key(c, red.run.expected), 0, "prompts", f"-> {len(c.requests)}", {}, True, {}, 1.0, case=asdict(c))
+               for i, c in enumerate(cases)]
+    records.insert(2, TrialRecord(9, "rejected", 0, "prompts", "rejected", {}, False, {}, 1.0, case=asdict(cases[0])))
+    return replace(red, case=cases[-1], records=records)
+
+
+def test_a_minimal_case_that_fails_fresh_is_emitted_as_is():
+    emitter = ScriptedEmitter(chain_reduction(), {8: "REPRODUCED", 6: "REPRODUCED", 4: "REPRODUCED", 2: "REPRODUCED", 1: "REPRODUCED"})
+    confirmation = emitter.confirm()
+    assert len(confirmation.case.requests) == 1 and confirmation.steps_back == 0 and emitter.ran == [1]
+
+
+def test_a_minimal_case_that_passes_fresh_walks_back_to_the_smallest_that_fails():
+    emitter = ScriptedEmitter(chain_reduction(), {8: "REPRODUCED", 6: "REPRODUCED", 4: "REPRODUCED", 2: "NOT REPRODUCED", 1: "NOT REPRODUCED"})
+    confirmation = emitter.confirm()
+    assert len(confirmation.case.requests) == 4 and confirmation.steps_back == 2
+    assert confirmation.verification.verdict == "REPRODUCED"
+    assert emitter.ran[0] == 1 and len(emitter.ran) <= 4  # bisection, not every reduction
+
+
+def test_when_no_reduction_fails_fresh_the_minimal_case_stays_with_its_verdict():
+    emitter = ScriptedEmitter(chain_reduction(), dict.fromkeys((8, 6, 4, 2, 1), "NOT REPRODUCED"))
+    confirmation = emitter.confirm()
+    assert len(confirmation.case.requests) == 1 and confirmation.verification.verdict == "NOT REPRODUCED"
 
 
 def test_run_isolated_sees_site_packages_but_not_rollout_lab(tmp_path):
@@ -125,3 +169,31 @@ def test_a_verdict_line_that_disagrees_with_the_exit_status_cannot_run(tmp_path)
     script.write_text("print('REPRODUCED: yes')\nraise SystemExit(0)\n")
     done = run_isolated(script)
     assert done.verdict == "CANNOT RUN" and "after 'REPRODUCED: yes'" in done.describe()
+
+
+def test_a_minimal_case_that_cannot_run_is_not_walked_back():
+    emitter = ScriptedEmitter(chain_reduction(), dict.fromkeys((8, 6, 4, 2, 1), "REPRODUCED"))
+    emitter.run = lambda case, args=(): Verification([], 2, 1.0, "", "CANNOT RUN: out of memory")
+    confirmation = emitter.confirm()
+    assert len(confirmation.case.requests) == 1 and confirmation.verification.verdict == "CANNOT RUN"
+    assert confirmation.walked_back == []
+
+
+def test_flips_undo_each_trigger_knob_alone_and_switch_the_fault_off():
+    red = reduction()  # minimal case: block_size=32 off its default, planted fault stale_state
+    red = replace(red, case=replace(red.case, engine_args=red.case.engine_args | {"enable_prefix_caching": False}))
+    emitter = ScriptedEmitter(red, {})
+    tried = []
+    emitter.run = lambda case, args=(): tried.append((case.engine_args, args)) or Verification(list(args), 0, 1.0, "", "NOT REPRODUCED: clean")
+    flips = emitter.flips(red.case)
+    assert [f.describe() for f in flips] == [
+        "gpu_memory_utilization=0.3: clean 1/1",  # cache_size: the lab's stand-in for vLLM's default on CPU
+        "block_size=default: clean 1/1",
+        "enable_prefix_caching=True: clean 1/1",
+        "enforce_eager=True: clean 1/1",
+        "planted fault off (--no-fault): clean 1/1",
+    ]
+    assert [f.fault_off for f in flips] == [False] * 4 + [True]
+    # One knob undone at a time: the others stay as the minimal case has them.
+    assert tried[1][0] == {"dtype": "float32", "enable_prefix_caching": False}
+    assert tried[4] == (red.case.engine_args, ("--no-fault",))

@@ -85,3 +85,18 @@ def test_refusals_name_the_run_dir_and_the_reason(tmp_path):
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"engine": {"no_such_knob": 1}}))
     with pytest.raises(RunDirError, match="not a valid rollout_lab config"):
         load_run(tmp_path / "bad")
+
+
+def test_placement_names_the_flagged_requests_blocks_and_slots():
+    import pandas as pd
+
+    from rollout_lab.minimize.predicate import placement
+
+    flagged = pd.DataFrame({
+        "request_id": ["a", "a", "b"], "position": [5, 6, 2], "num_preemptions": [1, 1, 0],
+        "num_cached_tokens": [0, 0, 16], "kv_block": [17, 18, 3], "state_slot": [None, None, None],
+        "preemptions_before": [1, 1, 0],
+    })
+    assert placement(flagged) == (
+        "2 flagged requests (1 preempted, 1 prefix-cache hits), first bad position 2; KV blocks 3-18 (3 distinct); "
+        "2/3 flagged tokens sampled after their request's preemption")

@@ -1,0 +1,86 @@
+"""The emitted repro.py as source: it compiles, imports only vllm/torch/transformers/stdlib, fits its budget."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rollout_lab import faults, models
+from rollout_lab.minimize.script import LINE_BUDGET, RANDOM_MODELS, ReproSpec, budget_lines, repro_source
+from rollout_lab.minimize.standalone import Case, Expected, Request
+
+ALLOWED = {"vllm", "torch", "transformers"}
+# A long prompt (the seeded chunked prefill's 65 tokens) and several requests: the budget holds for real sizes.
+PROMPT = list(range(1000, 1065))
+
+
+def spec(kind: str, model: str, fault=None) -> ReproSpec:
+    expected = (Expected("crash", 1e-3, crash_key="RuntimeError@vllm/v1/worker/gpu_worker.py:sample_tokens|"
+                         "vllm/v1/worker/gpu_model_runner.py:_bookkeeping_sync")
+                if kind == "crash" else Expected("mismatch", 1e-3, request_class="preempted"))
+    requests = [Request(PROMPT, 7 + i, 0, i) for i in range(11)] + [Request(PROMPT[:17], 99, 1, 0)]
+    case = Case("/cache/models/" + model, {"dtype": "float32", "block_size": 16, "kv_cache_memory_bytes": 2**22,
+                                           "enforce_eager": True, "disable_log_stats": False},
+                requests, 17, fault=fault, fault_params={"p": 1.0, "seed": 0} if fault else {})
+    return ReproSpec("[Bug]: something breaks (CPU)", "Two plain sentences. Of what breaks.", model, case, expected,
+                     ["What is 1 + 2? " * 8, "What is 3 + 4?"])
+
+
+CASES = [(kind, model, fault) for kind in ("crash", "mismatch") for model in ("smollm2", "hybrid-tiny", "mamba2-tiny")
+         for fault in (None, "stale_state")]
+
+
+def imported_modules(source: str) -> set[str]:
+    tree = ast.parse(source)
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+@pytest.mark.parametrize("kind,model,fault", CASES)
+def test_the_emitted_source_compiles_imports_little_and_fits_its_budget(kind, model, fault):
+    source = repro_source(spec(kind, model, fault))
+    compile(source, "repro.py", "exec")
+    outside = {m for m in imported_modules(source) if m.split(".")[0] not in ALLOWED | set(sys.stdlib_module_names)}
+    assert not outside, outside
+    assert "rollout_lab" not in {m.split(".")[0] for m in imported_modules(source)}
+    assert budget_lines(source) <= LINE_BUDGET[kind], budget_lines(source)
+    assert source.startswith('"""[Bug]: something breaks (CPU)')
+    assert "    # 'What is 3 + 4?'" in source and "skip_tokenizer_init=True" in source
+
+
+def test_a_planted_fault_is_carried_verbatim_labelled_and_optional():
+    source = repro_source(spec("mismatch", "hybrid-tiny", "stale_state"))
+    namespace = {}
+    exec(compile(source, "repro.py", "exec"), namespace)  # __name__ is not __main__: nothing runs
+    assert namespace["FAULT_SOURCE"] == Path(faults.__file__).read_text()
+    assert "# ---- PLANTED FAULT (not vLLM as shipped)" in source and '"--no-fault"' in source
+    assert (namespace["FAULT"], namespace["FAULT_PARAMS"]) == ("stale_state", {"p": 1.0, "seed": 0})
+    # The budget leaves out the labelled section: the carried source and the few lines installing it.
+    section = len(source.splitlines()) - budget_lines(source)
+    assert len(namespace["FAULT_SOURCE"].splitlines()) < section < len(namespace["FAULT_SOURCE"].splitlines()) + 15
+    assert "--no-fault" not in repro_source(spec("mismatch", "hybrid-tiny"))
+
+
+@pytest.mark.parametrize("model", sorted(RANDOM_MODELS))
+def test_an_embedded_random_model_is_rebuilt_from_the_labs_own_config(model):
+    namespace = {}
+    exec(compile(repro_source(spec("crash", model)), "repro.py", "exec"), namespace)
+    config = RANDOM_MODELS[model]()
+    assert type(config)(**namespace["MODEL_CONFIG"]).to_dict() == config.to_dict()
+    assert f"{models._LOGIT_STD!r} / MODEL_CONFIG" in repro_source(spec("crash", model))
+
+
+def test_smollm2_names_the_public_hub_id_and_says_its_weights_differ():
+    source = repro_source(spec("mismatch", "smollm2"))
+    assert "MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct'" in source and "de-quantized" in source
+    assert "args.model or MODEL" in source and "build_model" not in source
+
+
+def test_a_repro_that_cannot_load_its_model_says_cannot_run_and_exits_2(tmp_path):
+    script = tmp_path / "repro.py"
+    script.write_text(repro_source(spec("crash", "mamba2-tiny")))
+    done = subprocess.run([sys.executable, "-I", str(script), "--model", str(tmp_path / "no-such-model")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    verdicts = [line for line in done.stdout.splitlines() if line.split(":")[0] in ("REPRODUCED", "NOT REPRODUCED", "CANNOT RUN")]
+    assert done.returncode == 2 and len(verdicts) == 1 and verdicts[0].startswith("CANNOT RUN: "), done.stdout[-2000:] + done.stderr[-2000:]

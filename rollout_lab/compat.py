@@ -113,6 +113,9 @@ def _reload_takes_iterator(runner_class: type) -> bool:
     if reload is None:
         return False
     params = inspect.signature(reload).parameters
+    # Model runner v2 (vLLM 0.25 on CUDA) forwards *args, **kwargs to the v1 runner's reload.
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
     return "weights_iterator" in params and "is_checkpoint_format" in params
 
 

@@ -244,7 +244,8 @@ def repro_source(spec: ReproSpec) -> str:
         textwrap.fill(spec.description + fault_note, 100),
         f"Run: {usage}. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.",
     ])
-    imports = ["argparse", "os", "platform", "sys", "tempfile", "traceback"] + (["types"] if case.fault else [])
+    imports = ["argparse", "os", "platform", "sys"] + (["tempfile"] if spec.model_name in RANDOM_MODELS else []) + [
+        "traceback"] + (["types"] if case.fault else [])
     no_fault_arg = ('\n    parser.add_argument("--no-fault", action="store_true", help="vLLM as shipped, no planted fault")'
                     if case.fault else "")
     return f'''"""{doc}

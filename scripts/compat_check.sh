@@ -59,6 +59,10 @@ def last_line(log, pattern=r"Error|error"):
     lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if re.search(pattern, l)] if log.is_file() else []
     return lines[-1][:120] if lines else "no output"
 
+def crash_of(s):
+    crash = s.get("crash") or {}
+    return f"; {crash.get('key') or crash.get('exception_type')}: {(crash.get('message') or '')[:90]}" if crash else ""
+
 def cell(text):
     return str(text).replace("|", "\\|")
 
@@ -83,12 +87,12 @@ for release in releases:
         unit += " (" + ", ".join(f.split("::")[-1] for f in failed[:4]) + (", ..." if len(failed) > 4 else "") + ")"
     job = summary(d / "job")
     job_cell = (f"{job['status']}: {job['num_tokens']} tokens, max {job['abs_diff_max']:.2g}, "
-                f"sync {job.get('weight_sync_max_diff') or 0:.2g}, preemptions {job.get('preemptions')}"
+                f"sync {job.get('weight_sync_max_diff') or 0:.2g}, preemptions {job.get('preemptions')}{crash_of(job)}"
                 if job else f"no summary: {last_line(d / 'job.log')}")
     fault = summary(d / "fault")
     if fault:
         seen = fault["spike_fraction"] > 0 or fault["status"] == "sync_mismatch"
-        fault_cell = f"{'yes' if seen else 'NO'}: {fault['status']}, spike fraction {fault['spike_fraction']:.2f}, max {fault['abs_diff_max']:.2g}"
+        fault_cell = f"{'yes' if seen else 'NO'}: {fault['status']}, spike fraction {fault['spike_fraction']:.2f}, max {fault['abs_diff_max']:.2g}{crash_of(fault)}"
     else:
         fault_cell = f"no summary: {last_line(d / 'fault.log')}"
     db = d / "hunt" / "hunt.db"

@@ -71,7 +71,7 @@ print("| --- | --- | --- | --- | --- | --- | --- |")
 for release in releases:
     d = out / release
     if (d / "install.err").is_file() and (d / "install.err").read_text().strip():
-        print(f"| {release} | - | - | cannot install: {cell((d / 'install.err').read_text().strip()[:300])} | | | |")
+        print(f"| {release} | - | - | {cell((d / 'install.err').read_text().strip()[:300])} | | | |")
         continue
     versions = {}
     for run in ("job", "fault"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -122,7 +123,8 @@ def _silent_failure(run_dir: Path, threshold: float) -> tuple[int, int, str, str
     worker = int(at_step.worker.value_counts().idxmax())
     at_step = at_step[at_step.worker == worker]
     requests = at_step.groupby("request_id")[["num_preemptions", "num_cached_tokens"]].first()
-    kind = request_class([(int(p), int(c)) for p, c in requests.itertuples(index=False)])
+    # A null count (vLLM before 0.30 keeps none) is unknown, never 0: such a request is 'any'.
+    kind = request_class([(None if pd.isna(p) else int(p), int(c)) for p, c in requests.itertuples(index=False)])
     step_tokens = int(np.sum((table.step == step) & (table.worker == worker)))
     description = (
         f"{len(at_step)}/{step_tokens} tokens above {threshold:g} at step {step} (worker {worker}), "

@@ -217,15 +217,16 @@ def reproduce(args) -> tuple[str, str]:
         ref = logits.float().log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0].tolist()
         diffs = [abs(lp[t].logprob - r) for lp, t, r in zip(completion.logprobs, completion.token_ids, ref)]
         bad = [position for position, d in enumerate(diffs) if d > TOLERANCE]
-        preemptions, cached = int(getattr(out.metrics, "num_preemptions", 0) or 0), int(out.num_cached_tokens or 0)
-        print(f"{{i:>7}} {{preemptions:>12}} {{cached:>14}} {{len(diffs):>7}} {{len(bad):>8}} "
+        # None: this vLLM keeps no per-request count (before 0.30), which is unknown, not 0.
+        preemptions, cached = getattr(out.metrics, "num_preemptions", None), int(out.num_cached_tokens or 0)
+        print(f"{{i:>7}} {{'?' if preemptions is None else preemptions:>12}} {{cached:>14}} {{len(diffs):>7}} {{len(bad):>8}} "
               f"{{bad[0] if bad else '-':>19}} {{max(diffs, default=0):>26.3g}}")
         bad_tokens += len(bad)
         flagged += [(preemptions, cached)] if bad else []
     if not flagged:
         return "NOT REPRODUCED", f"all {{len(outputs)}} requests' sampled logprobs within {{TOLERANCE}} of transformers"
-    kind = ("any" if any(p == 0 and c == 0 for p, c in flagged)
-            else "preempted" if any(p > 0 for p, _ in flagged) else "prefix_cached")
+    kind = ("any" if any(not p and c == 0 for p, c in flagged)
+            else "preempted" if any(p for p, _ in flagged) else "prefix_cached")
     found = f"{{bad_tokens}} tokens of {{len(flagged)}}/{{len(outputs)}} requests ({{kind}}) off by > {{TOLERANCE}}"
     return ("REPRODUCED", found) if kind in CLASSES else ("NOT REPRODUCED", f"{{found}}, not on {{CLASSES}} requests")
 '''

@@ -12,6 +12,8 @@ import platform
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rollout_lab import compat
+
 
 @dataclass
 class Request:
@@ -74,7 +76,7 @@ class TokenDiff:
     vllm_logprob: float
     reference_logprob: float
     abs_diff: float
-    num_preemptions: int
+    num_preemptions: Optional[int]  # None: unknown (no per-request count in this vLLM)
     num_cached_tokens: int
 
 
@@ -102,24 +104,20 @@ class Outcome:
         return f"{flagged}{where} ({self.num_preempted_requests}/{self.num_requests} requests preempted)"
 
 
-def preemptions_of(out) -> int:
-    """How often vLLM preempted a finished request (0 where it keeps no count: vLLM 0.25)."""
-    return int(getattr(getattr(out, "metrics", None), "num_preemptions", 0) or 0)
-
-
-def request_class(flagged: list[tuple[int, int]]) -> Optional[str]:
-    """Class of the requests holding flagged tokens, from (num_preemptions, num_cached_tokens) each.
+def request_class(flagged: list[tuple[Optional[int], int]]) -> Optional[str]:
+    """Class of the requests holding flagged tokens, from (num_preemptions, num_cached_tokens) each;
+    a preemption count of None is unknown (vLLM before 0.30 keeps none) and never counts as one.
 
     preempted: every flagged request was preempted or reused KV through the prefix cache, and one
     at least was preempted (wrong KV computed after a resume spreads through the cache).
     prefix_cached: every flagged request hit the prefix cache, none was preempted.
-    any: some flagged request was neither.
+    any: some flagged request was neither (or may have been: its count is unknown).
     """
     if not flagged:
         return None
-    if any(preemptions == 0 and cached == 0 for preemptions, cached in flagged):
+    if any(not compat.was_preempted(preemptions) and cached == 0 for preemptions, cached in flagged):
         return "any"
-    if any(preemptions > 0 for preemptions, _ in flagged):
+    if any(compat.was_preempted(preemptions) for preemptions, _ in flagged):
         return "preempted"
     return "prefix_cached"
 
@@ -255,9 +253,9 @@ def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) ->
     sequences = [(list(out.prompt_token_ids), list(c.token_ids)) for out, c in zip(outputs, completions)]
     diffs, flagged = [], []
     for index, (out, completion, ref) in enumerate(zip(outputs, completions, reference_logprobs(reference, sequences))):
-        preemptions = preemptions_of(out)
+        preemptions = compat.preemptions_of(out)
         cached = int(out.num_cached_tokens or 0)
-        outcome.num_preempted_requests += preemptions > 0
+        outcome.num_preempted_requests += compat.was_preempted(preemptions)
         request_flagged = False
         for position, (token_id, ref_logprob) in enumerate(zip(completion.token_ids, ref)):
             vllm_logprob = completion.logprobs[position][token_id].logprob

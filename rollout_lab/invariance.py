@@ -161,18 +161,18 @@ def promises_invariance(batch_invariant: bool) -> bool:
     return bool(current_platform.is_cuda() and current_platform.has_device_capability(80))
 
 
+def output_of(completion) -> Output:
+    """A vLLM CompletionOutput (sampled with logprobs) as an Output."""
+    top = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in completion.logprobs]
+    tokens = list(completion.token_ids)
+    return Output(tokens, [top[p][t] for p, t in enumerate(tokens)], top)
+
+
 def _outputs(llm, prompts: list[list[int]], params: list) -> list[Output]:
     from vllm.inputs import TokensPrompt
 
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    outputs = []
-    for result in results:
-        completion = result.outputs[0]
-        tokens = list(completion.token_ids)
-        logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, tokens)]
-        top = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in completion.logprobs]
-        outputs.append(Output(tokens, logprobs, top))
-    return outputs
+    return [output_of(result.outputs[0]) for result in results]
 
 
 def _params(mode: str, cfg: InvarianceConfig, seeds: list[int]) -> list:

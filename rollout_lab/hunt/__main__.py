@@ -32,6 +32,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from rollout_lab.hunt.runner import ORACLE_ORDER
 from rollout_lab.hunt.space import HuntRunConfig, register, with_pressure
 from rollout_lab.minimize.standalone import SAME_CLASS
 
@@ -54,11 +55,6 @@ def signature_of(engine: dict, result: dict) -> str:
     # one finding, not one per class of the requests it happened to land on.
     klass = "any" if klass in SAME_CLASS["any"] else klass
     return f"mismatch/{oracle}:{engine.get('model')}:{engine.get('engine.dtype', 'auto')}:{klass}"
-
-
-# Oracles in the order a failing trial is keyed by: the float32 reference speaks for the sampled
-# tokens; the others only when it passed them.
-ORACLE_ORDER = ("reference", "metamorphic", "batch_invariance")
 
 
 def first_flagged(oracles: dict) -> str:

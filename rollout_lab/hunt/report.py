@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from rollout_lab.hunt.runner import ORACLE_ORDER
 from rollout_lab.hunt.search import Coverage
 from rollout_lab.hunt.space import HuntRunConfig
 from rollout_lab.hunt.store import Finding, Store
@@ -147,7 +148,7 @@ def oracle_levels(trials: list[dict]) -> list[str]:
                 alone[(dtype, "identical")] += verdict.get("identical", 0)
     lines = []
     for dtype in sorted({d for d, _ in levels}):
-        parts = [f"{name} {levels[(dtype, name)]:.2g}" for name in ("reference", "metamorphic", "batch_invariance") if (dtype, name) in levels]
+        parts = [f"{name} {levels[(dtype, name)]:.2g}" for name in ORACLE_ORDER if (dtype, name) in levels]
         if alone[(dtype, "requests")]:
             parts.append(f"batch vs alone bitwise identical {alone[(dtype, 'identical')]}/{alone[(dtype, 'requests')]} requests")
         lines.append(f"- {dtype}: max |diff| " + ", ".join(parts))

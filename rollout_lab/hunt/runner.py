@@ -38,6 +38,9 @@ from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
 from rollout_lab.minimize.standalone import request_class
 
+# The oracles, in the order a failing trial is keyed by (hunt.__main__.first_flagged): the float32
+# reference speaks for the sampled tokens; the others only when it passed them.
+ORACLE_ORDER = ("reference", "metamorphic", "batch_invariance")
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
 RESCORE_MAX = 8
 # Engine steps a step-driven trace may take before it counts as stuck.
@@ -268,7 +271,7 @@ def judge(items: list[Scored], tolerance: float, attr: str) -> dict:
 def batch_invariance(llm, trace: list[TraceRequest], outputs: list, workload: dict) -> dict:
     """The batch-invariance oracle (invariance.batch_oracle) on a trial of more than one request:
     a failure only where vLLM promises invariance (VLLM_BATCH_INVARIANT=1 on a supported GPU)."""
-    from rollout_lab.invariance import Output, batch_oracle, promises_invariance
+    from rollout_lab.invariance import batch_oracle, output_of, promises_invariance
 
     if len(outputs) < 2:
         return batch_oracle(llm, [], False)
@@ -277,12 +280,8 @@ def batch_invariance(llm, trace: list[TraceRequest], outputs: list, workload: di
     for position, out in enumerate(outputs):
         # A step-driven trace names requests "<trial>-<index>"; LLM.generate returns them in order.
         index = int(str(out.request_id).rsplit("-", 1)[-1]) if "-" in str(out.request_id) else position
-        c = out.outputs[0]
-        if not c.logprobs:
-            continue
-        top = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in c.logprobs]
-        sampled.append((list(out.prompt_token_ids), params[index],
-                        Output(list(c.token_ids), [top[p][t] for p, t in enumerate(c.token_ids)], top)))
+        if out.outputs[0].logprobs:
+            sampled.append((list(out.prompt_token_ids), params[index], output_of(out.outputs[0])))
     promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
     # Where nothing is promised one request measures the noise floor; decoding alone is costly.
     return batch_oracle(llm, sampled, promised, limit=4 if promised else 1)

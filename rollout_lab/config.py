@@ -94,10 +94,12 @@ class TrainerConfig:
 class LoopConfig:
     steps: int = 3
     num_workers: int = 1
-    # |sampler - trainer| above this flags a token. null: the calibrated value for the dtype.
+    # |sampler - trainer| above this flags a token. null: the calibrated value for the dtype, else
+    # the default of rollout_lab/tolerances.py.
     spike_threshold: Optional[float] = None
     # After each weight sync, compare vLLM's and the trainer's logprobs on a fixed sequence.
     check_weight_sync: bool = True
+    # null: the engine dtype's weight_sync tolerance (rollout_lab/tolerances.py).
     weight_sync_tolerance: Optional[float] = None
 
 
@@ -125,29 +127,23 @@ class LoggerConfig:
 
 @dataclass
 class FaultConfig:
-    # A planted fault (rollout_lab/engine_hooks.py documents each); null runs vLLM as shipped.
+    # A planted fault (rollout_lab/faults.py documents each and declares its parameters in
+    # faults.PARAMS); null runs vLLM as shipped. A conf/fault/<name>.yaml preset sets every
+    # parameter to its default (the fault_params group, register_fault_params).
     name: Optional[str] = None
     params: dict[str, Any] = field(default_factory=dict)
 
 
-# Each planted fault's parameters and their defaults (documented in engine_hooks.py).
-FAULT_DEFAULTS = {
-    "stale_state": {"p": 1.0, "seed": 0},
-    "index_overflow": {"threshold": 16, "stride": 1},
-    "logit_noise": {"scale": 0.05, "seed": 0},
-    "engine_crash": {"at_step": 3},
-    "batch_threshold": {"min_batch": 4, "scale": 0.1, "seed": 0},
-}
-
-
 def fault_params(name: str, params: dict) -> dict:
-    """Defaults overlaid with the user's params; an unknown fault or key raises ConfigError."""
-    if name not in FAULT_DEFAULTS:
-        raise ConfigError(f"fault.name={name!r} is not valid; choose one of {', '.join(FAULT_DEFAULTS)}")
-    unknown = set(params) - set(FAULT_DEFAULTS[name])
+    """faults.PARAMS' defaults overlaid with the user's params; an unknown fault or key raises ConfigError."""
+    from rollout_lab.faults import PARAMS  # here: faults.py imports torch, config.py stays light
+
+    if name not in PARAMS:
+        raise ConfigError(f"fault.name={name!r} is not valid; choose one of {', '.join(PARAMS)}")
+    unknown = set(params) - set(PARAMS[name])
     if unknown:
-        raise ConfigError(f"fault {name} has no parameter {', '.join(sorted(unknown))}; it takes {', '.join(FAULT_DEFAULTS[name])}")
-    return FAULT_DEFAULTS[name] | dict(params)
+        raise ConfigError(f"fault {name} has no parameter {', '.join(sorted(unknown))}; it takes {', '.join(PARAMS[name])}")
+    return PARAMS[name] | dict(params)
 
 
 @dataclass
@@ -210,11 +206,6 @@ def apply_pressure_by_model(cfg, overrides: list[str]):
             raise ConfigError(f"pressure_by_model.{cfg.model.name}.{path}: no such key in the run config")
         OmegaConf.update(cfg, path, value, merge=False)
     return cfg
-
-
-# Spike thresholds when no calibration (calibrate.py) matches the run: clean float32 runs of the
-# embedded models on vLLM CPU agree to <7e-5 per token; bfloat16 clean max ~0.3.
-SPIKE_THRESHOLDS = {"float32": 1e-3, "bfloat16": 1.0, "float16": 0.5}
 
 
 def gpu_shares(cfg: RunConfig, cluster_gpus: float) -> tuple[float, float]:
@@ -388,3 +379,12 @@ def register() -> None:
     """Register the schema with Hydra so conf/config.yaml and overrides are type-checked."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    register_fault_params()
+
+
+def register_fault_params() -> None:
+    """faults.PARAMS as the config group fault_params: conf/fault/<name>.yaml takes its params from it."""
+    from rollout_lab.faults import PARAMS
+
+    for name, params in PARAMS.items():
+        ConfigStore.instance().store(group="fault_params", name=name, node=dict(params))

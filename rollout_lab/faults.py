@@ -6,15 +6,16 @@ corrupt what the engine computes (the block tables it reads, logits), never our 
 trainer never sees them. This module imports only torch, so a standalone repro.py can carry it
 verbatim (the minimizer does).
 
-Planted faults (ground truth for the lab's own detectors):
+Planted faults (ground truth for the lab's own detectors). PARAMS below declares each one's
+parameters and their defaults: config.fault_params and the conf/fault/<name>.yaml presets read it.
   stale_state    Trigger: a request resumes after a preemption. With probability `p` (per
                  request, seeded), it keeps reading through the block table it held before the
                  preemption (KV blocks and, for hybrid models, the SSM state slot), whose blocks
                  other requests may have been given since. Silent, rare, only under pressure.
                  The KV it then computes is wrong and enters the prefix cache, so later
                  requests with the same prompt that hit the cache go wrong too.
-  index_overflow Emulates a 32-bit offset overflow: a block id b with b * stride >= `threshold`
-                 (stride = 1 block by default, so threshold is in blocks) is read from
+  index_overflow Emulates a 32-bit offset overflow: a block id b with b * `stride` >= `threshold`
+                 (stride in blocks: at stride 1 the threshold is in blocks) is read from
                  b mod threshold. Writes are unaffected. Only requests holding blocks past the
                  threshold go wrong, so failures track cache size and the number of blocks in use.
   logit_noise    Gaussian noise of std `scale` on every logit of every request: a magnitude-only
@@ -35,6 +36,15 @@ import hashlib
 import json
 
 import torch
+
+# Each planted fault's parameters and their defaults: the one declaration.
+PARAMS = {
+    "stale_state": {"p": 1.0, "seed": 0},
+    "index_overflow": {"threshold": 16, "stride": 1},
+    "logit_noise": {"scale": 0.05, "seed": 0},
+    "engine_crash": {"at_step": 3},
+    "batch_threshold": {"min_batch": 4, "scale": 0.1, "seed": 0},
+}
 
 
 def _chance(seed: int, request_id: str) -> float:

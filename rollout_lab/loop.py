@@ -19,19 +19,17 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from rollout_lab.calibrate import environment, threshold_for
 from rollout_lab.config import RunConfig, gpu_shares, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics
 from rollout_lab.records import RolloutBatch, token_table, write_step
 from rollout_lab.sampler import PromptRequest
+from rollout_lab.tolerances import device_name, engine_version, threshold_for, tolerance
 from rollout_lab.wandb_log import RunLogger
 from rollout_lab.workload import encode_prompt, make_problems, reward
 
 # A fixed sequence whose logprobs vLLM and the trainer must agree on after every weight sync.
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19, and 6 * 7 = 42."
-# Default sync tolerance per engine dtype: the same-dtype clean agreement with margin.
-SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.2}
 
 
 @dataclass
@@ -142,7 +140,7 @@ def run(cfg: RunConfig) -> RunResult:
     )
     logger = RunLogger(cfg, run_dir, run_id, config_dict)
     all_diffs, all_rewards = [], []
-    sync_tolerance = cfg.loop.weight_sync_tolerance or SYNC_TOLERANCE[cfg.engine.dtype]
+    sync_tolerance = cfg.loop.weight_sync_tolerance or tolerance(cfg.engine.dtype).weight_sync
     initial_probe = None
     try:
         result.engine_start_seconds = ray.get([s.ready.remote() for s in samplers])
@@ -251,3 +249,19 @@ def _ray_crash(exc: Exception) -> CrashSignature:
     if isinstance(cause, EngineCrash):
         return cause.signature
     return crash_signature(cause if isinstance(cause, BaseException) else exc, phase="actor")
+
+
+def environment() -> dict[str, str]:
+    """Versions and device a run was measured with (recorded in summary.json)."""
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "engine": engine_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device_name(),
+    }

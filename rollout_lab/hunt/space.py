@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig, closest
+from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig, closest, register_fault_params
+from rollout_lab.tolerances import TOLERANCES
 
 
 @dataclass
@@ -38,12 +39,12 @@ class SpaceConfig:
 
 @dataclass
 class OracleConfig:
-    # |vLLM - transformers float32| logprob above this flags a token, per engine dtype. Clean
-    # float32 runs agree to <7e-5 (CPU and H100); bfloat16 engines to ~0.3-0.5 at most.
-    reference_tolerance: dict[str, float] = field(default_factory=lambda: {"float32": 1e-3, "bfloat16": 1.5, "float16": 1.0})
+    # |vLLM - transformers float32| logprob above this flags a token, per engine dtype; default:
+    # rollout_lab/tolerances.py's spike_threshold, as in the RL loop.
+    reference_tolerance: dict[str, float] = field(default_factory=lambda: {d: t.spike_threshold for d, t in TOLERANCES.items()})
     # |sampled logprob - the same request re-scored alone| (prompt_logprobs, no prefix-cache
-    # reads, no batch), same engine. Clean float32: <1e-4.
-    metamorphic_tolerance: dict[str, float] = field(default_factory=lambda: {"float32": 1e-3, "bfloat16": 1.5, "float16": 1.0})
+    # reads, no batch), same engine; default: tolerances.py's metamorphic.
+    metamorphic_tolerance: dict[str, float] = field(default_factory=lambda: {d: t.metamorphic for d, t in TOLERANCES.items()})
     # Seconds without progress before a trial counts as hung (engine start has its own limit).
     trial_timeout_s: float = 180.0
     engine_start_timeout_s: float = 300.0
@@ -91,6 +92,7 @@ class HuntRunConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="hunt_schema", node=HuntRunConfig)
+    register_fault_params()
 
 
 @dataclass

@@ -24,6 +24,7 @@ from rollout_lab.minimize import standalone
 from rollout_lab.minimize.reduce import KNOB_ARGS, Reduction, Size, deviating_knobs, with_knobs
 from rollout_lab.minimize.script import RANDOM_MODELS, ReproSpec, distinct_prompts, repro_source
 from rollout_lab.minimize.standalone import Case
+from rollout_lab.tolerances import clean_agreement
 
 # Exit status of run_isolated when rollout_lab was importable after all (not a standalone run).
 NOT_ISOLATED = 3
@@ -105,8 +106,8 @@ def description(reduction: Reduction, case: Case) -> str:
             happened += f" ({outcome.crash_message})"
     else:
         happened = ("the logprob vLLM returns for some sampled tokens differs from transformers' float32 "
-                    f"teacher-forced logprob by more than {expected.spike_threshold:g} (clean float32 runs agree "
-                    f"to ~6e-5), on {WHERE[expected.request_class]}")
+                    f"teacher-forced logprob by more than {expected.spike_threshold:g} "
+                    f"({clean_agreement(str(case.engine_args.get('dtype')))}), on {WHERE[expected.request_class]}")
         if outcome is not None:
             happened += f": {outcome.num_flagged}/{outcome.num_tokens} tokens, max difference {outcome.max_abs_diff:.3g}"
     return f"With {knobs} and {workload}, {happened}."

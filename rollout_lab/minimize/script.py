@@ -22,6 +22,7 @@ from typing import Optional
 
 from rollout_lab import faults, models
 from rollout_lab.minimize.standalone import Case, Expected
+from rollout_lab.tolerances import clean_agreement
 
 # Line budgets of an emitted repro.py, not counting a planted fault's carried source. A crash on a
 # hub model takes ~60; rebuilding an embedded random model inline costs ~15 more.
@@ -194,7 +195,8 @@ def _mismatch_run(spec: ReproSpec, model: str, install: str) -> str:
     from rollout_lab.minimize.standalone import SAME_CLASS
 
     return f'''{_comment("The failure: sampled tokens whose vLLM logprob is off transformers' float32 one by > TOLERANCE "
-           f"(clean float32 agrees to ~6e-5), on requests of CLASSES: {CLASS_TEXT[spec.expected.request_class]}.")}
+           f"({clean_agreement(str(spec.case.engine_args.get('dtype')))}), on requests of CLASSES: "
+           f"{CLASS_TEXT[spec.expected.request_class]}.")}
 TOLERANCE, CLASSES = {spec.expected.spike_threshold!r}, {SAME_CLASS[spec.expected.request_class]!r}
 
 

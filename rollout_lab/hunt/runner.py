@@ -4,11 +4,12 @@
     fresh one's state, plant the fault if any, drive the trace, apply the oracles -> one JSON line
     per event in the group's lines file
 
-The driver (__main__.py) runs this as a Ray task (a crash, hang or OOM kills one process, never the
-hunt) and reads the lines file as it grows. A heartbeat line every 10 s carries the engine's step
-count (and the reference's batches): a trial that makes no progress for the trial timeout is a hang
-(a slow one is not). After a crash the engine is in no known state: the group stops there, and the
-driver runs the rest of its workloads on a fresh engine of the same configuration.
+The driver (supervise.py) runs this as a Ray task (a crash, hang or OOM kills one process, never the
+hunt) and reads the lines file as it grows; each line is a protocol.TrialEvent. A heartbeat line
+every 10 s carries the engine's step count (and the reference's batches): a trial that makes no
+progress for the trial timeout is a hang (a slow one is not). After a crash the engine is in no
+known state: the group stops there, and the driver runs the rest of its workloads on a fresh
+engine of the same configuration. Once the hunt's deadline has passed no trial is started.
 
 Oracles (tolerances per engine dtype, OracleConfig):
   crash        an exception from the engine, keyed like rollout_lab.crash (type @ innermost vLLM frames)
@@ -24,23 +25,19 @@ A start that vLLM refuses with a ValueError (its config validation) is "rejected
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from rollout_lab import compat
+from rollout_lab.hunt.protocol import (EngineStarted, EngineStarting, Heartbeat, OracleVerdict, OutOfTime, TrialEvent,
+                                       TrialFinished, TrialResult, TrialStarted, WorstToken, event_line)
 from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
-from rollout_lab.minimize.standalone import request_class
-
-# The oracles, in the order a failing trial is keyed by (hunt.__main__.first_flagged): the float32
-# reference speaks for the sampled tokens; the others only when it passed them.
-ORACLE_ORDER = ("reference", "metamorphic", "batch_invariance")
+from rollout_lab.minimize.standalone import Case, Request, request_class
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
 RESCORE_MAX = 8
 # Engine steps a step-driven trace may take before it counts as stuck.
@@ -51,11 +48,15 @@ HEARTBEAT_S = 10.0
 
 @dataclass
 class GroupSpec:
+    """What the driver hands the group's process (through Ray): the engine and its trials."""
+
     group_key: str
     engine: dict
     model_path: str
-    # [{"key": trial key, "point": workload point}, ...]
-    workloads: list[dict]
+    # (trial key, workload point) of each trial, in order.
+    trials: list[tuple[str, dict]]
+    # time.time() after which no trial is started: the hunt's budget is a hard limit.
+    deadline: float
     fault: Optional[str] = None
     fault_params: dict = field(default_factory=dict)
     reference_tolerance: dict = field(default_factory=dict)
@@ -64,16 +65,15 @@ class GroupSpec:
 
 
 class Lines:
-    """The group's event file: one JSON object per line, flushed at once (the heartbeat thread writes too)."""
+    """The group's event file: one event per line, flushed at once (the heartbeat thread writes too)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.lock = threading.Lock()
 
-    def emit(self, **event) -> None:
-        event["time"] = time.time()
+    def emit(self, event: TrialEvent) -> None:
         with self.lock, self.path.open("a") as f:
-            f.write(json.dumps(event, default=str) + "\n")
+            f.write(event_line(event))
             f.flush()
             os.fsync(f.fileno())
 
@@ -99,7 +99,7 @@ def heartbeat(lines: Lines, counter: dict, group: str) -> None:
     def beat():
         while True:
             time.sleep(HEARTBEAT_S)
-            lines.emit(event="beat", group=group, steps=counter["steps"])
+            lines.emit(Heartbeat(group, counter["steps"]))
 
     threading.Thread(target=beat, daemon=True).start()
 
@@ -202,10 +202,17 @@ class Scored:
         return [abs(a - b) for a, b in zip(self.logprobs, other)]
 
 
+def request_index(out, position: int) -> int:
+    """The trace index of a finished request: a step-driven trace names its requests "<trial>-<index>";
+    LLM.generate numbers them from a counter that runs on across calls, and returns them in order."""
+    request_id = str(out.request_id)
+    return int(request_id.rsplit("-", 1)[1]) if "-" in request_id else position
+
+
 def collect(outputs: list, workload: dict) -> list[Scored]:
     scored = []
-    for out in outputs:
-        index = int(str(out.request_id).rsplit("-", 1)[-1]) if "-" in str(out.request_id) else len(scored)
+    for position, out in enumerate(outputs):
+        index = request_index(out, position)
         preemptions = compat.preemptions_of(out)
         for j, c in enumerate(out.outputs):
             lps = [c.logprobs[p][t].logprob for p, t in enumerate(c.token_ids)] if c.logprobs else []
@@ -243,7 +250,7 @@ def suspicious_first(items: list[Scored], tolerance: float) -> list[Scored]:
     return sorted(items, key=key)
 
 
-def judge(items: list[Scored], tolerance: float, attr: str) -> dict:
+def judge(items: list[Scored], tolerance: float, attr: str) -> OracleVerdict:
     """Flagged tokens of one oracle: counts, max, the class of the flagged requests, the worst token."""
     flagged_requests, flagged, worst, num = [], 0, None, 0
     for item in items:
@@ -255,55 +262,42 @@ def judge(items: list[Scored], tolerance: float, attr: str) -> dict:
         hits = [d for d in diffs if d > tolerance]
         if hits:
             flagged += len(hits)
-            flagged_requests.append((int(compat.was_preempted(item.num_preemptions)), item.num_cached_tokens))
+            flagged_requests.append((item.num_preemptions, item.num_cached_tokens))  # None: unknown, as recorded
         for p, d in enumerate(diffs):
-            if worst is None or d > worst["diff"]:
-                worst = {"diff": d, "request": item.request, "position": p, "token_id": item.token_ids[p]}
-    return {
-        "tokens": num,
-        "flagged": flagged,
-        "max": worst["diff"] if worst else 0.0,
-        "class": request_class(flagged_requests),
-        "worst": worst,
-    }
+            if worst is None or d > worst.diff:
+                worst = WorstToken(d, item.request, p, item.token_ids[p])
+    return OracleVerdict(num, flagged, worst.diff if worst else 0.0, request_class(flagged_requests), worst)
 
 
-def batch_invariance(llm, trace: list[TraceRequest], outputs: list, workload: dict) -> dict:
+def batch_invariance(llm, trace: list[TraceRequest], outputs: list, workload: dict) -> OracleVerdict:
     """The batch-invariance oracle (invariance.batch_oracle) on a trial of more than one request:
     a failure only where vLLM promises invariance (VLLM_BATCH_INVARIANT=1 on a supported GPU)."""
     from rollout_lab.invariance import batch_oracle, output_of, promises_invariance
 
     if len(outputs) < 2:
-        return batch_oracle(llm, [], False)
-    params = trace_params(trace, workload)
-    sampled = []
-    for position, out in enumerate(outputs):
-        # A step-driven trace names requests "<trial>-<index>"; LLM.generate returns them in order.
-        index = int(str(out.request_id).rsplit("-", 1)[-1]) if "-" in str(out.request_id) else position
-        if out.outputs[0].logprobs:
-            sampled.append((list(out.prompt_token_ids), params[index], output_of(out.outputs[0])))
-    promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
-    # Where nothing is promised one request measures the noise floor; decoding alone is costly.
-    return batch_oracle(llm, sampled, promised, limit=4 if promised else 1)
+        verdict = batch_oracle(llm, [], False)
+    else:
+        params = trace_params(trace, workload)
+        sampled = [(list(out.prompt_token_ids), params[request_index(out, position)], output_of(out.outputs[0]))
+                   for position, out in enumerate(outputs) if out.outputs[0].logprobs]
+        promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
+        # Where nothing is promised one request measures the noise floor; decoding alone is costly.
+        verdict = batch_oracle(llm, sampled, promised, limit=4 if promised else 1)
+    return OracleVerdict(verdict["tokens"], verdict["flagged"], verdict["max"], verdict["class"], None, verdict["requests"],
+                         verdict["identical"], verdict["promised"], verdict["first_token_diff"])
 
 
-def trace_case(trace: list[TraceRequest], workload: dict, keep: Optional[list[int]] = None) -> dict:
-    """The trace as a minimizer Case's workload fields (every request at once, in order)."""
+def trial_case(spec: GroupSpec, workload: dict, requests: list[Request]) -> Case:
+    """A trial's requests, all at once, as a minimizer Case (the model by its hunt name, no fault)."""
     sampling = sampling_args(workload)
-    indices = range(len(trace)) if keep is None else keep
-    return {
-        "requests": [{"prompt_token_ids": trace[i].prompt_token_ids, "seed": request_seed(workload, i) or i,
-                      "prompt_index": i, "sample_index": 0} for i in indices],
-        "max_tokens": int(sampling.get("max_tokens", 16)),
-        "temperature": float(sampling.get("temperature", 1.0)),
-        "top_p": float(sampling.get("top_p", 1.0)),
-        "top_k": int(sampling.get("top_k", -1)),
-    }
+    return Case(str(spec.engine["model"]), engine_args(spec.engine) | {"disable_log_stats": False}, requests,
+                max_tokens=int(sampling.get("max_tokens", 16)), temperature=float(sampling.get("temperature", 1.0)),
+                top_p=float(sampling.get("top_p", 1.0)), top_k=int(sampling.get("top_k", -1)))
 
 
 def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[TraceRequest], trial: str,
-              dtype: str, progress: Optional[dict] = None) -> dict:
-    """One workload on the (reset) engine: the result line's fields."""
+              dtype: str, progress: Optional[dict] = None) -> TrialResult:
+    """One workload on the (reset) engine, judged by every oracle."""
     from rollout_lab.minimize.standalone import reference_logprobs
 
     t0 = time.perf_counter()
@@ -329,26 +323,24 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
         "batch_invariance": batch_invariance(llm, trace, outputs, workload),
     }
     t4 = time.perf_counter()
-    failed = [name for name, o in oracles.items() if o["flagged"]]
-    result = {
-        "status": "fail" if failed else "ok",
-        "oracles": oracles,
-        "failed_oracles": failed,
-        "num_requests": len(trace),
-        "num_aborted": len(aborted),
-        "num_tokens": sum(len(s.token_ids) for s in items),
-        "preempted_requests": sum(1 for s in items if compat.was_preempted(s.num_preemptions)),
-        "cached_requests": sum(1 for s in items if s.num_cached_tokens > 0),
-        "batch": is_batch(trace),
-        "phase_seconds": {"engine": round(t1 - t0, 2), "reference": round(t2 - t1, 2), "rescore": round(t3 - t2, 2),
-                          "alone": round(t4 - t3, 2)},
-    }
-    if failed:
+    result = TrialResult(
+        "fail" if any(o.flagged for o in oracles.values()) else "ok",
+        dtype=dtype,
+        oracles=oracles,
+        num_requests=len(trace),
+        num_aborted=len(aborted),
+        num_tokens=sum(len(s.token_ids) for s in items),
+        preempted_requests=sum(1 for s in items if compat.was_preempted(s.num_preemptions)),
+        cached_requests=sum(1 for s in items if s.num_cached_tokens > 0),
+        batch=is_batch(trace),
+        phase_seconds={"engine": round(t1 - t0, 2), "reference": round(t2 - t1, 2), "rescore": round(t3 - t2, 2),
+                       "alone": round(t4 - t3, 2)},
+    )
+    if result.status == "fail":
         # The requests that completed, all at once; n > 1 becomes n requests with seeds of their own.
-        result["case"] = trace_case(trace, workload, keep=[]) | {
-            "requests": [{"prompt_token_ids": s.prompt_token_ids, "seed": (s.seed if s.seed is not None else i) + s.completion,
-                          "prompt_index": s.request, "sample_index": s.completion} for i, s in enumerate(items)],
-        }
+        result.case = trial_case(spec, workload, [
+            Request(s.prompt_token_ids, (s.seed if s.seed is not None else i) + s.completion, s.request, s.completion)
+            for i, s in enumerate(items)])
     return result
 
 
@@ -412,56 +404,65 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     from rollout_lab.crash import crash_signature
-    from rollout_lab.minimize.standalone import Case, install_fault, load_reference
+    from rollout_lab.minimize.standalone import install_fault, load_reference
     from rollout_lab.minimize.trials import _remember_clean, reset_engine
 
     lines = Lines(Path(lines_path))
     args = engine_args(spec.engine) | {"disable_log_stats": False}
-    lines.emit(event="engine_start", group=spec.group_key, args=args)
+    lines.emit(EngineStarting(spec.group_key, args))
     started = time.perf_counter()
     try:
         from vllm import LLM
 
         llm = LLM(model=spec.model_path, **args)
     except Exception as exc:
-        signature = crash_signature(exc, phase="engine_start")
-        lines.emit(event="engine", group=spec.group_key, status="rejected" if compat.is_rejection(exc) else "crash",
-                   seconds=time.perf_counter() - started, crash=signature.to_dict(), message=rejection_message(exc))
+        lines.emit(EngineStarted(spec.group_key, "rejected" if compat.is_rejection(exc) else "crash",
+                                 time.perf_counter() - started, crash=crash_signature(exc, phase="engine_start"),
+                                 message=rejection_message(exc)))
         return
     config = llm.llm_engine.vllm_config
     dtype = str(config.model_config.dtype).removeprefix("torch.")
     limits = Limits(config.model_config.max_model_len, config.scheduler_config.max_num_batched_tokens,
                     config.cache_config.block_size, int(config.cache_config.num_gpu_blocks or 0))
-    lines.emit(event="engine", group=spec.group_key, status="ok", seconds=time.perf_counter() - started,
-               limits=asdict(limits), dtype=dtype, blocks=config.cache_config.num_gpu_blocks)
+    lines.emit(EngineStarted(spec.group_key, "ok", time.perf_counter() - started, dtype, config.cache_config.num_gpu_blocks))
     llm.collective_rpc(_remember_clean)
     counter = count_engine_steps(llm)
     heartbeat(lines, counter, spec.group_key)
     pool = token_pool(llm.get_tokenizer())
     reference = load_reference(spec.model_path)
-    for i, w in enumerate(spec.workloads):
-        trial, workload = w["key"], w["point"]
-        lines.emit(event="start", group=spec.group_key, trial=trial)
-        t0 = time.perf_counter()
+
+    def run_one(i: int, trial: str, workload: dict) -> TrialResult:
         max_tokens = int(sampling_args(workload).get("max_tokens", 16))
         trace = make_trace(workload["generator"], int(workload["seed"]), pool, limits, max_tokens)
         try:
             trace_params(trace, workload)
         except RejectedWorkload as exc:
-            lines.emit(event="result", group=spec.group_key, trial=trial, point=workload, status="rejected",
-                       seconds=time.perf_counter() - t0, message=str(exc))
-            continue
+            return TrialResult("rejected", message=str(exc))
         try:
             if i:
                 reset_engine(llm)
             if spec.fault:
                 install_fault(llm, Case(spec.model_path, {}, [], 0, fault=spec.fault, fault_params=spec.fault_params))
-            result = run_trial(llm, reference, spec, workload, trace, trial, dtype, counter)
+            return run_trial(llm, reference, spec, workload, trace, trial, dtype, counter)
         except BaseException as exc:  # SystemExit too: vLLM ends a dead engine core that way
-            signature = crash_signature(exc)
-            lines.emit(event="result", group=spec.group_key, trial=trial, point=workload, status="crash",
-                       seconds=time.perf_counter() - t0, crash=signature.to_dict(), where=traceback.format_exc()[-2000:],
-                       case_for_crash=trace_case(trace, workload))
+            requests = [Request(r.prompt_token_ids, request_seed(workload, j) or j, j, 0) for j, r in enumerate(trace)]
+            return TrialResult("crash", dtype=dtype, crash=crash_signature(exc), case=trial_case(spec, workload, requests))
+
+    run_trials(spec, lines, run_one)
+
+
+def run_trials(spec: GroupSpec, lines: Lines, run_one: Callable[[int, str, dict], TrialResult],
+               clock: Callable[[], float] = time.time) -> None:
+    """The group's trials in turn, each its start and result line, until one crashes the engine; none
+    is started once `clock()` reaches the spec's deadline (a trial in flight then still finishes)."""
+    for i, (trial, workload) in enumerate(spec.trials):
+        if clock() >= spec.deadline:
+            lines.emit(OutOfTime(spec.group_key, trial))
             return
-        lines.emit(event="result", group=spec.group_key, trial=trial, point=workload, seconds=time.perf_counter() - t0,
-                   dtype=dtype, **result)
+        lines.emit(TrialStarted(spec.group_key, trial))
+        t0 = time.perf_counter()
+        result = run_one(i, trial, workload)
+        result.seconds = time.perf_counter() - t0
+        lines.emit(TrialFinished(spec.group_key, trial, workload, result))
+        if result.status == "crash":
+            return

@@ -1,9 +1,10 @@
 """The hunt's findings store: one SQLite file (hunt.db) in the hunt dir, written as results arrive.
 
 Tables: groups (one engine configuration each), trials (one workload on it: its config, every
-oracle's verdict, time), findings (one per distinct signature), meta (the hunt clock). Every write
-is its own transaction, so a SIGKILL loses at most the trial in flight, and a resumed hunt reads
-back everything it needs: which trials ran (none is repeated), the coverage, the findings.
+oracle's verdict, time), findings (one per distinct signature, a protocol.Finding), meta (the
+hunt clock). Every write is its own transaction, so a SIGKILL loses at most the trial in flight,
+and a resumed hunt reads back everything it needs: which trials ran (none is repeated), the
+coverage, the findings. No path in it is absolute: a hunt dir copied to another machine resumes.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-SCHEMA_VERSION = 1
+from rollout_lab.hunt.protocol import Finding, Signature, TrialResult
+
+# 2: typed records (protocol.py): a trial's result and a finding are one JSON record each.
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -22,10 +26,9 @@ CREATE TABLE IF NOT EXISTS groups (
     engine_seconds REAL, started REAL);
 CREATE TABLE IF NOT EXISTS trials (
     key TEXT PRIMARY KEY, group_idx INTEGER, engine TEXT, workload TEXT, status TEXT,
-    signature TEXT, oracles TEXT, result TEXT, seconds REAL, elapsed REAL);
+    signature TEXT, result TEXT, seconds REAL, elapsed REAL);
 CREATE TABLE IF NOT EXISTS findings (
-    signature TEXT PRIMARY KEY, kind TEXT, first_trial TEXT, first_elapsed REAL, first_trial_number INTEGER,
-    trials INTEGER, model TEXT, dtype TEXT, trigger TEXT, repro TEXT, repro_rate TEXT, state TEXT, detail TEXT);
+    signature TEXT PRIMARY KEY, kind TEXT, state TEXT, first_elapsed REAL, record TEXT);
 """
 
 
@@ -34,22 +37,29 @@ class StoreError(RuntimeError):
 
 
 @dataclass
-class Finding:
-    signature: str
-    kind: str  # crash / hang / mismatch
-    first_trial: str
-    first_elapsed: float
-    first_trial_number: int
-    trials: int
-    model: str
-    dtype: str
-    trigger: Optional[list] = None  # the knobs that switch it on (from the minimizer)
-    repro: Optional[str] = None
-    repro_rate: Optional[str] = None  # "k/n" standalone runs that reproduced
-    # new / minimized / verified / flaky / not_minimized / no_repro / known / duplicate (of the
-    # minimized finding in detail["duplicate_of"], whose trigger holds in its engine)
-    state: str = "new"
-    detail: Optional[dict] = None
+class GroupRow:
+    idx: int
+    key: str
+    engine: dict
+    reason: str
+    # running / ok / rejected / crash / hang / died / skipped / killed / out_of_time
+    status: str
+    message: Optional[str]
+    engine_seconds: Optional[float]
+    started: float
+
+
+@dataclass
+class TrialRow:
+    key: str
+    group_idx: int
+    engine: dict
+    workload: dict
+    status: str
+    signature: Optional[Signature]
+    result: TrialResult
+    seconds: float
+    elapsed: float  # hunt seconds when it was recorded
 
 
 class Store:
@@ -64,7 +74,8 @@ class Store:
         if version is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
         elif int(version) != SCHEMA_VERSION:
-            raise StoreError(f"{path} has schema version {version}; this rollout_lab reads {SCHEMA_VERSION}")
+            raise StoreError(f"{path} has schema version {version}; this rollout_lab reads {SCHEMA_VERSION} "
+                             f"(finish that hunt with the rollout_lab that started it, or pick a new dir)")
 
     def meta(self, key: str, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -82,52 +93,43 @@ class Store:
         self.db.execute("UPDATE groups SET status=?, message=?, engine_seconds=COALESCE(?, engine_seconds) WHERE idx=?",
                         (status, message, engine_seconds, idx))
 
-    def groups(self) -> list[dict]:
+    def groups(self) -> list[GroupRow]:
         rows = self.db.execute("SELECT idx, key, engine, reason, status, message, engine_seconds, started FROM groups ORDER BY idx")
-        return [dict(idx=r[0], key=r[1], engine=json.loads(r[2]), reason=r[3], status=r[4], message=r[5],
-                     engine_seconds=r[6], started=r[7]) for r in rows]
+        return [GroupRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
 
     def next_group_index(self) -> int:
         row = self.db.execute("SELECT MAX(idx) FROM groups").fetchone()
         return 0 if row[0] is None else row[0] + 1
 
     # trials
-    def add_trial(self, key: str, group_idx: int, engine: dict, workload: dict, status: str, signature: Optional[str],
-                  result: dict, seconds: float, elapsed: float) -> None:
+    def add_trial(self, row: TrialRow) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (key, group_idx, json.dumps(engine), json.dumps(workload), status, signature,
-             json.dumps(result.get("oracles", {})), json.dumps(result, default=str), seconds, elapsed),
+            "INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?)",
+            (row.key, row.group_idx, json.dumps(row.engine), json.dumps(row.workload), row.status,
+             None if row.signature is None else str(row.signature), json.dumps(row.result.to_json(), default=str),
+             row.seconds, row.elapsed),
         )
 
     def trial_keys(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM trials")}
 
-    def trials(self) -> list[dict]:
+    def trials(self) -> list[TrialRow]:
         rows = self.db.execute(
             "SELECT key, group_idx, engine, workload, status, signature, result, seconds, elapsed FROM trials ORDER BY rowid")
-        return [dict(key=r[0], group_idx=r[1], engine=json.loads(r[2]), workload=json.loads(r[3]), status=r[4],
-                     signature=r[5], result=json.loads(r[6]), seconds=r[7], elapsed=r[8]) for r in rows]
+        return [TrialRow(r[0], r[1], json.loads(r[2]), json.loads(r[3]), r[4], Signature.parse(r[5]) if r[5] else None,
+                         TrialResult.from_json(json.loads(r[6])), r[7], r[8]) for r in rows]
 
     def count_trials(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
 
     # findings
-    def finding(self, signature: str) -> Optional[Finding]:
-        row = self.db.execute("SELECT * FROM findings WHERE signature=?", (signature,)).fetchone()
-        return self._finding(row) if row else None
+    def finding(self, signature: Signature) -> Optional[Finding]:
+        row = self.db.execute("SELECT record FROM findings WHERE signature=?", (str(signature),)).fetchone()
+        return Finding.from_json(json.loads(row[0])) if row else None
 
     def findings(self) -> list[Finding]:
-        return [self._finding(r) for r in self.db.execute("SELECT * FROM findings ORDER BY first_elapsed")]
+        return [Finding.from_json(json.loads(r[0])) for r in self.db.execute("SELECT record FROM findings ORDER BY first_elapsed")]
 
     def put_finding(self, f: Finding) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO findings VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (f.signature, f.kind, f.first_trial, f.first_elapsed, f.first_trial_number, f.trials, f.model, f.dtype,
-             json.dumps(f.trigger), f.repro, f.repro_rate, f.state, json.dumps(f.detail, default=str)),
-        )
-
-    @staticmethod
-    def _finding(row) -> Finding:
-        return Finding(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], json.loads(row[8]) if row[8] else None,
-                       row[9], row[10], row[11], json.loads(row[12]) if row[12] else None)
+        self.db.execute("INSERT OR REPLACE INTO findings VALUES (?,?,?,?,?)",
+                        (str(f.signature), f.kind, f.state, f.first_elapsed, json.dumps(f.to_json(), default=str)))

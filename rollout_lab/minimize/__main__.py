@@ -12,7 +12,6 @@ the history of the minimizer's long-lived engine), the smallest accepted reducti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -43,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rollout_lab.config import ConfigError
     from rollout_lab.minimize import emit
+    from rollout_lab.minimize.handoff import MinimizedResult
     from rollout_lab.minimize.predicate import RunDirError, load_case, load_run
     from rollout_lab.minimize.reduce import Size, deviating_knobs, knob_targets, minimize
     from rollout_lab.minimize.trials import Rule, TrialRunner
@@ -82,17 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"{len(reduction.records)} runs, {reduction.seconds:.0f} s")
     confirmation, flips = emit.write(reduction, out_dir, verify=not args.no_verify, console=console)
     case = confirmation.case if confirmation is not None else reduction.case
-    (out_dir / "minimized.json").write_text(json.dumps({
-        "engine_args": case.engine_args,
-        "knobs": deviating_knobs(case.engine_args, targets),
-        "before": reduction.before.describe(),
-        "after": Size.of(case, targets).describe(),
-        "runs": len(reduction.records),
-        "seconds": round(reduction.seconds, 1),
-        "steps_back": confirmation.steps_back if confirmation is not None else None,
-        # What `python repro.py` needs here: the lab's copy of a model the script does not rebuild.
-        "verify_args": list(emit.lab_args(reduction, case)),
-    }, indent=2))
+    MinimizedResult(
+        engine_args=case.engine_args,
+        knobs=deviating_knobs(case.engine_args, targets),
+        before=reduction.before.describe(),
+        after=Size.of(case, targets).describe(),
+        runs=len(reduction.records),
+        seconds=round(reduction.seconds, 1),
+        steps_back=confirmation.steps_back if confirmation is not None else None,
+        verify_args=list(emit.lab_args(reduction, case)),
+    ).write(out_dir)
     console.print(f"[bold]wrote[/] {out_dir / 'repro.py'}, {out_dir / 'REPORT.md'} and {out_dir / emit.LOG_NAME}")
     ok = True
     if confirmation is not None:

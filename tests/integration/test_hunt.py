@@ -5,7 +5,6 @@ fault as a mismatch on preempted requests; killed with SIGKILL (the whole proces
 the engine included) and started again on the same dir, it must repeat no trial and keep every
 finding. Minimization is left to the minimizer's own tests (hunt.minimize=false) to keep CI short.
 """
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout_lab.hunt.__main__ import read_lines
+from rollout_lab.hunt.protocol import TrialStarted, read_events
 from rollout_lab.hunt.store import Store
 
 pytestmark = pytest.mark.integration
@@ -47,8 +46,8 @@ def test_hunt_finds_planted_stale_state_and_a_killed_hunt_resumes_without_repeat
     output = first.communicate()[0]
     found = findings(hunt_dir)
     assert found, output[-3000:]
-    stale = [f for f in found if f.signature.startswith("mismatch/reference:smollm2:float32:preempted")]
-    assert stale, [f.signature for f in found]
+    stale = [f for f in found if str(f.signature) == "mismatch/reference:smollm2:float32:preempted"]
+    assert stale, [str(f.signature) for f in found]
     before = Store(hunt_dir / "hunt.db")
     trials_before, hits_before = before.trial_keys(), {f.signature: f.trials for f in found}
 
@@ -60,20 +59,21 @@ def test_hunt_finds_planted_stale_state_and_a_killed_hunt_resumes_without_repeat
     after = Store(hunt_dir / "hunt.db")
     assert trials_before <= after.trial_keys() and len(after.trial_keys()) > len(trials_before)
     # No trial ran twice: every trial started once across both sessions' engine processes.
-    starts = [e["trial"] for path in sorted((hunt_dir / "lines").glob("*.jsonl"))
-              for e in read_lines(path, 0)[0] if e["event"] == "start"]
+    starts = [e.trial for path in sorted((hunt_dir / "lines").glob("*.jsonl"))
+              for e in read_events(path, 0)[0] if isinstance(e, TrialStarted)]
     assert len(starts) == len(set(starts)), starts
     # No finding lost: each is still there, with at least as many hits.
     kept = {f.signature: f.trials for f in after.findings()}
     assert all(kept.get(sig, 0) >= hits for sig, hits in hits_before.items()), (hits_before, kept)
     # The clock went on from where the first session stopped.
-    assert after.meta("elapsed_s") > max(t["elapsed"] for t in before.trials())
+    assert after.meta("elapsed_s") > max(t.elapsed for t in before.trials())
 
     report = (hunt_dir / "HUNT_REPORT.md").read_text()
-    assert stale[0].signature in report
+    assert str(stale[0].signature) in report
     assert (hunt_dir / "findings_over_time.png").stat().st_size > 0
     # The killed group is accounted for, not left running.
-    assert all(g["status"] != "running" for g in after.groups())
-    trial = next(t for t in after.trials() if t["signature"] == stale[0].signature)
-    assert trial["result"]["preempted_requests"] > 0 and trial["result"]["oracles"]["reference"]["max"] > 1e-3
-    json.dumps(trial)  # the store's rows are plain JSON
+    assert all(g.status != "running" for g in after.groups())
+    trial = next(t for t in after.trials() if t.signature == stale[0].signature)
+    assert trial.result.preempted_requests > 0 and trial.result.oracles["reference"].max_diff > 1e-3
+    # The case handed to the minimizer holds the trial's requests, each with its request's seed.
+    assert stale[0].result.case.requests and stale[0].result.case.model == "smollm2"

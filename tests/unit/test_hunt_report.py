@@ -8,7 +8,8 @@ import pytest
 from rollout_lab.hunt import report
 from rollout_lab.hunt.search import Coverage
 from rollout_lab.hunt.space import HuntRunConfig
-from rollout_lab.hunt.store import Finding, Store
+from rollout_lab.hunt.protocol import Finding, Signature, TrialResult
+from rollout_lab.hunt.store import Store, TrialRow
 from rollout_lab.wandb_log import read_offline_run
 
 DIMS = {"model": ["smollm2", "mamba2-tiny"], "engine.dtype": ["float32", "bfloat16"], "generator": ["chat", "long", "shared"]}
@@ -41,12 +42,13 @@ def hunt(tmp_path):
     store.add_group(2, "g2", ENGINE | {"engine.dtype": "bfloat16"}, "explore", 2.0)
     store.end_group(2, "hang", "no progress for 180 s (trial)")
     for i, status in enumerate(["ok", "fail", "crash", "fail", "hang"]):
-        store.add_trial(f"t{i}", 0 if i < 4 else 2, ENGINE, WORKLOAD | {"seed": i}, status, None, {}, 1.0, 10.0 * i)
+        store.add_trial(TrialRow(f"t{i}", 0 if i < 4 else 2, ENGINE, WORKLOAD | {"seed": i}, status, None, TrialResult(status),
+                                 1.0, 10.0 * i))
     # Hit by more trials, but not minimized: ranks below the verified one.
-    store.put_finding(Finding("mismatch/metamorphic:smollm2:float32:preempted", "mismatch", "t1", 10.0, 2, 3,
-                              "smollm2", "float32", state="not_minimized"))
-    store.put_finding(Finding("ValueError@vllm/sampler.py", "crash", "t2", 20.0, 3, 1, "smollm2", "float32",
-                              trigger=["prefix_caching", "chunked_prefill"], repro=str(hunt_dir / "repro" / "f01" / "repro.py"),
+    store.put_finding(Finding(Signature.parse("mismatch/metamorphic:smollm2:float32:preempted"), "t1", 10.0, 2, 3,
+                              ENGINE, WORKLOAD, TrialResult("fail"), state="not_minimized"))
+    store.put_finding(Finding(Signature.parse("ValueError@vllm/sampler.py"), "t2", 20.0, 3, 1, ENGINE, WORKLOAD,
+                              TrialResult("crash"), trigger=["prefix_caching", "chunked_prefill"], repro="repro/f01/repro.py",
                               repro_rate="5/5", state="verified"))
     store.set_meta("elapsed_s", 41.0)
     coverage = Coverage(DIMS)

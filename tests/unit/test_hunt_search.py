@@ -1,14 +1,14 @@
-"""The hunt's search: coverage bookkeeping, seeded reproducibility, exploitation, dedup keys, store resume."""
+"""The hunt's search: coverage bookkeeping, seeded reproducibility, exploitation, dedup keys, triage."""
 from pathlib import Path
-import random
 
 import pytest
 
 from rollout_lab.config import ConfigError
-from rollout_lab.hunt.__main__ import behaviours, read_lines, signature_of
+from rollout_lab.crash import CrashSignature
+from rollout_lab.hunt.protocol import Finding, OracleVerdict, Signature, TrialResult, write_known_bug
 from rollout_lab.hunt.search import Coverage, Planner
 from rollout_lab.hunt.space import Space, SpaceConfig, engine_args, point_key, sampling_args, with_pressure
-from rollout_lab.hunt.store import Finding, Store, StoreError
+from rollout_lab.hunt.triage import behaviours
 from rollout_lab.hunt.workloads import GENERATORS, Limits, is_batch, make_trace
 
 
@@ -123,53 +123,34 @@ def test_timed_traces_add_requests_late_and_abort_some():
 
 def test_signatures_key_crashes_by_site_and_mismatches_by_oracle_model_dtype_and_class():
     engine = {"model": "smollm2", "engine.dtype": "float32"}
-    crash = {"status": "crash", "crash": {"key": "IndexError@vllm/x.py:f"}}
-    assert signature_of(engine, crash) == "IndexError@vllm/x.py:f"
-    both = {"status": "fail", "oracles": {"reference": {"flagged": 3, "class": "preempted"},
-                                          "metamorphic": {"flagged": 2, "class": "any"}}}
-    assert signature_of(engine, both) == "mismatch/reference:smollm2:float32:preempted"
-    alone = {"status": "fail", "oracles": {"reference": {"flagged": 0, "class": None},
-                                           "metamorphic": {"flagged": 2, "class": "any"}}}
-    assert signature_of(engine, alone) == "mismatch/metamorphic:smollm2:float32:any"
-    assert signature_of(engine, {"status": "hang", "phase": "trial"}) == "hang@trial:smollm2"
+    crash = TrialResult("crash", crash=CrashSignature("IndexError", "m", ["vllm/x.py:f"]))
+    assert str(crash.signature(engine)) == "IndexError@vllm/x.py:f"
+    both = TrialResult("fail", oracles={"reference": OracleVerdict(flagged=3, request_class="preempted"),
+                                        "metamorphic": OracleVerdict(flagged=2, request_class="any")})
+    assert str(both.signature(engine)) == "mismatch/reference:smollm2:float32:preempted"
+    alone = TrialResult("fail", oracles={"reference": OracleVerdict(), "metamorphic": OracleVerdict(flagged=2, request_class="any")})
+    assert str(alone.signature(engine)) == "mismatch/metamorphic:smollm2:float32:any"
+    assert str(TrialResult("hang", phase="trial").signature(engine)) == "hang@trial:smollm2"
+    assert str(TrialResult("died", phase="engine_start").signature(engine)) == "died@engine_start:smollm2"
+    assert TrialResult("ok").signature(engine) is None and TrialResult("harness_error").signature(engine) is None
     # Flagged prefix-cache hits are the same failure as flagged ordinary requests, as for the minimizer.
-    cached = {"status": "fail", "oracles": {"reference": {"flagged": 1, "class": "prefix_cached"}, "metamorphic": {"flagged": 0}}}
-    assert signature_of(engine, cached) == "mismatch/reference:smollm2:float32:any"
+    cached = TrialResult("fail", oracles={"reference": OracleVerdict(flagged=1, request_class="prefix_cached")})
+    assert str(cached.signature(engine)) == "mismatch/reference:smollm2:float32:any"
 
 
-def test_store_keeps_trials_and_findings_across_reopening_and_refuses_a_corrupt_file(tmp_path):
-    store = Store(tmp_path / "hunt.db")
-    store.add_group(0, "g", {"model": "a"}, "explore", 1.0)
-    store.add_trial("t1", 0, {"model": "a"}, {"generator": "x"}, "fail", "sig", {"oracles": {}}, 2.0, 10.0)
-    store.put_finding(Finding("sig", "mismatch", "t1", 10.0, 1, 1, "a", "float32"))
-    store.set_meta("elapsed_s", 12.5)
-    again = Store(tmp_path / "hunt.db")
-    assert again.trial_keys() == {"t1"} and again.next_group_index() == 1
-    assert again.finding("sig").first_trial == "t1" and again.meta("elapsed_s") == 12.5
-    bad = tmp_path / "bad.db"
-    bad.write_bytes(b"not a database" * 100)
-    with pytest.raises(StoreError, match="bad.db is not a readable hunt store"):
-        Store(bad)
-
-
-def test_read_lines_returns_complete_lines_only_and_resumes_from_the_offset(tmp_path):
-    path = tmp_path / "g.jsonl"
-    path.write_text('{"event": "start"}\n{"event": "res')
-    events, offset = read_lines(path, 0)
-    assert events == [{"event": "start"}]
-    with path.open("a") as f:
-        f.write('ult"}\n')
-    events, offset = read_lines(path, offset)
-    assert events == [{"event": "result"}] and offset == path.stat().st_size
+def test_a_failing_trial_is_keyed_by_the_first_oracle_in_order_that_flagged():
+    late = TrialResult("fail", oracles={"batch_invariance": OracleVerdict(flagged=1), "reference": OracleVerdict(),
+                                        "metamorphic": OracleVerdict(flagged=1)})
+    assert late.first_flagged() == "metamorphic" and late.failed_oracles == ["metamorphic", "batch_invariance"]
 
 
 def test_behaviours_are_what_the_engine_did_in_a_trial():
-    quiet = {"status": "ok", "num_tokens": 10, "preempted_requests": 0, "cached_requests": 0, "num_aborted": 0, "batch": True}
+    quiet = TrialResult("ok", num_tokens=10)
     assert behaviours(quiet) == ["plain"]
-    busy = quiet | {"preempted_requests": 2, "cached_requests": 1, "num_aborted": 1, "batch": False}
+    busy = TrialResult("fail", num_tokens=10, preempted_requests=2, cached_requests=1, num_aborted=1, batch=False)
     assert behaviours(busy) == ["preempted", "prefix_cache_hit", "aborted", "stepped_trace"]
-    assert behaviours({"status": "crash", "crash": {"key": "x"}}) == ["status:crash"]
-    assert behaviours({"status": "rejected", "message": "no"}) == []
+    assert behaviours(TrialResult("crash")) == ["status:crash"]
+    assert behaviours(TrialResult("rejected", message="no")) == []
 
 
 def test_the_planner_proposes_no_workload_that_fails_validation():
@@ -206,55 +187,8 @@ def test_a_pressure_preset_gives_the_hunt_its_values_for_the_drawn_model():
     assert hybrid["engine.enable_prefix_caching"] is False and "engine.enable_prefix_caching" not in attention
 
 
-def test_a_crash_raised_by_the_harness_outside_vllm_is_not_a_finding(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from rollout_lab.hunt.__main__ import Hunt
-    from rollout_lab.hunt.space import HuntRunConfig, register
-
-    register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(compose("hunt_run", overrides=["hunt=smoke"]))
-    assert isinstance(cfg, HuntRunConfig)
-    hunt = Hunt(cfg, tmp_path)
-    group = {"idx": 0, "engine": {"model": "smollm2"}}
-    hunt.store.add_group(0, "g", group["engine"], "explore", 0.0)
-    ours = {"exception_type": "AttributeError", "message": "no attribute", "vllm_frames": [], "key": "AttributeError@no-vllm-frame",
-            "traceback": 'File "/x/rollout_lab/hunt/runner.py", line 198, in collect'}
-    hunt.record_trial(group, "t1", {"generator": "many_short"}, {"status": "crash", "crash": ours})
-    assert hunt.store.findings() == []
-    engines = ours | {"vllm_frames": ["vllm/v1/a.py:f"], "key": "AttributeError@vllm/v1/a.py:f"}
-    hunt.record_trial(group, "t2", {"generator": "many_short"}, {"status": "crash", "crash": engines})
-    assert [f.signature for f in hunt.store.findings()] == ["AttributeError@vllm/v1/a.py:f"]
-
-
-def test_a_crash_with_the_signature_of_a_repro_in_the_repo_is_known_and_not_minimized_again(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from rollout_lab.hunt.__main__ import Hunt, known_bugs
-    from rollout_lab.hunt.space import register
-
-    repro = tmp_path / "repros" / "bug" / "repro.py"
-    repro.parent.mkdir(parents=True)
-    repro.write_text("EXPECTED = Expected(kind='crash', spike_threshold=0.001, crash_key='E@vllm/a.py:f', request_class=None)\n")
-    assert known_bugs(tmp_path / "repros") == {"E@vllm/a.py:f": str(repro)}
-    assert known_bugs(tmp_path / "missing") == {}
-    register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(compose("hunt_run", overrides=["hunt=smoke", f"hunt.known_repros={tmp_path / 'repros'}"]))
-    hunt = Hunt(cfg, tmp_path / "hunt")
-    group = {"idx": 0, "engine": {"model": "smollm2"}}
-    hunt.store.add_group(0, "g", group["engine"], "explore", 0.0)
-    crash = {"exception_type": "E", "message": "m", "vllm_frames": ["vllm/a.py:f"], "key": "E@vllm/a.py:f", "traceback": ""}
-    hunt.record_trial(group, "t1", {"generator": "many_short"}, {"status": "crash", "crash": crash})
-    [finding] = hunt.store.findings()
-    assert finding.state == "known" and finding.repro == str(repro)
-
-
 def test_a_minimization_leaves_the_verification_its_time_but_never_drops_below_the_floor():
-    from rollout_lab.hunt.__main__ import seconds_for_minimization
+    from rollout_lab.hunt.repros import seconds_for_minimization
 
     assert seconds_for_minimization(left=800, verification=4 * 45, floor=300) == 620
     assert seconds_for_minimization(left=400, verification=4 * 45, floor=300) == 300
@@ -262,44 +196,43 @@ def test_a_minimization_leaves_the_verification_its_time_but_never_drops_below_t
 
 
 def test_a_mismatch_whose_engine_holds_a_minimized_findings_trigger_is_its_duplicate():
-    from rollout_lab.hunt.__main__ import duplicate_of
+    from rollout_lab.hunt.triage import duplicate_of
+    from rollout_lab.minimize.handoff import MinimizedResult
 
-    def finding(signature, engine, minimized=None, kind="mismatch"):
-        detail = {"engine": engine} | ({"minimized": minimized} if minimized else {})
-        return Finding(signature, kind, "t", 0.0, 1, 1, "smollm2", "float32", state="verified", detail=detail)
+    def finding(signature, engine, minimized=None):
+        return Finding(Signature.parse(signature), "t", 0.0, 1, 1, engine, {}, TrialResult("fail"), state="verified",
+                       minimized=minimized)
 
     engine = {"model": "smollm2", "engine.dtype": "float32", "engine.block_size": 32, "engine.max_num_seqs": 4}
     first = finding("mismatch/reference:smollm2:float32:any", engine,
-                    {"knobs": ["block_size"], "engine_args": {"block_size": 32, "dtype": "float32"}})
+                    MinimizedResult({"block_size": 32, "dtype": "float32"}, ["block_size"], "", "", 1, 1.0))
     bf16 = finding("mismatch/reference:smollm2:bfloat16:any", engine | {"engine.dtype": "bfloat16", "engine.max_num_seqs": 64})
     assert duplicate_of(bf16, [first]) is first
     # The trigger's value differs, or the oracle, the class or the model does: a finding of its own.
-    assert duplicate_of(finding(bf16.signature, bf16.detail["engine"] | {"engine.block_size": 128}), [first]) is None
-    assert duplicate_of(finding("mismatch/metamorphic:smollm2:bfloat16:any", bf16.detail["engine"]), [first]) is None
-    assert duplicate_of(finding("mismatch/reference:smollm2:bfloat16:preempted", bf16.detail["engine"]), [first]) is None
+    assert duplicate_of(finding(str(bf16.signature), bf16.engine | {"engine.block_size": 128}), [first]) is None
+    assert duplicate_of(finding("mismatch/metamorphic:smollm2:bfloat16:any", bf16.engine), [first]) is None
+    assert duplicate_of(finding("mismatch/reference:smollm2:bfloat16:preempted", bf16.engine), [first]) is None
     assert duplicate_of(finding("mismatch/reference:hybrid-tiny:float32:any", engine | {"model": "hybrid-tiny"}), [first]) is None
     # Crashes keep their signatures; an unminimized finding explains nothing.
-    assert duplicate_of(finding("RuntimeError@vllm/a.py:f", engine, kind="crash"), [first]) is None
-    assert duplicate_of(bf16, [finding(first.signature, engine)]) is None
+    assert duplicate_of(finding("RuntimeError@vllm/a.py:f", engine), [first]) is None
+    assert duplicate_of(bf16, [finding(str(first.signature), engine)]) is None
 
 
 def test_after_a_crash_in_a_trial_the_groups_untried_workloads_go_on_a_fresh_engine():
-    from types import SimpleNamespace
-
-    from rollout_lab.hunt.__main__ import Hunt
+    from rollout_lab.hunt.driver import rest_after_crash
     from rollout_lab.hunt.search import Group
 
     group = Group(7, {"model": "a", "engine.dtype": "float32"}, [{"seed": i} for i in range(4)], "explore")
     keys = [group.trial_key(w) for w in group.workloads]
-    hunt = SimpleNamespace(done={keys[0], keys[1]})  # the second trial crashed the engine
-    rest = Hunt.rest_after_crash(hunt, group, "crash")
+    done = {keys[0], keys[1]}  # the second trial crashed the engine
+    rest = rest_after_crash(group, "crash", done)
     assert rest.engine == group.engine and rest.workloads == group.workloads[2:]
-    assert Hunt.rest_after_crash(hunt, group, "ok") is None
-    assert Hunt.rest_after_crash(SimpleNamespace(done=set(keys)), group, "crash") is None
+    assert rest_after_crash(group, "ok", done) is None
+    assert rest_after_crash(group, "crash", set(keys)) is None
     # The crash came on the first trial: the configuration crashes on anything, no fresh engine.
-    assert Hunt.rest_after_crash(SimpleNamespace(done={keys[0]}), group, "crash") is None
+    assert rest_after_crash(group, "crash", {keys[0]}) is None
     # The engine crashed at start: a fresh one would too.
-    assert Hunt.rest_after_crash(SimpleNamespace(done={f"{group.key}-start"}), group, "crash") is None
+    assert rest_after_crash(group, "crash", {f"{group.key}-start"}) is None
 
 
 def test_the_metamorphic_oracle_rescores_reference_flagged_sequences_first_then_preempted_then_cached():
@@ -320,7 +253,7 @@ def test_sigint_and_sigterm_stop_the_hunt_like_ctrl_c_even_when_sigint_was_ignor
     script = (
         "import os, signal\n"
         "signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell leaves a background job\n"
-        "from rollout_lab.hunt.__main__ import stop_on_signals\n"
+        "from rollout_lab.hunt.driver import stop_on_signals\n"
         "stop_on_signals()\n"
         "try:\n"
         f"    os.kill(os.getpid(), signal.{signum})\n"

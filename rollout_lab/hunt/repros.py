@@ -1,0 +1,154 @@
+"""Minimize and verify: each new finding -> findings/<name>/case.json -> `python -m rollout_lab.minimize`
+in a fresh process -> repro/<name>/repro.py + minimized.json -> the repro run `verify_runs` times
+standalone for its reproduction rate (with a planted fault, once more with it off)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from rollout_lab.hunt.protocol import Finding, Signature, write_known_bug
+from rollout_lab.hunt.space import HuntRunConfig
+from rollout_lab.hunt.store import Store
+from rollout_lab.hunt.triage import duplicate_of, why_not_minimized
+from rollout_lab.minimize.handoff import CaseFile, HandoffError, MinimizedResult
+from rollout_lab.minimize.standalone import Expected
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def seconds_for_minimization(left: float, verification: float, floor: float) -> float:
+    """Seconds a minimization may try candidates: the hunt's budget left, less the verification
+    that follows it, never below `floor` (a finding found late still gets a useful minimization)."""
+    return max(left - verification, floor)
+
+
+def slug(signature: Signature, index: int) -> str:
+    """The finding's folder name under findings/ and repro/."""
+    return f"f{index:02d}-" + re.sub(r"[^\w.-]+", "_", str(signature))[:60].strip("_")
+
+
+def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: str | None, fault_params: dict) -> CaseFile:
+    """The finding's smallest failing trial as the minimizer's case (with the planted fault, or None)."""
+    from rollout_lab.hunt.space import engine_args
+    from rollout_lab.minimize.standalone import Case, Request
+
+    result, model = finding.result, finding.model
+    dtype = result.dtype or finding.engine.get("engine.dtype", "float32")
+    tolerance = float(reference_tolerance[dtype])
+    if finding.kind == "crash":
+        expected = Expected("crash", tolerance, crash_key=finding.signature.crash_key)
+    else:
+        expected = Expected("mismatch", tolerance, request_class=result.oracles[result.first_flagged()].request_class or "any")
+    # An engine that crashed at start left no requests: any one will do.
+    case = result.case or Case(model, engine_args(finding.engine) | {"disable_log_stats": False},
+                               [Request([1, 2, 3], 0)], max_tokens=4)
+    case.fault, case.fault_params = fault, dict(fault_params) if fault else {}
+    return CaseFile(model, case, expected, f"hunt trial {finding.first_trial}: {finding.signature}")
+
+
+class Repros:
+    """Turns the store's new findings into verified repros, within the hunt's budget."""
+
+    def __init__(self, cfg: HuntRunConfig, hunt_dir: Path, store: Store, fault_params: dict, console):
+        self.cfg, self.dir, self.store, self.console = cfg, hunt_dir.resolve(), store, console
+        self.fault, self.fault_params = cfg.fault.name, fault_params
+        # Seconds of each standalone repro.py run this session: what a verification will cost.
+        self.verify_seconds: list[float] = []
+
+    def budget(self, left: float) -> float:
+        """Seconds for one minimization: what is left once its repro's verification is set aside."""
+        hunt = self.cfg.hunt
+        runs = hunt.verify_runs + (1 if self.fault else 0)
+        per_run = max(self.verify_seconds, default=hunt.verify_run_s)
+        return seconds_for_minimization(left, runs * per_run, hunt.minimize_floor_s)
+
+    def minimize_new(self, budget_left: Callable[[], float]) -> None:
+        """Each finding not yet minimized (or minimized but not verified, by a hunt stopped in between)."""
+        from rollout_lab.hunt.report import trigger_text
+
+        for index, finding in enumerate(self.store.findings()):
+            if finding.state not in ("new", "minimized") or budget_left() <= 0:
+                continue
+            name = slug(finding.signature, index)
+            if finding.state == "minimized":
+                self.verify(finding, name)
+                continue
+            original = duplicate_of(finding, [f for f in self.store.findings() if f.state in ("verified", "flaky")])
+            if original is not None:
+                finding.state, finding.trigger, finding.repro = "duplicate", original.trigger, original.repro
+                finding.repro_rate, finding.duplicate_of = original.repro_rate, str(original.signature)
+                self.store.put_finding(finding)
+                self.console.print(f"[bold]duplicate[/] {finding.signature}: the trigger of {original.signature} "
+                                   f"({trigger_text(original.trigger)}) holds in its engine; not minimized", highlight=False)
+                continue
+            why = why_not_minimized(finding)
+            if why is not None:
+                finding.state, finding.why = "no_repro", why
+                self.store.put_finding(finding)
+                self.console.print(f"[yellow]not minimized[/] {finding.signature}: {why}", highlight=False)
+                continue
+            self.minimize(finding, name, budget_left)
+
+    def minimize(self, finding: Finding, name: str, budget_left: Callable[[], float]) -> None:
+        self.console.print(f"[bold]minimizing[/] {finding.signature} -> {self.dir / 'repro' / name}")
+        log = self.dir / "repro" / f"{name}.minimize.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        # With a planted fault, first without it: a finding that still fails is vLLM's own bug,
+        # and its repro.py should carry no planted fault. Exit 2: it did not fail without it.
+        for with_fault in [False, True] if self.fault else [False]:
+            case_path = case_file(finding, dict(self.cfg.hunt.oracles.reference_tolerance), self.fault if with_fault else None,
+                                  self.fault_params).write(self.dir / "findings" / name / "case.json")
+            extra = ["--calibration-runs", "2"] if with_fault is False and self.fault else []
+            extra += ["--budget-s", f"{self.budget(budget_left()):.0f}"]
+            with log.open("a") as out:
+                done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(case_path), "--out",
+                                       str(self.dir / "repro"), "--name", name, "--no-verify", *extra],
+                                      cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            if done.returncode != 2:
+                break
+        finding.needs_planted_fault = bool(self.fault) and with_fault
+        if done.returncode != 0 or not (self.dir / "repro" / name / MinimizedResult.FILE).is_file():
+            tail = log.read_text()[-400:].strip().splitlines()
+            finding.state, finding.why = "not_minimized", tail[-1] if tail else f"minimizer exit {done.returncode}"
+            self.store.put_finding(finding)
+            self.console.print(f"  [yellow]not minimized[/]: {finding.why}", highlight=False)
+            return
+        finding.state = "minimized"
+        finding.repro = str(Path("repro") / name / "repro.py")
+        self.store.put_finding(finding)
+        self.verify(finding, name)
+
+    def verify(self, finding: Finding, name: str) -> None:
+        """Run the minimized finding's repro.py standalone: its reproduction rate and, with a planted
+        fault, its exit with the fault off; a crash's folder is marked with its signature (a known
+        bug once the folder is copied into the repo's repro/)."""
+        from rollout_lab.minimize.emit import run_isolated
+
+        out = self.dir / "repro" / name
+        try:
+            info = MinimizedResult.read(out)
+        except HandoffError as exc:
+            finding.state, finding.why = "not_minimized", str(exc)
+            self.store.put_finding(finding)
+            return
+        # The knobs that stayed off their defaults, and the planted fault when the failure needs it.
+        finding.trigger = info.knobs + ([f"fault={self.fault}"] if finding.needs_planted_fault else [])
+        finding.minimized = info
+        runs = self.cfg.hunt.verify_runs
+        verifications = [run_isolated(out / "repro.py", tuple(info.verify_args)) for _ in range(runs)]
+        self.verify_seconds += [v.seconds for v in verifications]
+        # The verdict as an exit status (1 reproduced, 0 not, 2 cannot run): a repro that never ran is no reproduction.
+        finding.verify_exits = [v.status for v in verifications]
+        finding.repro_rate = f"{finding.verify_exits.count(1)}/{runs}"
+        if finding.needs_planted_fault:
+            finding.no_fault_exit = run_isolated(out / "repro.py", (*info.verify_args, "--no-fault")).status
+        finding.state = "verified" if finding.verify_exits.count(1) == runs else "flaky"
+        if finding.kind == "crash" and not finding.needs_planted_fault:
+            write_known_bug(out, finding.signature)
+        self.store.put_finding(finding)
+        off = finding.no_fault_exit
+        self.console.print(f"  repro {finding.repro}: reproduced {finding.repro_rate} standalone; trigger {finding.trigger}"
+                           + (f"; with the fault off: exit {off}" if off is not None else ""), highlight=False)

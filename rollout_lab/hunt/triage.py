@@ -1,0 +1,68 @@
+"""Triage: what a trial's result is to the hunt. A harness error or a finding; a new finding, a
+known bug or a repeat; the duplicate of a minimized finding; one not worth minimizing; the engine
+behaviours it exercised (the search's coverage feedback from the engine itself)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from rollout_lab.hunt.protocol import Finding, TrialResult
+
+
+def is_harness_error(result: TrialResult) -> bool:
+    """A crash raised by rollout_lab's own code with no vLLM frame on the stack: a lab bug, not a finding."""
+    crash = result.crash
+    return result.status == "crash" and crash is not None and not crash.vllm_frames and "rollout_lab/" in crash.traceback
+
+
+def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding]:
+    """The minimized mismatch finding that already explains `finding`, if any: same oracle, model
+    and request class, and every knob of its minimal trigger set in `finding`'s engine as in its
+    minimal case (dtype is no part of it unless the minimizer kept it). Crash signatures are
+    already specific (exception type and vLLM frames); they are left alone."""
+    from rollout_lab.hunt.space import engine_args
+    from rollout_lab.minimize.reduce import KNOB_ARGS
+
+    if finding.kind != "mismatch":
+        return None
+    sig, args = finding.signature, engine_args(finding.engine)
+    for other in minimized:
+        if other.kind != "mismatch" or other is finding or other.minimized is None:
+            continue
+        o = other.signature
+        if (o.oracle, o.model, o.request_class) != (sig.oracle, sig.model, sig.request_class):
+            continue
+        names = [n for knob in other.minimized.knobs for n in KNOB_ARGS.get(knob, (knob,))]
+        if all(args.get(n) == other.minimized.engine_args.get(n) for n in names):
+            return other
+    return None
+
+
+def why_not_minimized(finding: Finding) -> Optional[str]:
+    """Why the minimizer cannot replay this finding (None: it can)."""
+    if finding.kind in ("hang", "died"):
+        return "the minimizer replays crashes and mismatches, not hangs or dead engine processes"
+    if finding.signature.oracle == "metamorphic":
+        # The reference oracle ran and passed the sampled logprobs: the re-scoring pass
+        # (prompt_logprobs, one request alone) is the side that went wrong.
+        return ("the sampled logprobs match the float32 reference; the re-scoring pass (prompt_logprobs, "
+                "alone) disagreed with both, and the minimizer replays sampling, not prompt_logprobs")
+    if finding.signature.oracle == "batch_invariance":
+        return ("vLLM promised batch invariance and a request's output changed when run alone; the minimizer "
+                "compares with the float32 reference, not batch against alone (python -m rollout_lab.invariance "
+                "measures it on this engine configuration)")
+    return None
+
+
+def behaviours(result: TrialResult) -> list[str]:
+    """The engine behaviours a trial exercised, from what vLLM reported."""
+    if result.status in ("crash", "hang", "died"):
+        return [f"status:{result.status}"]
+    if result.status not in ("ok", "fail"):
+        return []
+    seen = {
+        "preempted": result.preempted_requests > 0,
+        "prefix_cache_hit": result.cached_requests > 0,
+        "aborted": result.num_aborted > 0,
+        "stepped_trace": not result.batch,
+    }
+    return [name for name, on in seen.items() if on] or ["plain"]

@@ -202,25 +202,20 @@ def load_run(run_dir: Path | str) -> FailingRun:
 
 
 def load_case(path: Path | str) -> FailingRun:
-    """A failing case written by another tool (the hunt's findings/<name>/case.json) as a FailingRun.
-
-    The file holds {"model": embedded name or path, "case": standalone.Case fields,
-    "expected": standalone.Expected fields, "description": one line}.
-    """
+    """A failing case written by another tool (the hunt's findings/<name>/case.json, a
+    handoff.CaseFile) as a FailingRun; its model is resolved here, where the minimizer runs."""
+    from rollout_lab.minimize.handoff import CaseFile, HandoffError
     from rollout_lab.models import resolve_model
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-        case_fields = dict(data["case"])
-        case_fields["requests"] = [Request(**r) for r in case_fields["requests"]]
-        case = Case(**case_fields)
-        expected = Expected(**data["expected"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise RunDirError(f"{path} is not a case file: {exc}") from None
+        case_file = CaseFile.read(path)
+    except HandoffError as exc:
+        raise RunDirError(str(exc)) from None
+    case = case_file.case
     cfg = RunConfig(run_name=path.parent.name)
-    cfg.model.name = data.get("model", case.model)
+    cfg.model.name = case_file.model
     cfg.fault.name, cfg.fault.params = case.fault, dict(case.fault_params)
     cfg.loop.steps = 1
-    case.model = resolve_model(cfg.model.name) if data.get("model") else case.model
-    return FailingRun(path.parent, path.parent.name, cfg, 0, case, expected, data.get("description", "a failing case"))
+    case.model = resolve_model(case_file.model)
+    return FailingRun(path.parent, path.parent.name, cfg, 0, case, case_file.expected, case_file.description)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import re
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 # How many of the innermost vLLM frames identify a crash site.
 SIGNATURE_FRAMES = 3
+# The crash site of a key whose exception went through no vLLM frame.
+NO_VLLM_FRAME = "no-vllm-frame"
 
 
 @dataclass
@@ -24,21 +26,57 @@ class CrashSignature:
     @property
     def key(self) -> str:
         """What two crashes must share to count as the same bug: type and crash site."""
-        return f"{self.exception_type}@{'|'.join(self.vllm_frames) or 'no-vllm-frame'}"
+        return f"{self.exception_type}@{'|'.join(self.vllm_frames) or NO_VLLM_FRAME}"
+
+    @property
+    def site(self) -> Optional[str]:
+        """The innermost vLLM frame (vllm/<file>:<function>); None when the crash had none."""
+        return self.vllm_frames[-1] if self.vllm_frames else None
+
+    def __str__(self) -> str:
+        return self.key
+
+    @classmethod
+    def parse(cls, key: str) -> CrashSignature:
+        """The signature a key (str of one) names: its type and frames, no message."""
+        exception_type, at, frames = key.partition("@")
+        if not at or not exception_type:
+            raise ValueError(f"crash key {key!r} is not <exception type>@<vllm frames or {NO_VLLM_FRAME}>")
+        return cls(exception_type, "", [] if frames == NO_VLLM_FRAME else frames.split("|"))
 
     def to_dict(self) -> dict:
+        """The fields and the key, as summary.json holds them."""
         return asdict(self) | {"key": self.key}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CrashSignature:
+        """The inverse of to_dict; type and frames left out are read from the key."""
+        fields = dict(data)
+        key = fields.pop("key", None)
+        if key is not None:
+            parsed = cls.parse(key)
+            fields.setdefault("exception_type", parsed.exception_type)
+            fields.setdefault("vllm_frames", parsed.vllm_frames)
+        fields.setdefault("message", "")
+        signature = cls(**fields)
+        if key is not None and signature.key != key:
+            raise ValueError(f"crash key {key!r} does not match its fields ({signature.key})")
+        return signature
 
 
 class EngineCrash(RuntimeError):
-    """Raised by a sampler worker when its engine fails; picklable, so it crosses Ray."""
+    """Raised by a sampler worker when its engine fails; picklable, so it crosses Ray.
 
-    def __init__(self, signature: CrashSignature):
+    `requests` are what the engine was sampling when it failed (records.SampledRequest), so the
+    run dir keeps them for the minimizer."""
+
+    def __init__(self, signature: CrashSignature, requests: Sequence = ()):
         super().__init__(f"{signature.exception_type}: {signature.message}")
         self.signature = signature
+        self.requests = list(requests)
 
     def __reduce__(self):
-        return (EngineCrash, (self.signature,))
+        return (EngineCrash, (self.signature, self.requests))
 
 
 def _vllm_frame(filename: str, function: str) -> Optional[str]:

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from rollout_lab.config import RunConfig
+from rollout_lab.crash import NO_VLLM_FRAME, CrashSignature
+
 CLEAN, SILENT, SYNC, CRASH, NOT_RUN = "clean", "silent mismatch", "sync mismatch", "crash", "not run"
 # Points the next sweep puts between the last value of one class and the first of the next.
 NEXT_POINTS = 5
@@ -39,11 +42,11 @@ def outcome_label(outcome: str, crash_key: Optional[str]) -> str:
     """What two runs must share to end alike: the class, and for a crash its site."""
     if outcome != CRASH or not crash_key:
         return outcome
-    kind, _, frames = crash_key.partition("@")
-    return f"crash {kind} at {Path(frames.split('|')[-1]).name}"
+    crash = CrashSignature.parse(crash_key)
+    return f"crash {crash.exception_type} at {Path(crash.site).name if crash.site else NO_VLLM_FRAME}"
 
 
-def vllm_refusal(run_dir: Path, crash: dict) -> Optional[str]:
+def vllm_refusal(cfg: RunConfig, crash: CrashSignature) -> Optional[str]:
     """vLLM's reason when it refused the run's engine configuration at start, else None.
 
     The run only records that the engine raised at start. Whether that was vLLM refusing its
@@ -51,21 +54,20 @@ def vllm_refusal(run_dir: Path, crash: dict) -> Optional[str]:
     create_engine_config and the KV-size check vLLM makes at start); the reason given is the
     one vLLM raised with.
     """
-    if crash.get("phase") != "engine_start":
+    if crash.phase != "engine_start":
         return None
     from rollout_lab.hunt.runner import validate_engine
-    from rollout_lab.minimize.predicate import direct_engine_args, read_config
+    from rollout_lab.minimize.predicate import direct_engine_args
     from rollout_lab.models import resolve_model
 
     try:
-        cfg = read_config(Path(run_dir))
         model_path = resolve_model(cfg.model.name)
         complaint = validate_engine({f"engine.{k}": v for k, v in direct_engine_args(cfg, model_path).items()}, model_path)
     except Exception:  # the configuration cannot be re-checked here: the start crash stands
         return None
     if complaint is None:
         return None
-    return " ".join(f"{crash.get('exception_type', 'error')}: {crash.get('message') or complaint}".split())
+    return " ".join(f"{crash.exception_type}: {crash.message or complaint}".split())
 
 
 def fmt_value(value: Any) -> str:
@@ -184,6 +186,8 @@ def next_sweep_command(variable: str, values: list[Any], overrides: Sequence[str
         key = override.split("=", 1)[0].lstrip("+~")
         last.pop(key, None)
         last[key] = override
-    last.pop(variable, None)
-    parts = ["python", "-m", "rollout_lab", "-m", *last.values(), f"{variable}={','.join(fmt_value(v) for v in values)}"]
+    swept = last.pop(variable, "")
+    # A key the schema lacks (+engine.args.<name>) is added with the sweep's own '+'.
+    plus = swept[: len(swept) - len(swept.lstrip("+"))]
+    parts = ["python", "-m", "rollout_lab", "-m", *last.values(), f"{plus}{variable}={','.join(fmt_value(v) for v in values)}"]
     return " ".join(shlex.quote(p) for p in parts)

@@ -8,7 +8,6 @@ keeps the per-token table the sweep statistics need.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from rollout_lab.analysis.outcome import CLEAN, NOT_RUN, outcome_class, outcome_label, vllm_refusal
-from rollout_lab.records import RecordsError, read_records
+from rollout_lab.records import RecordsError, read_config, read_records, read_summary
 
 # Per-token columns a spike can be located by (null columns are skipped: instrumentation off).
 LOCATION_FEATURES = ("position", "step", "sample_index", "worker", "kv_block", "state_slot")
@@ -121,18 +120,6 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunError(f"no {path.name}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path.name} is corrupted ({exc})") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{path.name} is corrupted (not a JSON object)")
-    return data
-
-
 def token_frame(run_dir: Path, spike_threshold: float) -> pd.DataFrame:
     """The run's records as the columns the analysis uses; raises RunError on a bad records file."""
     if not (Path(run_dir) / "records").is_dir():  # an engine that never started wrote no step
@@ -156,24 +143,25 @@ def run_signature(run_dir: Path, name: Optional[str] = None) -> RunSignature:
         raise RunError("run dir missing")
     if (run_dir / FAILURE_FILE).exists():
         raise RunError(f"job failed: {(run_dir / FAILURE_FILE).read_text().strip().splitlines()[0]}")
-    summary = _read_json(run_dir / "summary.json")
-    config = flatten(_read_json(run_dir / "config.json"))
-    if not isinstance(summary.get("spike_threshold"), (int, float)):
+    try:
+        summary, cfg = read_summary(run_dir), read_config(run_dir)
+    except RecordsError as exc:
+        raise RunError(str(exc)) from None
+    if summary.spike_threshold is None:
         raise RunError("summary.json has no spike_threshold")
-    threshold = float(summary["spike_threshold"])
-    crash = summary.get("crash") or {}
-    refusal = vllm_refusal(run_dir, crash) if summary.get("status") == "crash" else None
-    tokens = token_frame(run_dir, threshold)
+    # A weight-sync mismatch carries a signature too, but its tokens are the evidence.
+    crash = summary.crash if summary.status == "crash" else None
+    refusal = vllm_refusal(cfg, crash) if crash is not None else None
+    tokens = token_frame(run_dir, summary.spike_threshold)
     signature = RunSignature(
         name=name or run_dir.name,
         run_dir=str(run_dir),
-        status=str(summary.get("status", "unknown")),
-        config=config,
-        spike_threshold=threshold,
-        # A weight-sync mismatch carries a signature too, but its tokens are the evidence.
-        crash_key=crash.get("key") if summary.get("status") == "crash" else None,
-        crash_message=crash.get("message") if summary.get("status") == "crash" else None,
-        crash_step=crash.get("step") if summary.get("status") == "crash" else None,
+        status=summary.status,
+        config=flatten(asdict(cfg)),
+        spike_threshold=summary.spike_threshold,
+        crash_key=crash.key if crash is not None else None,
+        crash_message=crash.message if crash is not None else None,
+        crash_step=crash.step if crash is not None else None,
         refusal=refusal,
         tokens=tokens,
     )

@@ -42,8 +42,11 @@ def test_outcome_class_puts_a_refusal_before_a_crash_and_a_sync_mismatch_before_
 
 
 def test_a_crash_anywhere_but_engine_start_is_never_asked_whether_vllm_refused_it():
-    assert vllm_refusal("/nonexistent", {"phase": "generate", "exception_type": "ValueError"}) is None
-    assert vllm_refusal("/nonexistent", {}) is None
+    from rollout_lab.config import RunConfig
+    from rollout_lab.crash import CrashSignature
+
+    assert vllm_refusal(RunConfig(), CrashSignature("ValueError", "no", phase="generate")) is None
+    assert vllm_refusal(RunConfig(), CrashSignature("ValueError", "no", phase="weight_sync")) is None
 
 
 def test_clean_then_failing_states_the_threshold_and_the_next_sweep():

@@ -24,9 +24,10 @@ from rollout_lab import faults, models
 from rollout_lab.minimize.standalone import Case, Expected
 from rollout_lab.tolerances import clean_agreement
 
-# Line budgets of an emitted repro.py, not counting a planted fault's carried source. A crash on a
-# hub model takes ~60; rebuilding an embedded random model inline costs ~15 more.
-LINE_BUDGET = {"crash": 80, "mismatch": 100}
+# Line budgets of an emitted repro.py, not counting a planted fault's carried source. A one-prompt
+# crash takes ~50 on a hub model and ~60 rebuilding an embedded random model; the budget leaves
+# room for a few more prompts and requests.
+LINE_BUDGET = {"crash": 70, "mismatch": 100}
 # The planted fault's section of a repro.py begins and ends with these lines.
 FAULT_BEGIN, FAULT_END = "# ---- PLANTED FAULT", "# ---- end of the planted fault"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -82,21 +83,16 @@ def _model_block(spec: ReproSpec) -> tuple[str, str]:
     name = spec.model_name
     if name in RANDOM_MODELS:
         cls, kwargs = config_kwargs(name)
-        block = f'''# The model: rollout_lab's {name}, a {cls} with seeded random weights, rebuilt here
-# (no tokenizer: prompts are token ids); its head widened so logits spread like a trained model's.
+        block = f'''# The model: rollout_lab's {name}, rebuilt here: seeded random weights, the head widened to spread logits.
 {_assign("MODEL_CONFIG", kwargs)}
 
-
 def build_model() -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, {cls}
+    import torch, transformers
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config({cls}(**MODEL_CONFIG), dtype=torch.float32)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.normal_(0.0, {models._LOGIT_STD!r} / MODEL_CONFIG["hidden_size"] ** 0.5)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.{cls}(**MODEL_CONFIG))  # float32
+    model.get_output_embeddings().weight.data.normal_(0.0, {models._LOGIT_STD!r} / MODEL_CONFIG["hidden_size"] ** 0.5)
     model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
     return path
-
 '''
         return block, "args.model or build_model()"
     if name == "smollm2":
@@ -165,20 +161,12 @@ def _crash_run(spec: ReproSpec, model: str, install: str) -> str:
     exc_type, site = spec.expected.crash_key.split("@", 1)[0], _crash_site(spec.expected)
     return f'''CRASH = ({exc_type!r}, {site!r})  # the failure: this exception, raised in this vLLM function
 
-
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
-    from vllm import LLM, SamplingParams
 {_VERSIONS}
-    try:
-        llm = LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){install}
-        params = [SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
-        llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in REQUESTS], params, use_tqdm=False)
-    except Exception as exc:
-        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
-        if type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {{CRASH[1]}}\\n" in trace):
-            return "REPRODUCED", f"{{type(exc).__name__}} in {{CRASH[1]}}: {{exc}}"
-        return "CANNOT RUN", f"not the {{CRASH[0]}} in {{CRASH[1]}} but {{type(exc).__name__}}: {{exc}}"
+    llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){install}
+    params = [vllm.SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
+    llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in REQUESTS], params, use_tqdm=False)
     return "NOT REPRODUCED", f"generate returned {{len(REQUESTS)}} completion(s) without an error"
 '''
 
@@ -198,7 +186,6 @@ def _mismatch_run(spec: ReproSpec, model: str, install: str) -> str:
            f"({clean_agreement(str(spec.case.engine_args.get('dtype')))}), on requests of CLASSES: "
            f"{CLASS_TEXT[spec.expected.request_class]}.")}
 TOLERANCE, CLASSES = {spec.expected.spike_threshold!r}, {SAME_CLASS[spec.expected.request_class]!r}
-
 
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
@@ -234,11 +221,22 @@ def reproduce(args) -> tuple[str, str]:
 '''
 
 
+# How the main block judges an exception: a crash repro's is the bug when it is CRASH; anything
+# else unexpected is no verdict on the bug.
+_CRASH_VERDICT = '''    except Exception as exc:  # the crash, or anything unexpected
+        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
+        crashed = type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {CRASH[1]}\\n" in trace)
+        verdict, why = ("REPRODUCED" if crashed else "CANNOT RUN"), f"{type(exc).__name__}: {exc}"'''
+_NO_VERDICT = '''    except Exception as exc:  # anything unexpected is no verdict on the bug
+        traceback.print_exc()
+        verdict, why = "CANNOT RUN", f"{type(exc).__name__}: {exc}"'''
+
+
 def repro_source(spec: ReproSpec) -> str:
     """The text of repro.py for the spec."""
     case, kind = spec.case, spec.expected.kind
     model_block, model = _model_block(spec)
-    install = ("\n        " if kind == "crash" else "\n    ") + "install_fault(llm, args.no_fault)" if case.fault else ""
+    install = "\n    install_fault(llm, args.no_fault)" if case.fault else ""
     run = _crash_run(spec, model, install) if kind == "crash" else _mismatch_run(spec, model, install)
     usage = "python repro.py [--model DIR_OR_HUB_ID]" + (" [--no-fault]" if case.fault else "")
     fault_note = f" Needs rollout_lab's planted fault {case.fault} (labelled below; --no-fault: without it)." if case.fault else ""
@@ -261,15 +259,12 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this pr
 {_case_block(spec)}
 {_fault_block(spec)}
 {run}
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory or hub id (default: the model above)"){no_fault_arg}
     try:
         verdict, why = reproduce(parser.parse_args())
-    except Exception as exc:  # anything unexpected is no verdict on the bug
-        traceback.print_exc()
-        verdict, why = "CANNOT RUN", f"{{type(exc).__name__}}: {{exc}}"
+{_CRASH_VERDICT if kind == "crash" else _NO_VERDICT}
     print(f"{{verdict}}: {{why}}".splitlines()[0], flush=True)
     sys.exit({{"REPRODUCED": 1, "NOT REPRODUCED": 0, "CANNOT RUN": 2}}[verdict])
 '''

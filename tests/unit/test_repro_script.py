@@ -84,3 +84,41 @@ def test_a_repro_that_cannot_load_its_model_says_cannot_run_and_exits_2(tmp_path
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     verdicts = [line for line in done.stdout.splitlines() if line.split(":")[0] in ("REPRODUCED", "NOT REPRODUCED", "CANNOT RUN")]
     assert done.returncode == 2 and len(verdicts) == 1 and verdicts[0].startswith("CANNOT RUN: "), done.stdout[-2000:] + done.stderr[-2000:]
+
+
+STUB_VLLM = '''
+__version__ = "stub"
+
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        pass
+
+
+def _bookkeeping_sync():
+    raise {exception}
+
+
+class LLM:
+    def __init__(self, **kwargs):
+        pass
+
+    def generate(self, *args, **kwargs):
+        _bookkeeping_sync() if {raises} else None
+'''
+
+
+@pytest.mark.parametrize("exception,verdict,status", [
+    ('RuntimeError("CPU Generator does not use offset")', "REPRODUCED: RuntimeError: CPU Generator does not use offset", 1),
+    ('ValueError("another bug")', "CANNOT RUN: ValueError: another bug", 2),
+    (None, "NOT REPRODUCED: generate returned 12 completion(s) without an error", 0),
+])
+def test_a_crash_repro_reproduces_only_on_its_exception_in_its_vllm_function(tmp_path, exception, verdict, status):
+    """The emitted crash script against a stand-in vllm whose generate raises (or not) in _bookkeeping_sync."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(STUB_VLLM.format(exception=exception, raises=exception is not None))
+    script = tmp_path / "repro.py"
+    script.write_text(repro_source(spec("crash", "smollm2")))
+    # Not -I: the stand-in vllm beside the script must win over the installed one.
+    done = subprocess.run([sys.executable, str(script), "--model", "m"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert (done.stdout.strip().splitlines()[-1], done.returncode) == (verdict, status), done.stdout[-2000:] + done.stderr[-2000:]

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from rollout_lab.hunt.protocol import Finding, Signature, TrialResult, read_known_bugs
 from rollout_lab.hunt.space import HuntRunConfig, with_pressure
-from rollout_lab.hunt.store import TrialRow
+from rollout_lab.hunt.store import GroupRow, TrialRow
 from rollout_lab.hunt.triage import behaviours, is_harness_error
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +45,19 @@ def rest_after_crash(group, status: str, done: set[str]):
     ran = sum(group.trial_key(w) in done for w in group.workloads)
     left = [w for w in group.workloads if group.trial_key(w) not in done]
     return Group(group.index, group.engine, left, "rest after a crash") if left and ran >= 2 else None
+
+
+def rest_after_stop(groups: list[GroupRow], done: set[str]):
+    """The untried workloads of the group the budget stopped in the last session (no trial was in
+    flight), to run first when the hunt resumes with more budget; None when there are none."""
+    from rollout_lab.hunt.search import Group
+
+    if not groups or groups[-1].status != "out_of_time":
+        return None
+    last = groups[-1]
+    group = Group(last.idx, last.engine, [], "rest after the budget ran out")
+    group.workloads = [w for w in last.workloads if group.trial_key(w) not in done]
+    return group if group.workloads else None
 
 
 class Hunt:
@@ -99,8 +112,11 @@ class Hunt:
                 self.failing.append((trial.engine, trial.workload, trial.signature))
             self.note_behaviours(trial.engine, trial.workload, trial.result)
         self.supervisor.recover(self.done, self.record_trial)
-        self.rejected = {g.key for g in self.store.groups() if g.status == "rejected"}
-        self.resumed = bool(self.done) or self.store.next_group_index() > 0
+        groups = self.store.groups()
+        self.rejected = {g.key for g in groups if g.status == "rejected"}
+        self.resumed = bool(self.done) or bool(groups)
+        # The first group of this session: the rest of one the budget stopped, or the planner's.
+        self.pending = rest_after_stop(groups, self.done)
 
     # the clock, across resumes
     def elapsed(self) -> float:
@@ -179,7 +195,7 @@ class Hunt:
         if self.resumed:
             self.console.print(f"[bold]resuming[/] {self.dir}: {len(self.done)} trials, {len(self.store.findings())} findings, "
                                f"{self.elapsed_before:.0f} s spent")
-        groups, resume_after_crash = 0, None
+        groups, rest = 0, self.pending
         try:
             while self.budget_left() > 0 and (self.cfg.hunt.max_groups is None or groups < self.cfg.hunt.max_groups):
                 index = self.store.next_group_index()
@@ -188,8 +204,8 @@ class Hunt:
                 hits = {f.signature: f.trials for f in self.store.findings()}
                 fresh = [(e, w) for e, w, sig in self.failing if hits.get(sig, 0) < 3 and sig not in self.known]
                 seeds = fresh + self.interesting
-                if resume_after_crash is not None:
-                    group, resume_after_crash = resume_after_crash, None
+                if rest is not None:
+                    group, rest = rest, None
                     group.index = index
                 else:
                     group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
@@ -199,7 +215,7 @@ class Hunt:
                 if status == "rejected":
                     continue  # vLLM's validation refused it in the driver: no engine started
                 groups += 1
-                resume_after_crash = rest_after_crash(group, status, self.done)
+                rest = rest_after_crash(group, status, self.done)
                 self.snapshot()
                 singles, pairs = self.coverage.fractions()
                 self.console.print(

@@ -126,6 +126,7 @@ class Repros:
         fault, its exit with the fault off; a crash's folder is marked with its signature (a known
         bug once the folder is copied into the repo's repro/)."""
         from rollout_lab.minimize.emit import run_isolated
+        from rollout_lab.models import resolve_model
 
         out = self.dir / "repro" / name
         try:
@@ -137,6 +138,8 @@ class Repros:
         # The knobs that stayed off their defaults, and the planted fault when the failure needs it.
         finding.trigger = info.knobs + ([f"fault={self.fault}"] if finding.needs_planted_fault else [])
         finding.minimized = info
+        # A resumed hunt on a bare machine may not have built the lab's copy of the model yet.
+        resolve_model(finding.model)
         runs = self.cfg.hunt.verify_runs
         verifications = [run_isolated(out / "repro.py", tuple(info.verify_args)) for _ in range(runs)]
         self.verify_seconds += [v.seconds for v in verifications]

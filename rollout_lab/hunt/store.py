@@ -23,7 +23,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS groups (
     idx INTEGER PRIMARY KEY, key TEXT, engine TEXT, reason TEXT, status TEXT, message TEXT,
-    engine_seconds REAL, started REAL);
+    engine_seconds REAL, started REAL, workloads TEXT);
 CREATE TABLE IF NOT EXISTS trials (
     key TEXT PRIMARY KEY, group_idx INTEGER, engine TEXT, workload TEXT, status TEXT,
     signature TEXT, result TEXT, seconds REAL, elapsed REAL);
@@ -47,6 +47,7 @@ class GroupRow:
     message: Optional[str]
     engine_seconds: Optional[float]
     started: float
+    workloads: list[dict]  # the workload points it was planned with
 
 
 @dataclass
@@ -85,17 +86,18 @@ class Store:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     # groups
-    def add_group(self, idx: int, key: str, engine: dict, reason: str, started: float) -> None:
-        self.db.execute("INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?,?)",
-                        (idx, key, json.dumps(engine), reason, "running", None, None, started))
+    def add_group(self, idx: int, key: str, engine: dict, reason: str, started: float, workloads: list[dict] = ()) -> None:
+        self.db.execute("INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?,?,?)",
+                        (idx, key, json.dumps(engine), reason, "running", None, None, started, json.dumps(list(workloads))))
 
     def end_group(self, idx: int, status: str, message: str = "", engine_seconds: Optional[float] = None) -> None:
         self.db.execute("UPDATE groups SET status=?, message=?, engine_seconds=COALESCE(?, engine_seconds) WHERE idx=?",
                         (status, message, engine_seconds, idx))
 
     def groups(self) -> list[GroupRow]:
-        rows = self.db.execute("SELECT idx, key, engine, reason, status, message, engine_seconds, started FROM groups ORDER BY idx")
-        return [GroupRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+        rows = self.db.execute(
+            "SELECT idx, key, engine, reason, status, message, engine_seconds, started, workloads FROM groups ORDER BY idx")
+        return [GroupRow(r[0], r[1], json.loads(r[2]), *r[3:8], json.loads(r[8])) for r in rows]
 
     def next_group_index(self) -> int:
         row = self.db.execute("SELECT MAX(idx) FROM groups").fetchone()

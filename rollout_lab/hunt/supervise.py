@@ -54,7 +54,7 @@ class Supervisor:
         from rollout_lab.models import resolve_model
 
         workloads = [w for w in group.workloads if group.trial_key(w) not in done]
-        self.store.add_group(group.index, group.key, group.engine, group.reason, time.time())
+        self.store.add_group(group.index, group.key, group.engine, group.reason, time.time(), group.workloads)
         if not workloads:
             self.store.end_group(group.index, "skipped", "every workload already tried")
             return "skipped"

@@ -1,9 +1,7 @@
 """Contract tests for the files handed between the hunt's processes (trial event lines, case.json,
 minimized.json, the known-bugs file, hunt.db), each through its one reader and writer; the request
 index of a sampled completion; the budget as a hard limit on starting trials."""
-import shutil
 import sqlite3
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

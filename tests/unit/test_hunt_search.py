@@ -1,11 +1,9 @@
 """The hunt's search: coverage bookkeeping, seeded reproducibility, exploitation, dedup keys, triage."""
-from pathlib import Path
-
 import pytest
 
 from rollout_lab.config import ConfigError
 from rollout_lab.crash import CrashSignature
-from rollout_lab.hunt.protocol import Finding, OracleVerdict, Signature, TrialResult, write_known_bug
+from rollout_lab.hunt.protocol import Finding, OracleVerdict, Signature, TrialResult
 from rollout_lab.hunt.search import Coverage, Planner
 from rollout_lab.hunt.space import Space, SpaceConfig, engine_args, point_key, sampling_args, with_pressure
 from rollout_lab.hunt.triage import behaviours

@@ -1,4 +1,6 @@
-"""resolve_model and prepare's bookkeeping, with a stub in place of a real model build."""
+"""resolve_model and prepare's bookkeeping (a stub in place of a real build), and the tiny recipes built in memory."""
+from pathlib import Path
+
 import pytest
 
 from rollout_lab import models
@@ -50,3 +52,39 @@ def test_resolve_model(builds, tmp_path):
             models.resolve_model(bad)
     with pytest.raises(models.ModelError, match="no embedded model 'llama'"):
         models.prepare("llama")
+
+
+# The architecture each tiny recipe must produce: what vLLM's model registry dispatches on.
+ARCHITECTURES = {
+    "hybrid-tiny": "GraniteMoeHybridForCausalLM",
+    "mamba2-tiny": "Mamba2ForCausalLM",
+    "llama-tiny": "LlamaForCausalLM",
+    "qwen3-tiny": "Qwen3ForCausalLM",
+    "gemma3-tiny": "Gemma3ForCausalLM",
+    "qwen3-moe-tiny": "Qwen3MoeForCausalLM",
+    "mixtral-tiny": "MixtralForCausalLM",
+    "mamba-tiny": "MambaForCausalLM",
+    "falcon-mamba-tiny": "FalconMambaForCausalLM",
+    "jamba-tiny": "JambaForCausalLM",
+    "falcon-h1-tiny": "FalconH1ForCausalLM",
+    "nemotron-h-tiny": "NemotronHForCausalLM",
+    "zamba2-tiny": "Zamba2ForCausalLM",
+}
+
+
+@pytest.mark.parametrize("name", sorted(models.TINY_CONFIGS))
+def test_tiny_model_builds_the_same_weights_every_time(name):
+    import torch
+
+    first, second = models.build_tiny(name), models.build_tiny(name)
+    assert type(first).__name__ == ARCHITECTURES[name]
+    assert first.config.vocab_size == 49152 and first.config.eos_token_id == 2
+    # Tiny: the 49152 x 256 embedding and head dominate; the layers add a few million.
+    assert sum(p.numel() for p in first.parameters()) < 35_000_000
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_embedded_model_has_a_preset():
+    conf = Path(__file__).parents[2] / "conf" / "model"
+    assert {p.stem: p.read_text().strip() for p in conf.glob("*.yaml")} == {n: f"name: {n}" for n in models.EMBEDDED}

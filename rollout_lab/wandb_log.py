@@ -7,12 +7,62 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from rollout_lab.config import RunConfig
+
+
+def start_run(cfg: RunConfig, run_dir: Path, run_id: str, config_dict: dict, job_type: Optional[str] = None):
+    """A W&B run as cfg.logger says (None when disabled), its files under run_dir."""
+    if cfg.logger.mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group,
+        name=run_id,
+        id=run_id,
+        dir=str(run_dir),
+        mode=cfg.logger.mode,
+        config=config_dict,
+        job_type=job_type,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
+@dataclass
+class LayerCurves:
+    """One localized token's divergence by layer: one series per kind of capture point (attention, MLP, ...)."""
+
+    title: str
+    series: list[str]
+    layers: list[list[int]]
+    values: list[list[float]]
+
+
+def log_layer_curves(cfg: RunConfig, out_dir: Path, source_run_id: str, curves: list[LayerCurves],
+                     summary: dict[str, str]) -> Optional[str]:
+    """A localization's W&B run (id <source run>-localize): a divergence-by-layer chart per token and the
+    summary lines; returns its directory."""
+    run = start_run(cfg, out_dir, f"{source_run_id}-localize", {"source_run": source_run_id}, job_type="localize")
+    if run is None:
+        return None
+    import wandb
+
+    for curve in curves:
+        chart = wandb.plot.line_series(xs=curve.layers, ys=curve.values, keys=curve.series, title=curve.title, xname="layer")
+        run.log({f"localize/{curve.title}": chart})
+    for key, value in summary.items():
+        run.summary[key] = value
+    wandb_dir = run.dir
+    run.finish()
+    return str(Path(wandb_dir).parent)
 
 
 class RunLogger:
@@ -22,21 +72,7 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.worst_tokens = cfg.logger.worst_tokens
-        self.wandb_run = None
-        if cfg.logger.mode != "disabled":
-            import wandb
-
-            self.wandb_run = wandb.init(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                group=cfg.logger.group,
-                name=run_id,
-                id=run_id,
-                dir=str(self.run_dir),
-                mode=cfg.logger.mode,
-                config=config_dict,
-                settings=wandb.Settings(silent=True, console="off"),
-            )
+        self.wandb_run = start_run(cfg, self.run_dir, run_id, config_dict)
 
     def log_step(self, step: int, metrics: dict[str, float], abs_diff: np.ndarray, worst_rows: list[dict]) -> None:
         """Metrics, a histogram of per-token |differences| and a table of the worst tokens."""

@@ -1,0 +1,165 @@
+"""The localizer's bookkeeping on hand-made tensors, schedule logs and token diffs (no engine)."""
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollout_lab.instrument import ScheduleLog
+from rollout_lab.localize import report
+from rollout_lab.localize.__main__ import choose, main, parse_token
+from rollout_lab.localize.divergence import (
+    CLEAN_FLOOR,
+    CLEAN_MARGIN,
+    Point,
+    RequestFacts,
+    TokenLocalization,
+    capture_points,
+    clean_levels,
+    divergence,
+    first_above,
+    localize_token,
+    request_facts,
+    summary_lines,
+)
+from rollout_lab.minimize.standalone import TokenDiff
+
+HYBRID = ["model", "model.embed_tokens", "model.layers", "model.layers.0", "model.layers.0.mamba", "model.layers.0.shared_mlp",
+          "model.layers.1", "model.layers.1.self_attn", "model.layers.1.shared_mlp", "model.norm", "lm_head"]
+
+
+def test_points_follow_the_forward_order_and_name_the_mixer():
+    points = capture_points(HYBRID, 2)
+    assert [p.label() for p in points] == [
+        "embedding output", "layer 0 Mamba mixer output", "layer 0 MLP output", "layer 0 residual stream",
+        "layer 1 attention output", "layer 1 MLP output", "layer 1 residual stream", "final norm output", "logits"]
+    assert points[4].module == "model.layers.1.self_attn" and points[3].module == "model.layers.0"
+
+
+def test_a_layer_without_a_mixer_is_refused_by_name():
+    with pytest.raises(ValueError, match="model.layers.1 has 0 mixers"):
+        capture_points([n for n in HYBRID if n != "model.layers.1.self_attn"], 2)
+    with pytest.raises(ValueError, match="no module model.layers.2"):
+        capture_points(HYBRID, 3)
+
+
+def test_divergence_is_relative_l2_and_cuts_a_padded_vocabulary():
+    reference = torch.tensor([3.0, 4.0])
+    assert divergence(torch.tensor([3.0, 4.5]), reference) == pytest.approx(0.1)
+    assert divergence(reference.clone(), reference) == 0.0
+    # vLLM pads the vocabulary; the padded logits are not compared.
+    assert divergence(torch.tensor([3.0, 4.5, 99.0]), reference) == pytest.approx(0.1)
+
+
+def test_clean_level_is_a_margin_over_the_clean_max_with_a_floor():
+    levels = clean_levels([[0.0, 2e-6, 1e-5], [0.0, 5e-6, 3e-5]], 3)
+    assert levels == pytest.approx([CLEAN_FLOOR, CLEAN_MARGIN * 5e-6, CLEAN_MARGIN * 3e-5])
+    with pytest.raises(ValueError, match="no clean token"):
+        clean_levels([], 3)
+    with pytest.raises(ValueError, match="2 divergences, expected 3"):
+        clean_levels([[0.0, 1.0]], 3)
+
+
+def test_first_divergence_is_the_first_point_above_its_level():
+    levels = [1e-6, 1e-5, 1e-5, 1e-4]
+    assert first_above([0.0, 5e-6, 0.2, 0.9], levels) == 2
+    assert first_above([0.0, 5e-6, 5e-6, 5e-5], levels) is None
+    # Above the level of a point whose level is lower than a later value's still counts first.
+    assert first_above([2e-6, 0.0, 0.0, 0.0], levels) == 0
+
+
+def _token(request, position, divergences, **facts):
+    return TokenLocalization(request, position, position + 9, 7, 1.0, True, divergences, RequestFacts(None, 0, **facts))
+
+
+def test_summary_groups_positions_of_a_request_with_the_same_first_point():
+    points = capture_points(HYBRID, 2)
+    levels = [1e-3] * len(points)
+    attention = [0.0] * 4 + [0.5] * 5
+    tokens = [localize_token(_token(12, p, attention, resumed=True, kv_blocks=[7, 9]), levels) for p in (37, 38, 39, 40, 44)]
+    tokens.append(localize_token(_token(3, 5, [0.0] * len(points)), levels))
+    assert summary_lines(tokens, points) == [
+        "first divergence: layer 1 attention output at positions 37-40, 44 of request 12, resumed after preemption; KV blocks 7, 9",
+        "no divergence above the clean level: positions 5 of request 3 (not preempted, no prefix-cache hit)",
+    ]
+    assert tokens[0].growth(points) == "0.5 at layer 1 attention output, 0.5 at the final norm, 0.5 at the logits"
+
+
+def test_request_facts_name_the_blocks_held_before_the_preemption_and_their_next_holder():
+    log = ScheduleLog(groups=[{"kind": "FullAttentionSpec", "block_size": 4}], num_blocks=8, steps=[
+        {"step": 0, "requests": {"0-a": [0, 6, [[1, 2]]], "1-b": [0, 3, [[3]]]}, "preempted": []},
+        {"step": 1, "requests": {"1-b": [3, 1, [[3, 4]]]}, "preempted": ["0-a"]},
+        {"step": 2, "requests": {"1-b": [4, 1, [[3, 4, 2]]]}, "preempted": []},
+        # Request 0 resumes: recomputes its 6 prompt tokens and 1 completion token, samples completion position 1.
+        {"step": 3, "requests": {"0-a": [0, 7, [[5, 6]]]}, "preempted": []},
+    ])
+    facts = request_facts(log, "0", prompt_len=6, position=1, num_tokens=2, num_preemptions=1, num_cached_tokens=0)
+    assert facts.resumed and facts.kv_block == 6  # input position 6 lies in the second 4-token block
+    assert facts.kv_blocks == [5, 6]
+    assert facts.blocks_before_preemption == [1, 2]
+    assert facts.next_holders == ["", "request 1 at step 2"]
+    before = request_facts(log, "0", prompt_len=6, position=0, num_tokens=2, num_preemptions=1, num_cached_tokens=0)
+    assert not before.resumed and before.blocks_before_preemption == []
+
+
+def _diff(request, position, abs_diff):
+    return TokenDiff(request, position, 5, -1.0, -1.0 - abs_diff, abs_diff, 0, 0)
+
+
+def test_choose_takes_the_worst_flagged_and_each_requests_first_flagged_token():
+    diffs = [_diff(0, 0, 1e-5), _diff(0, 1, 0.01), _diff(0, 2, 3.0), _diff(1, 4, 2.0), _diff(2, 0, 1e-4)]
+    assert [(d.request, d.position) for d in choose(diffs, [], 1, 1e-3)] == [(0, 1), (0, 2)]
+    assert [(d.request, d.position) for d in choose(diffs, [], 2, 1e-3)] == [(0, 1), (0, 2), (1, 4)]
+    # Nothing flagged (the clean control): the worst tokens anyway.
+    assert [(d.request, d.position) for d in choose(diffs, [], 2, 10.0)] == [(0, 2), (1, 4)]
+    assert [(d.request, d.position) for d in choose(diffs, [(2, 0)], 5, 1e-3)] == [(2, 0)]
+    with pytest.raises(ValueError, match="--token 9:9: the replay has no such token"):
+        choose(diffs, [(9, 9)], 1, 1e-3)
+
+
+def test_token_argument_is_request_colon_position():
+    assert parse_token("12:37") == (12, 37)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected REQUEST:POSITION"):
+        parse_token("12")
+
+
+def test_localization_round_trips_through_its_json_and_writes_a_report(tmp_path):
+    points = capture_points(HYBRID, 2)
+    levels = [1e-3] * len(points)
+    token = localize_token(_token(12, 37, [0.0] * 4 + [0.5] * 5, resumed=True, blocks_before_preemption=[7], next_holders=["request 3 at step 2"]), levels)
+    result = report.Localization("runs/x", "smollm2", "stale_state", "3 tokens flagged", points, levels, 40, [token], 12.5)
+    path = report.write(result, tmp_path)
+    assert report.read(tmp_path / report.RESULT_NAME) == result
+    text = path.read_text()
+    assert "first divergence: layer 1 attention output at positions 37 of request 12, resumed after preemption; " \
+           "blocks before the preemption 7 (next held by request 3 at step 2)" in text
+    assert (tmp_path / "request12_position37.png").stat().st_size > 0
+
+
+def test_the_wandb_run_of_a_localization_holds_one_curve_per_token(tmp_path):
+    from rollout_lab.config import RunConfig
+    from rollout_lab.wandb_log import log_layer_curves
+
+    points = capture_points(HYBRID, 2)
+    token = _token(12, 37, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    result = report.Localization("runs/x", "smollm2", None, "clean", points, [1e-3] * len(points), 40, [token])
+    curves = report.layer_curves(result)
+    assert curves[0].series == ["embedding", "mamba", "mlp", "residual", "attention", "final_norm", "logits"]
+    assert curves[0].layers[:4] == [[-1], [0], [0, 1], [0, 1]] and curves[0].values[2] == [0.2, 0.5]
+    cfg = RunConfig()
+    cfg.logger.mode = "offline"
+    wandb_dir = log_layer_curves(cfg, tmp_path, "run-1", curves, {"summary": "first divergence: ..."})
+    # line_series is a table of (series, layer, divergence) rows: one per point.
+    (table,) = Path(wandb_dir).glob("files/media/table/localize/request 12 position 37_table_*.table.json")
+    assert len(json.loads(table.read_text())["data"]) == len(points)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/missing"], "run dir {tmp}/missing does not exist"),
+    (["{tmp}", "--tokens", "0"], "--tokens=0 must be at least 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rollout_lab.localize: {message.format(tmp=tmp_path)}\n"

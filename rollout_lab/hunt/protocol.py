@@ -60,13 +60,15 @@ class Signature:
             oracle, rest = text.removeprefix("mismatch/").split(":", 1)
             model, dtype, klass = rest.rsplit(":", 2)
             return cls("mismatch", oracle=oracle, model=model, dtype=dtype, request_class=klass)
-        if kind and rest and "/" not in kind:
-            return cls("crash", crash_key=text)
-        raise ProtocolError(f"{text!r} is not a hunt signature (Type@frames, hang@phase:model, died@phase:model "
-                            f"or mismatch/oracle:model:dtype:class)")
+        try:
+            return cls("crash", crash_key=CrashSignature.parse(text).key)
+        except ValueError:
+            raise ProtocolError(f"{text!r} is not a hunt signature (Type@frames, hang@phase:model, "
+                                f"died@phase:model or mismatch/oracle:model:dtype:class)") from None
 
     @classmethod
     def mismatch(cls, oracle: str, model: str, dtype: str, request_class: Optional[str]) -> "Signature":
+        """A mismatch's key, its request class as the minimizer will judge it."""
         # The minimizer counts flagged prefix-cache hits as the same failure as flagged ordinary
         # requests (standalone.SAME_CLASS): one fault hitting whichever requests hold a bad block is
         # one finding, not one per class of the requests it happened to land on.

@@ -58,6 +58,9 @@ class EngineConfig:
     # Run the engine core inside the sampler actor's process (weight sync and our plugins need
     # no serialization); set true to use vLLM's separate engine-core process.
     multiprocessing: bool = False
+    # Any other keyword of the installed vLLM's EngineArgs (+engine.args.kv_cache_dtype=fp8),
+    # passed to vllm.LLM as given; checked at start against vLLM's fields and its config validation.
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,7 +276,64 @@ def validate(cfg: RunConfig) -> RunConfig:
     if e.logprobs_mode == "processed_logprobs" and (w.temperature != 1.0 or w.top_p != 1.0 or w.top_k > 0):
         # The trainer recomputes the raw distribution; processed logprobs differ by design.
         raise ConfigError("engine.logprobs_mode=processed_logprobs needs temperature=1, top_p=1, top_k=-1")
+    if e.args:
+        check_engine_args(cfg)
     return cfg
+
+
+# vLLM arguments rollout_lab sets itself (sampler.engine_kwargs), and why engine.args cannot.
+LAB_ENGINE_ARGS = {
+    "model": "the model is model.name",
+    "disable_log_stats": "rollout_lab keeps vLLM's stats on (preemption counts, cache use)",
+    "worker_extension_cls": "rollout_lab's weight sync is the worker extension",
+    "scheduler_cls": "rollout_lab's scheduling records are the scheduler (engine.record_schedule)",
+}
+
+
+@functools.cache
+def vllm_engine_args() -> frozenset[str]:
+    """The keyword arguments the installed vLLM's engine takes (EngineArgs' fields)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(EngineArgs))
+
+
+def engine_arg_message(name: str) -> Optional[str]:
+    """One line when engine.args.<name> is no EngineArgs keyword of the installed vLLM, or one that
+    rollout_lab types (engine.<name>) or sets itself; None when it may be passed."""
+    valid = vllm_engine_args()
+    if name in LAB_ENGINE_ARGS:
+        return f"engine.args.{name} is set by rollout_lab: {LAB_ENGINE_ARGS[name]}"
+    if name in valid and name in {f.name for f in dataclasses.fields(EngineConfig)}:
+        return f"engine.args.{name} duplicates a typed knob; use engine.{name}"
+    if name not in valid:
+        hint = closest(name, sorted(valid), "engine.args")
+        if not hint.startswith("did you mean"):  # not all of EngineArgs' ~250 fields on one line
+            hint = f"none of its {len(valid)} (vllm.engine.arg_utils.EngineArgs' fields) is close"
+        return f"engine.args.{name} is not an engine argument of the installed vLLM; {hint}"
+    return None
+
+
+def check_engine_args(cfg: RunConfig) -> None:
+    """engine.args against the installed vLLM: every name, then the whole engine configuration
+    through vLLM's own config validation (EngineArgs.create_engine_config; no engine starts)."""
+    from rollout_lab.hunt.runner import validate_engine
+    from rollout_lab.models import resolve_model
+    from rollout_lab.sampler import engine_kwargs
+
+    for name in cfg.engine.args:
+        message = engine_arg_message(name)
+        if message:
+            raise ConfigError(message)
+    model_path = resolve_model(cfg.model.name)
+    point = {f"engine.{k}": v for k, v in engine_kwargs(cfg, model_path).items() if k != "model"}
+    try:
+        complaint = validate_engine(point, model_path)
+    except Exception as exc:  # vLLM refuses some values by other errors (KeyError: an unknown enum name)
+        complaint = f"{type(exc).__name__}: {exc}"
+    if complaint:
+        given = ", ".join(f"{k}={v}" for k, v in cfg.engine.args.items())
+        raise ConfigError(f"engine.args ({given}): vLLM refuses this engine configuration: {' '.join(complaint.split())[:400]}")
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -350,7 +410,7 @@ def check_override_keys(overrides: list[str], schema: type) -> None:
     """Raise ConfigError on a command-line override (a sweep grid too) whose key the schema lacks.
 
     Config groups (the folders of conf/: model=, +pressure=, +sweep=, fault=) and hydra.* are
-    Hydra's to check."""
+    Hydra's to check; an engine.args.<name> is checked against the installed vLLM's EngineArgs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
@@ -359,6 +419,8 @@ def check_override_keys(overrides: list[str], schema: type) -> None:
         if key in groups or key.split(".")[0] == "hydra":
             continue
         message = unknown_key_message(key, schema)
+        if message is None and schema is RunConfig and key.startswith("engine.args."):
+            message = engine_arg_message(key.split(".")[2])
         if message:
             raise ConfigError(message)
 

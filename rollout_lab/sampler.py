@@ -33,7 +33,7 @@ def request_seed(base_seed: int, step: int, prompt_index: int, sample_index: int
 
 
 def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
-    """vllm.LLM keyword arguments for this run's engine config."""
+    """vllm.LLM keyword arguments for this run's engine config: the typed knobs, then engine.args."""
     e = cfg.engine
     kwargs = dict(
         model=model_path,
@@ -59,6 +59,8 @@ def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
         kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
     if e.block_size is not None:
         kwargs["block_size"] = e.block_size
+    # Checked at start (config.check_engine_args): none of them is a key set above.
+    kwargs |= e.args
     return kwargs
 
 

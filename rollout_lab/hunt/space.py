@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig, closest, register_fault_params
+from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig, closest, register_fault_params, vllm_engine_args
 from rollout_lab.tolerances import TOLERANCES
 
 
@@ -149,15 +149,6 @@ class Space:
 
     def dims(self) -> dict[str, list]:
         return self.engine_dims() | self.workload_dims()
-
-
-def vllm_engine_args() -> set[str]:
-    """The keyword arguments the installed vLLM's engine takes (EngineArgs' fields)."""
-    import dataclasses
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    return {f.name for f in dataclasses.fields(EngineArgs)}
 
 
 def sampling_knobs() -> set[str]:

@@ -21,7 +21,7 @@ from typing import Optional
 from rich.markup import escape
 
 from rollout_lab.minimize import standalone
-from rollout_lab.minimize.reduce import KNOB_ARGS, Reduction, Size, deviating_knobs, with_knobs
+from rollout_lab.minimize.reduce import KNOB_ARGS, Reduction, Size, deviating_knobs, knob_args, with_knobs
 from rollout_lab.minimize.script import RANDOM_MODELS, ReproSpec, distinct_prompts, repro_source
 from rollout_lab.minimize.standalone import Case
 from rollout_lab.tolerances import clean_agreement
@@ -74,7 +74,7 @@ class Verification:
 
 
 def _knob_text(engine_args: dict, knobs: list[str]) -> str:
-    return ", ".join(f"{n}={engine_args[n]}" for k in knobs for n in KNOB_ARGS[k] if n in engine_args)
+    return ", ".join(f"{n}={engine_args[n]}" for k in knobs for n in knob_args(k) if n in engine_args)
 
 
 def title(reduction: Reduction, case: Case, device: str) -> str:
@@ -260,10 +260,10 @@ class Emitter:
         for knob in deviating_knobs(case.engine_args, self.reduction.targets):
             keep = [k for k in deviating_knobs(case.engine_args, self.reduction.targets) if k != knob]
             args = with_knobs(case.engine_args, keep, self.reduction.targets)
-            for name in KNOB_ARGS[knob]:
+            for name in knob_args(knob):
                 if isinstance(case.engine_args.get(name), bool):
                     args[name] = not case.engine_args[name]
-            changed = {n: args.get(n, "default") for n in KNOB_ARGS[knob] if args.get(n) != case.engine_args.get(n)}
+            changed = {n: args.get(n, "default") for n in knob_args(knob) if args.get(n) != case.engine_args.get(n)}
             label = ", ".join(f"{n}={v}" for n, v in changed.items())
             flips.append(Flip(label, [self.run(replace(case, engine_args=args)).verdict for _ in range(runs)]))
         if case.fault:

@@ -54,23 +54,40 @@ def knob_targets(on_gpu: bool) -> dict[str, dict]:
     return targets
 
 
+# Engine arguments the minimizer never changes: what the failure is measured with (the dtype its
+# tolerance belongs to, the seed, raw logprobs, the stats that count preemptions).
+FIXED_ARGS = ("dtype", "seed", "logprobs_mode", "disable_log_stats")
+
+
+def knobs_of(engine_args: dict) -> dict[str, tuple[str, ...]]:
+    """KNOB_ARGS, then one knob per other argument the case sets (engine.args, the hunt's
+    kv_cache_dtype, compilation_config...), named by it and going back to vLLM's default."""
+    grouped = {n for names in KNOB_ARGS.values() for n in names}
+    return KNOB_ARGS | {n: (n,) for n in engine_args if n not in grouped and n not in FIXED_ARGS}
+
+
+def knob_args(knob: str) -> tuple[str, ...]:
+    """The vllm.LLM arguments a knob covers: KNOB_ARGS' group, else the argument of that name."""
+    return KNOB_ARGS.get(knob, (knob,))
+
+
 def deviating_knobs(engine_args: dict, targets: dict[str, dict]) -> list[str]:
-    """The knobs whose arguments differ from their targets."""
+    """The knobs whose arguments differ from their targets (an argument of its own: set at all)."""
     return [
         knob
-        for knob, names in KNOB_ARGS.items()
-        if {n: engine_args[n] for n in names if n in engine_args} != targets[knob]
+        for knob, names in knobs_of(engine_args).items()
+        if {n: engine_args[n] for n in names if n in engine_args} != targets.get(knob, {})
     ]
 
 
 def with_knobs(engine_args: dict, keep: list[str], targets: dict[str, dict]) -> dict:
     """Engine arguments with every knob outside `keep` set back to its target."""
     args = dict(engine_args)
-    for knob, names in KNOB_ARGS.items():
+    for knob, names in knobs_of(engine_args).items():
         if knob not in keep:
             for name in names:
                 args.pop(name, None)
-            args |= targets[knob]
+            args |= targets.get(knob, {})
     return args
 
 

@@ -10,7 +10,9 @@ number and never from a try/except around the call that needs it. What differs, 
   on; before that the count is unknown (None), never 0;
 - engine metric names (`LLM.get_metrics()`), mapped to the lab's names;
 - the in-place weight reload entry point (`model_runner.reload_weights(weights_iterator=...)`);
-- where the batch-invariant kernels live.
+- where the batch-invariant kernels live;
+- the layer names a GraniteMoeHybrid config must carry: vLLM 0.25 reads `mamba`/`attention`
+  while transformers 5.x (which it requires) writes `linear_attention`/`full_attention`.
 
 One exception, by design: faults.py is carried verbatim into emitted repro.py scripts, which import
 nothing of rollout_lab, so it keeps its own probe of the model runner (the v1 runner, on CPU, keeps
@@ -22,6 +24,8 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
+from pathlib import Path
 from typing import Iterable, Optional
 
 # vLLM's counters and gauges (`LLM.get_metrics()` names) -> the lab's names (`engine/<name>`).
@@ -143,3 +147,28 @@ def enable_batch_invariant_mode() -> None:
             module.enable_batch_invariant_mode()
             return
     raise RuntimeError(f"vLLM {vllm_version()} has no batch-invariant mode (none of {', '.join(BATCH_INVARIANT_MODULES)})")
+
+
+# transformers 5.x layer names -> the names vLLM releases before the rename read.
+_LEGACY_HYBRID_LAYERS = {"linear_attention": "mamba", "full_attention": "attention"}
+
+
+@functools.cache
+def _hybrid_layer_names() -> frozenset[str]:
+    """The GraniteMoeHybrid decoder layer names the installed vLLM builds from."""
+    from vllm.model_executor.models import granitemoehybrid
+
+    return frozenset(granitemoehybrid.ALL_DECODER_LAYER_TYPES)
+
+
+def hf_overrides(model_path: str) -> dict:
+    """Config fields the installed vLLM must read differently from what the checkpoint's
+    transformers wrote (vllm.LLM's `hf_overrides`); empty when it reads the checkpoint as is."""
+    config_path = Path(model_path) / "config.json"
+    if not config_path.is_file():  # a hub id: vLLM reads the hub's config, as the user asked
+        return {}
+    config = json.loads(config_path.read_text())
+    layer_types = config.get("layer_types") or []
+    if config.get("model_type") != "granitemoehybrid" or set(layer_types) <= _hybrid_layer_names():
+        return {}
+    return {"layer_types": [t if t in _hybrid_layer_names() else _LEGACY_HYBRID_LAYERS.get(t, t) for t in layer_types]}

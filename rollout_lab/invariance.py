@@ -34,6 +34,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from rollout_lab import engine as engines
 from rollout_lab.config import EngineConfig, ModelConfig, WorkloadConfig
 
 MODES = ("greedy", "seeded")
@@ -228,14 +229,12 @@ class Engine:
         self.llm = None
 
     def start(self) -> None:
-        from vllm import LLM
-
         if self.llm is not None:
             del self.llm
             import gc
 
             gc.collect()
-        self.llm = LLM(**self.kwargs)
+        self.llm = engines.start(**self.kwargs)
 
     def alone(self, mode: str) -> list[Output]:
         """Each target in a batch of its own."""

@@ -1,4 +1,5 @@
 """compat.py against the installed vLLM: each answer checked with what that release really does."""
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -66,3 +67,18 @@ def test_a_runner_without_in_place_reload_is_refused_with_the_release_named():
 
     with pytest.raises(RuntimeError, match=f"vLLM {vllm.__version__}.*OldRunner.reload_weights"):
         compat.reload_weights(OldRunner(), iter([]))
+
+
+def test_hf_overrides_renames_hybrid_layers_for_a_vllm_that_reads_the_old_names(tmp_path, monkeypatch):
+    config = {"model_type": "granitemoehybrid", "layer_types": ["linear_attention", "full_attention"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(compat, "_hybrid_layer_names", lambda: frozenset({"mamba", "attention"}))
+    assert compat.hf_overrides(str(tmp_path)) == {"layer_types": ["mamba", "attention"]}
+    monkeypatch.setattr(compat, "_hybrid_layer_names", lambda: frozenset({"linear_attention", "full_attention"}))
+    assert compat.hf_overrides(str(tmp_path)) == {}
+
+
+def test_hf_overrides_leaves_other_models_and_hub_ids_alone(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert compat.hf_overrides(str(tmp_path)) == {}
+    assert compat.hf_overrides("HuggingFaceTB/SmolLM2-135M-Instruct") == {}

@@ -16,7 +16,8 @@ from typing import Optional
 
 from rollout_lab.hunt.protocol import Finding, Signature, TrialResult
 
-# 2: typed records (protocol.py): a trial's result and a finding are one JSON record each.
+# 2: typed records (protocol.py): a trial's result and a finding are one JSON record each, a
+# group keeps its workloads. A schema-1 store is rewritten as 2 when opened (migrate.py).
 SCHEMA_VERSION = 2
 
 SCHEMA = """
@@ -74,6 +75,10 @@ class Store:
             raise StoreError(f"{path} is not a readable hunt store: {exc}") from None
         if version is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
+        elif int(version) == 1:
+            from rollout_lab.hunt.migrate import migrate_v1
+
+            migrate_v1(self.db, path.parent)
         elif int(version) != SCHEMA_VERSION:
             raise StoreError(f"{path} has schema version {version}; this rollout_lab reads {SCHEMA_VERSION} "
                              f"(finish that hunt with the rollout_lab that started it, or pick a new dir)")

@@ -160,11 +160,11 @@ def test_a_finding_round_trips_through_the_store_and_a_corrupt_store_is_refused(
     bad.write_bytes(b"not a database" * 100)
     with pytest.raises(StoreError, match="bad.db is not a readable hunt store"):
         Store(bad)
-    old = tmp_path / "old.db"
-    sqlite3.connect(old, isolation_level=None).executescript(
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('schema_version', '1');")
-    with pytest.raises(StoreError, match="old.db has schema version 1"):
-        Store(old)
+    newer = tmp_path / "newer.db"
+    sqlite3.connect(newer, isolation_level=None).executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('schema_version', '3');")
+    with pytest.raises(StoreError, match="newer.db has schema version 3; this rollout_lab reads 2"):
+        Store(newer)
 
 
 def test_the_request_index_of_a_completion_is_its_requests_not_its_position_among_completions():
@@ -210,3 +210,65 @@ def test_no_trial_starts_once_the_deadline_has_passed_but_the_one_in_flight_fini
     run_trials(crashing, Lines(tmp_path / "c.jsonl"), lambda i, t, w: crash_result(), clock=lambda: 0.0)
     assert [e.trial for e in read_events(tmp_path / "c.jsonl", 0)[0] if isinstance(e, TrialStarted)] == ["c0"]
 
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE groups (idx INTEGER PRIMARY KEY, key TEXT, engine TEXT, reason TEXT, status TEXT, message TEXT,
+    engine_seconds REAL, started REAL);
+CREATE TABLE trials (key TEXT PRIMARY KEY, group_idx INTEGER, engine TEXT, workload TEXT, status TEXT,
+    signature TEXT, oracles TEXT, result TEXT, seconds REAL, elapsed REAL);
+CREATE TABLE findings (signature TEXT PRIMARY KEY, kind TEXT, first_trial TEXT, first_elapsed REAL, first_trial_number INTEGER,
+    trials INTEGER, model TEXT, dtype TEXT, trigger TEXT, repro TEXT, repro_rate TEXT, state TEXT, detail TEXT);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+def test_a_hunt_dir_of_schema_1_is_rewritten_in_place_and_resumes(tmp_path):
+    """A hunt started before the typed records (the GPU hunt kept in docs/gpu_runs, say) goes on."""
+    import json
+
+    engine = json.dumps(ENGINE)
+    verdict = {"tokens": 40, "flagged": 3, "max": 2.5, "class": "preempted", "worst": {"diff": 2.5, "request": 1, "position": 4, "token_id": 9}}
+    fail = {"event": "result", "trial": "t1", "point": WORKLOAD, "status": "fail", "seconds": 3.5, "dtype": "float32",
+            "oracles": {"reference": verdict, "metamorphic": {"tokens": 40, "flagged": 0, "max": 1e-5, "class": None, "worst": None}},
+            "failed_oracles": ["reference"], "num_requests": 2, "num_tokens": 40, "preempted_requests": 1, "batch": True, "time": 1.0,
+            "case": {"requests": [{"prompt_token_ids": [1, 2], "seed": 11, "prompt_index": 0, "sample_index": 0}],
+                     "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "top_k": 20}}
+    crash = crash_result().crash.to_dict()
+    died = {"status": "crash", "phase": "trial", "crash": {"key": "ProcessDied@trial", "message": "killed"}}
+    db = sqlite3.connect(tmp_path / "hunt.db", isolation_level=None)
+    db.executescript(V1_SCHEMA)
+    db.execute("INSERT INTO groups VALUES (0, 'g0', ?, 'explore', 'crash', '', 4.0, 1.0)", (engine,))
+    db.execute("INSERT INTO groups VALUES (1, 'g1', ?, 'explore', 'running', NULL, NULL, 2.0)", (engine,))
+    for key, status, signature, result in [("t1", "fail", "mismatch/reference:smollm2:float32:preempted", fail),
+                                           ("t2", "crash", crash["key"], {"status": "crash", "crash": crash}),
+                                           ("t3", "crash", "ProcessDied@trial", died)]:
+        db.execute("INSERT INTO trials VALUES (?, 0, ?, ?, ?, ?, '{}', ?, 1.0, 5.0)",
+                   (key, engine, json.dumps(WORKLOAD), status, signature, json.dumps(result)))
+    detail = {"engine": ENGINE, "workload": WORKLOAD, "result": fail,
+              "minimized": {"engine_args": {"block_size": 32}, "knobs": ["block_size"], "before": "a", "after": "b", "runs": 3,
+                            "seconds": 1.0, "steps_back": None, "verify_args": []}, "verify_exits": [1, 1]}
+    db.execute("INSERT INTO findings VALUES ('mismatch/reference:smollm2:float32:preempted', 'mismatch', 't1', 5.0, 1, 1, "
+               "'smollm2', 'float32', '[\"block_size\"]', ?, '2/2', 'verified', ?)",
+               (str(tmp_path / "repro" / "f00" / "repro.py"), json.dumps(detail)))
+    (tmp_path / "lines").mkdir()
+    (tmp_path / "lines" / "group_0001.jsonl").write_text(
+        json.dumps({"event": "engine", "group": "g1", "status": "ok", "seconds": 4.0, "dtype": "float32", "blocks": 10}) + "\n"
+        + json.dumps({"event": "start", "group": "g1", "trial": "t4"}) + "\n"
+        + json.dumps(fail | {"trial": "t4"}) + "\n" + '{"event": "beat", "gro')
+    db.close()
+
+    store = Store(tmp_path / "hunt.db")
+    assert store.meta("schema_version") == 2
+    rows = {t.key: t for t in store.trials()}
+    assert rows["t1"].result.oracles["reference"] == OracleVerdict(40, 3, 2.5, "preempted", WorstToken(2.5, 1, 4, 9))
+    assert rows["t1"].result.case.requests == [Request([1, 2], 11, 0, 0)] and rows["t1"].result.case.model == "smollm2"
+    assert rows["t2"].result.crash == crash_result().crash and str(rows["t2"].signature) == crash["key"]
+    assert (rows["t3"].status, str(rows["t3"].signature)) == ("died", "died@trial:smollm2")
+    [finding] = store.findings()
+    assert finding.repro == "repro/f00/repro.py" and finding.minimized.knobs == ["block_size"] and finding.verify_exits == [1, 1]
+    events = read_events(tmp_path / "lines" / "group_0001.jsonl", 0)[0]
+    assert [type(e).__name__ for e in events] == ["EngineStarted", "TrialStarted", "TrialFinished"]
+    assert events[0].num_blocks == 10 and events[2].result.oracles["reference"].max_diff == 2.5
+    assert Store(tmp_path / "hunt.db").trials() == store.trials()  # migrated once

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +334,9 @@ def check_engine_args(cfg: RunConfig) -> None:
         complaint = f"{type(exc).__name__}: {exc}"
     if complaint:
         given = ", ".join(f"{k}={v}" for k, v in cfg.engine.args.items())
-        raise ConfigError(f"engine.args ({given}): vLLM refuses this engine configuration: {' '.join(complaint.split())[:400]}")
+        # pydantic's "[type=..., input_value=...] For further information visit <url>" after each reason.
+        reason = re.sub(r" \[type=[^\]]*\]( For further information visit \S+)?", "", " ".join(complaint.split()))
+        raise ConfigError(f"engine.args ({given}): vLLM refuses this engine configuration: {reason[:400]}")
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -28,7 +28,6 @@ register()
 def main(dict_cfg: DictConfig) -> None:
     from rollout_lab.config import ConfigError, check_keys
     from rollout_lab.hunt.driver import Hunt
-    from rollout_lab.hunt.protocol import ProtocolError
     from rollout_lab.hunt.store import StoreError
 
     # vLLM's INFO lines (the driver validates engine configs) would bury the progress lines.
@@ -38,7 +37,7 @@ def main(dict_cfg: DictConfig) -> None:
         cfg: HuntRunConfig = OmegaConf.to_object(dict_cfg)
         hunt_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
         hunt = Hunt(cfg, hunt_dir)
-    except (ConfigError, StoreError, ProtocolError, ValueError) as exc:
+    except (ConfigError, StoreError, ValueError) as exc:  # a bad signature.txt too (ProtocolError)
         print(f"rollout_lab.hunt: {exc}", file=sys.stderr)
         sys.exit(2)
     hunt.run()

@@ -317,7 +317,10 @@ def read_known_bugs(folder: Optional[Path]) -> dict[Signature, Path]:
         return {}
     known = {}
     for path in sorted(folder.glob(f"*/{SIGNATURE_FILE}")):
-        signature = Signature.parse(path.read_text().strip())
+        try:
+            signature = Signature.parse(path.read_text().strip())
+        except ProtocolError as exc:
+            raise ProtocolError(f"{path}: {exc}") from None
         if signature.kind != "crash":
             raise ProtocolError(f"{path}: {signature} is not a crash signature; only crashes are known bugs")
         if not (path.parent / "repro.py").is_file():

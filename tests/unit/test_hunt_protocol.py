@@ -138,6 +138,9 @@ def test_the_known_bugs_file_round_trips_and_names_only_crashes(tmp_path):
     write_known_bug(bug, Signature.parse("mismatch/reference:smollm2:float32:any"))
     with pytest.raises(ProtocolError, match="not a crash signature"):
         read_known_bugs(tmp_path / "repro")
+    (bug / "signature.txt").write_text("nonsense\n")
+    with pytest.raises(ProtocolError, match="seeded/signature.txt: 'nonsense' is not a hunt signature"):
+        read_known_bugs(tmp_path / "repro")
 
 
 def test_a_finding_round_trips_through_the_store_and_a_corrupt_store_is_refused(tmp_path):

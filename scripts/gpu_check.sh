@@ -7,10 +7,13 @@
 #   hunt       a short hunt (hunt=smoke) with stale_state planted
 #   hunt_default  the default hunt space, no planted fault, GPU_CHECK_DEFAULT_HUNT_S (300) seconds;
 #              prints every crash, hang and harness error with its message line (from hunt.db)
+#   architectures  the default job (float32, real weight sync) on every tiny model of
+#              rollout_lab.models.TINY_CONFIGS; one line per model: max |diff|, sync, clean or not,
+#              or why it did not run (an architecture this vLLM cannot load is one line, not a stop)
 # Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
 # and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
 # another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
-#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default]   (no argument: all)
+#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures]   (no argument: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu_check}
@@ -31,7 +34,7 @@ job() {  # job NAME ARGS...: one logged command, its summary lines echoed
   return $rc
 }
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default)
+[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default architectures)
 say "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 for step in "${steps[@]}"; do
   case $step in
@@ -56,7 +59,32 @@ for t in trials:
         print(f"  {t['status']} {t['signature']}: {crash.get('message', t['result'].get('phase', ''))}")
 PY
       ;;
-    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default)" >&2; exit 2 ;;
+    architectures)
+      tiny=$("$py" -c "from rollout_lab.models import TINY_CONFIGS; print(','.join(TINY_CONFIGS))")
+      job architectures "$py" -m rollout_lab -m "model=$tiny" engine.dtype=float32 run_name=gpu-arch "${share[@]}" \
+        engine.kv_cache_memory_bytes=2000000000 hydra.sweep.dir="$out/architectures"
+      "$py" - "$out/architectures" <<'PY'
+import json, sys
+from pathlib import Path
+from omegaconf import OmegaConf
+# One line per job dir: a job vLLM could not start is a crash or a failure.txt, never a stop.
+for job in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / ".hydra").is_dir()):
+    model = next(o.split("=", 1)[1] for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if o.startswith("model="))
+    if not (job / "summary.json").exists():
+        failure = job / "failure.txt"
+        print(f"{model:16s} did not run: {failure.read_text().strip() if failure.exists() else 'no summary.json'}"[:300])
+        continue
+    s = json.loads((job / "summary.json").read_text())
+    if s["status"] == "crash":
+        print(f"{model:16s} crash {s['crash']['key']}: {s['crash']['message']}"[:300])
+        continue
+    clean = s["status"] == "ok" and s["abs_diff_max"] <= s["spike_threshold"]
+    sync, moved = (f"{v:.3g}" if v is not None else "none" for v in (s["weight_sync_max_diff"], s["policy_change"]))
+    print(f"{model:16s} {'clean' if clean else 'NOT CLEAN'} status={s['status']} max|diff|={s['abs_diff_max']:.3g} "
+          f"(threshold {s['spike_threshold']:g}) sync={sync} policy_change={moved} tokens={s['num_tokens']} {s['seconds']:.0f}s")
+PY
+      ;;
+    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default architectures)" >&2; exit 2 ;;
   esac
 done
 "$py" - "$out" <<'EOF'

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token", type=parse_token, action="append", default=[],
                         help="REQUEST:POSITION (request index in the step, completion position); repeatable; replaces --tokens")
     parser.add_argument("--no-fault", action="store_true", help="replay without the planted fault: the clean control")
-    parser.add_argument("--out", type=Path, help="output dir (default <run_dir>/localize)")
+    parser.add_argument("--out", type=Path, help="output dir (default <run_dir>/localize, with --no-fault <run_dir>/localize_no_fault)")
     return parser.parse_args(argv)
 
 
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     # The capture reads the v1 model runner's persistent batch (capture.py).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from rollout_lab.config import ConfigError
+    from rollout_lab.localize import report
     from rollout_lab.minimize.predicate import RunDirError, load_case, load_run
     from rollout_lab.models import ModelError
 
@@ -62,13 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RunDirError, ConfigError, ModelError, ValueError) as exc:
         print(f"rollout_lab.localize: {exc}", file=sys.stderr)
         return 2
-    out_dir = args.out or (run.run_dir / "localize")
+    out_dir = args.out or (run.run_dir / ("localize_no_fault" if args.no_fault else report.DIR_NAME))
     try:
         result = localize(run, args, out_dir)
     except ValueError as exc:
         print(f"rollout_lab.localize: {exc}", file=sys.stderr)
         return 2
-    from rollout_lab.localize import report
     from rollout_lab.wandb_log import log_layer_curves
 
     path = report.write(result, out_dir)
@@ -129,9 +129,13 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
 
         def divergences(vllm_tokens, outputs) -> dict[tuple[int, int], tuple[list[float], "torch.Tensor"]]:
             """(request, input position) -> (divergence per point, the reference's logits row)."""
-            refs = reference_tokens(reference, points, sequences_of(outputs), [(t.request, t.input_position) for t in vllm_tokens])
-            return {(v.request, v.input_position): ([divergence(v.rows[capture.row_key(p)], r.rows[capture.row_key(p)]) for p in points],
-                                                    r.rows["logits"]) for v, r in zip(vllm_tokens, refs)}
+            keys = [capture.row_key(p) for p in points]
+            # A token some point missed (its position was not its request's last row, so no logits) is left out.
+            whole = [v for v in vllm_tokens if all(k in v.rows for k in keys)]
+            refs = {(r.request, r.input_position): r.rows for r in
+                    reference_tokens(reference, points, sequences_of(outputs), [(t.request, t.input_position) for t in whole])}
+            return {(v.request, v.input_position): ([divergence(v.rows[k], refs[v.request, v.input_position][k]) for k in keys],
+                                                    refs[v.request, v.input_position]["logits"]) for v in whole}
 
         try:
             progress.update(task, advance=1, description="fault-off replay: clean levels")

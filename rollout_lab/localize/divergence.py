@@ -205,7 +205,8 @@ def summary_lines(tokens: list[TokenLocalization], points: list[Point]) -> list[
         groups.setdefault((token.first, token.request), []).append(token)
     lines = []
     for (first, request), group in sorted(groups.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1])):
-        where = f"positions {_ranges([t.position for t in group])} of request {request}"
+        positions = sorted({t.position for t in group})
+        where = f"position{'s' if len(positions) > 1 else ''} {_ranges(positions)} of request {request}"
         if first is None:
             lines.append(f"no divergence above the clean level: {where} ({why(group[0].facts)})")
         else:

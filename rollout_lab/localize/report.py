@@ -9,6 +9,8 @@ from typing import Optional
 from rollout_lab.localize.divergence import CLEAN_MARGIN, Point, RequestFacts, TokenLocalization, summary_lines
 from rollout_lab.wandb_log import LayerCurves
 
+# <run_dir>/localize/ holds a run's localization (the minimizer's REPORT.md reads it from there).
+DIR_NAME = "localize"
 RESULT_NAME = "localization.json"
 REPORT_NAME = "LOCALIZE.md"
 
@@ -123,3 +125,11 @@ def write(result: Localization, out_dir: Path) -> Path:
     path = out_dir / REPORT_NAME
     path.write_text(markdown(result, images))
     return path
+
+
+def where_inside(run_dir: Path | str) -> list[str]:
+    """REPORT.md's "Where it fails inside the model" lines: the run's localization summary, or the command that makes one."""
+    path = Path(run_dir) / DIR_NAME / RESULT_NAME
+    if not path.is_file():
+        return [f"- Where it fails inside the model: not localized yet (`python -m rollout_lab.localize {run_dir}`)."]
+    return ["- Where it fails inside the model (`python -m rollout_lab.localize`):", *[f"  - {line}" for line in read(path).summary()]]

@@ -81,7 +81,7 @@ def test_summary_groups_positions_of_a_request_with_the_same_first_point():
     tokens.append(localize_token(_token(3, 5, [0.0] * len(points)), levels))
     assert summary_lines(tokens, points) == [
         "first divergence: layer 1 attention output at positions 37-40, 44 of request 12, resumed after preemption; KV blocks 7, 9",
-        "no divergence above the clean level: positions 5 of request 3 (not preempted, no prefix-cache hit)",
+        "no divergence above the clean level: position 5 of request 3 (not preempted, no prefix-cache hit)",
     ]
     assert tokens[0].growth(points) == "0.5 at layer 1 attention output, 0.5 at the final norm, 0.5 at the logits"
 
@@ -132,7 +132,7 @@ def test_localization_round_trips_through_its_json_and_writes_a_report(tmp_path)
     path = report.write(result, tmp_path)
     assert report.read(tmp_path / report.RESULT_NAME) == result
     text = path.read_text()
-    assert "first divergence: layer 1 attention output at positions 37 of request 12, resumed after preemption; " \
+    assert "first divergence: layer 1 attention output at position 37 of request 12, resumed after preemption; " \
            "blocks before the preemption 7 (next held by request 3 at step 2)" in text
     assert (tmp_path / "request12_position37.png").stat().st_size > 0
 
@@ -163,3 +163,101 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err == f"rollout_lab.localize: {message.format(tmp=tmp_path)}\n"
+
+
+def test_the_minimizer_report_line_reads_the_runs_localization(tmp_path):
+    assert report.where_inside(tmp_path) == [
+        f"- Where it fails inside the model: not localized yet (`python -m rollout_lab.localize {tmp_path}`)."]
+    points = capture_points(HYBRID, 2)
+    token = localize_token(_token(4, 2, [0.0] * 8 + [0.3]), [1e-3] * len(points))
+    report.write(report.Localization(str(tmp_path), "smollm2", "logit_noise", "flagged", points, [1e-3] * len(points), 40, [token]),
+                 tmp_path / report.DIR_NAME)
+    assert report.where_inside(tmp_path) == [
+        "- Where it fails inside the model (`python -m rollout_lab.localize`):",
+        "  - first divergence: logits at position 2 of request 4, not preempted, no prefix-cache hit"]
+
+
+class _Norm(torch.nn.Module):
+    def forward(self, hidden, residual=None):
+        if residual is None:
+            return hidden * 1.0
+        residual.add_(hidden)  # vLLM's fused add-norm adds the residual in place
+        return residual * 0.5, residual
+
+
+class _Layer(torch.nn.Module):
+    """A vLLM-style decoder layer: returns (hidden, residual), the next norm adds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm, self.self_attn, self.mlp = _Norm(), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, hidden, residual):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        return self.mlp(self.self_attn(hidden)), residual
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens, self.layers, self.norm = torch.nn.Embedding(10, 3), torch.nn.ModuleList([_Layer(), _Layer()]), _Norm()
+
+    def forward(self, input_ids):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self.norm(hidden, residual)[0]
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = _Inner()
+
+    def forward(self, input_ids, positions):
+        return self.model(input_ids)
+
+    def compute_logits(self, hidden):
+        return hidden * 2.0
+
+
+def test_capture_maps_the_flattened_batch_to_requests_and_copies_first_computations():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rollout_lab.localize import capture
+
+    torch.manual_seed(0)
+    model = _Model()
+    batch = SimpleNamespace(req_ids=["1-x", "0-y"], num_reqs=2, num_computed_tokens_cpu=np.array([5, 0]))
+    runner = SimpleNamespace(input_batch=batch, query_start_loc=SimpleNamespace(np=np.array([0, 1, 4])), device="cpu",
+                             model=model, model_config=SimpleNamespace(enforce_eager=True))
+    worker = SimpleNamespace(model_runner=runner)
+    points = capture_points([name for name, _ in model.named_modules()], 2)
+    seen = {}
+    model.model.layers[0].register_forward_hook(lambda m, a, out: seen.update(stream0=out[0] + out[1]))
+    assert capture.install(worker, points, [(1, 5), (0, 2), (0, 1)]) > 0
+    # Step 1: request 1 decodes position 5 (row 0), request 0 prefills positions 0-2 (rows 1-3).
+    ids = torch.tensor([4, 1, 2, 3])
+    hidden = model(input_ids=ids, positions=torch.tensor([5, 0, 1, 2]))
+    model.compute_logits(hidden[[0, 3]])
+    expected_stream, expected_logits = seen["stream0"].clone(), hidden * 2.0
+    # Step 2: request 0 recomputes position 2 (a re-prefill): the first computation stays.
+    batch.req_ids, batch.num_reqs, batch.num_computed_tokens_cpu = ["0-y"], 1, np.array([2])
+    runner.query_start_loc.np = np.array([0, 1])
+    model.compute_logits(model(input_ids=torch.tensor([9]), positions=torch.tensor([2])))
+    tokens = capture.collect(worker)
+    assert [(t.request, t.input_position) for t in tokens] == [(0, 1), (0, 2), (1, 5)]
+    by_key = {(t.request, t.input_position): t.rows for t in tokens}
+    for key, row in ((1, 5), 0), ((0, 1), 2), ((0, 2), 3):
+        assert torch.equal(by_key[key]["model.embed_tokens"], model.model.embed_tokens.weight[ids[row]])
+        assert torch.allclose(by_key[key]["model.layers.0"], expected_stream[row])
+    assert torch.equal(by_key[(0, 2)]["logits"], expected_logits[3]) and torch.equal(by_key[(1, 5)]["logits"], expected_logits[0])
+    assert "logits" not in by_key[(0, 1)]  # not its request's last row: no logits computed there
+    # Off again: no hook or wrapper left.
+    assert "compute_logits" not in vars(model) and not model._forward_pre_hooks
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.model.modules() if m is not model.model.layers[0])

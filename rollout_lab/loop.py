@@ -6,23 +6,20 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rollout_lab.config import RunConfig, gpu_shares, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics
-from rollout_lab.records import RolloutBatch, token_table, write_step
+from rollout_lab.records import RolloutBatch, RunResult, token_table, write_config, write_requests, write_step, write_summary
 from rollout_lab.sampler import PromptRequest
 from rollout_lab.tolerances import device_name, engine_version, threshold_for, tolerance
 from rollout_lab.wandb_log import RunLogger
@@ -30,34 +27,6 @@ from rollout_lab.workload import encode_prompt, make_problems, reward
 
 # A fixed sequence whose logprobs vLLM and the trainer must agree on after every weight sync.
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19, and 6 * 7 = 42."
-
-
-@dataclass
-class RunResult:
-    """What a finished (or crashed) run reports; also written to <run_dir>/summary.json."""
-
-    run_id: str
-    run_dir: str
-    # ok | crash | sync_mismatch | interrupted (stopped before its last step, records kept)
-    status: str = "interrupted"
-    steps_completed: int = 0
-    num_tokens: int = 0
-    abs_diff_max: float = 0.0
-    abs_diff_mean: float = 0.0
-    spike_fraction: float = 0.0
-    # Share of tokens whose sampler and trainer logprobs are bitwise equal (1.0: truly on-policy).
-    bitwise_equal_fraction: float = 0.0
-    spike_threshold: float = 0.0
-    spike_threshold_source: str = ""
-    reward_mean: float = 0.0
-    preemptions: float = 0.0
-    weight_sync_max_diff: Optional[float] = None
-    policy_change: Optional[float] = None
-    crash: Optional[dict] = None
-    engine_start_seconds: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    wandb_dir: Optional[str] = None
-    environment: dict = field(default_factory=dict)
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -117,8 +86,7 @@ def run(cfg: RunConfig) -> RunResult:
     threshold, threshold_source = threshold_for(cfg)
     result = RunResult(run_id=run_id, run_dir=str(run_dir), spike_threshold=threshold, spike_threshold_source=threshold_source)
     result.environment = environment()
-    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    config_dict = write_config(run_dir, cfg)
 
     model_path = resolve_model(cfg.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -150,9 +118,15 @@ def run(cfg: RunConfig) -> RunResult:
             offset = step * w.num_prompts if w.rotate_prompts else 0
             requests = [PromptRequest(offset + i, prompt_ids[offset + i]) for i in range(w.num_prompts)]
             timer = _PhaseTimer()
-            batches: list[RolloutBatch] = ray.get(
-                [s.generate.remote(step, chunk) for s, chunk in zip(samplers, _split(requests, len(samplers)))]
-            )
+            try:
+                batches: list[RolloutBatch] = ray.get(
+                    [s.generate.remote(step, chunk) for s, chunk in zip(samplers, _split(requests, len(samplers)))]
+                )
+            except EngineCrash as crash:
+                # The failing engine's requests: what the minimizer replays (ray.get gives the first failure only).
+                write_requests(run_dir, step, crash.requests)
+                raise
+            write_requests(run_dir, step, [r for b in batches for r in b.requests])
             samples = [(b, s) for b in batches for s in b.samples]
             rewards = [reward(s.text, problems[s.prompt_index]) for _, s in samples]
             sequences = [(s.prompt_token_ids, s.token_ids) for _, s in samples]
@@ -204,11 +178,11 @@ def run(cfg: RunConfig) -> RunResult:
                 )
         result.status = "ok"
     except EngineCrash as crash:
-        result.status, result.crash = "crash", crash.signature.to_dict()
+        result.status, result.crash = "crash", crash.signature
     except ray.exceptions.RayError as exc:
-        result.status, result.crash = "crash", _ray_crash(exc).to_dict()
+        result.status, result.crash = "crash", _ray_crash(exc)
     except WeightSyncError as exc:
-        result.status, result.crash = "sync_mismatch", crash_signature(exc, phase="weight_sync").to_dict()
+        result.status, result.crash = "sync_mismatch", crash_signature(exc, phase="weight_sync")
     finally:
         diffs = np.concatenate(all_diffs) if all_diffs else np.zeros(0)
         result.num_tokens = int(diffs.size)
@@ -219,8 +193,8 @@ def run(cfg: RunConfig) -> RunResult:
         result.reward_mean = float(np.mean(all_rewards)) if all_rewards else 0.0
         result.seconds = time.perf_counter() - started
         summary = {k: v for k, v in asdict(result).items() if k not in ("crash",)}
-        result.wandb_dir = logger.finish(summary | {"crash_key": (result.crash or {}).get("key")})
-        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
+        result.wandb_dir = logger.finish(summary | {"crash_key": result.crash.key if result.crash is not None else None})
+        write_summary(run_dir, result)
         for actor in samplers + [trainer]:
             ray.kill(actor)
     return result

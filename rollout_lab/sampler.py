@@ -7,13 +7,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollout_lab import compat, faults
+from rollout_lab import compat, engine, faults
 from rollout_lab.config import RunConfig, fault_params
 from rollout_lab.crash import EngineCrash, crash_signature
 from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, token_facts
-from rollout_lab.records import RolloutBatch, Sample
-
-
+from rollout_lab.records import RolloutBatch, Sample, SampledRequest
 
 
 @dataclass
@@ -30,6 +28,21 @@ def request_seed(base_seed: int, step: int, prompt_index: int, sample_index: int
     for part in (step, prompt_index, sample_index):
         seed = (seed * 1_000_003 + part + 1) % (2**31 - 1)
     return seed
+
+
+def sampling_params(request: SampledRequest):
+    """The vllm.SamplingParams a recorded request was sent with."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=request.n,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        seed=request.seed,
+        logprobs=request.logprobs,
+    )
 
 
 def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
@@ -94,9 +107,7 @@ class SamplerWorker:
         self.counters_before: dict[str, float] = {}
         started = time.perf_counter()
         try:
-            from vllm import LLM
-
-            self.llm = LLM(**engine_kwargs(cfg, model_path))
+            self.llm = engine.start(**engine_kwargs(cfg, model_path))
             if cfg.fault.name is not None:
                 params = fault_params(cfg.fault.name, dict(cfg.fault.params))
                 self.fault = self.llm.collective_rpc(faults.install, args=(cfg.fault.name, params))[0]
@@ -112,45 +123,48 @@ class SamplerWorker:
         return self.start_seconds
 
     def generate(self, step: int, prompts: list[PromptRequest]) -> RolloutBatch:
-        """Sample every prompt `samples_per_prompt` times with per-token logprobs."""
-        from vllm import SamplingParams
-
+        """Sample every prompt `samples_per_prompt` times with per-token logprobs; the batch carries
+        the requests as sent (an EngineCrash carries them too)."""
         w = self.cfg.workload
-        requests, params, coords = [], [], []
-        for prompt in prompts:
-            for sample_index in range(w.samples_per_prompt):
-                seed = None
-                if self.cfg.engine.seed_policy == "per_request":
-                    seed = request_seed(self.cfg.engine.seed, step, prompt.prompt_index, sample_index)
-                requests.append({"prompt_token_ids": prompt.token_ids})
-                params.append(
-                    SamplingParams(
-                        n=1,
-                        max_tokens=w.max_tokens,
-                        temperature=w.temperature,
-                        top_p=w.top_p,
-                        top_k=w.top_k,
-                        seed=seed,
-                        logprobs=0,
-                    )
-                )
-                coords.append((prompt.prompt_index, sample_index))
+        per_request = self.cfg.engine.seed_policy == "per_request"
+        requests = [
+            SampledRequest(
+                step=step,
+                worker=self.worker_index,
+                request_id=None,
+                prompt_index=prompt.prompt_index,
+                sample_index=sample_index,
+                prompt_token_ids=list(prompt.token_ids),
+                seed=request_seed(self.cfg.engine.seed, step, prompt.prompt_index, sample_index) if per_request else None,
+                n=1,
+                max_tokens=w.max_tokens,
+                temperature=w.temperature,
+                top_p=w.top_p,
+                top_k=w.top_k,
+                logprobs=0,
+            )
+            for prompt in prompts
+            for sample_index in range(w.samples_per_prompt)
+        ]
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": r.prompt_token_ids} for r in requests], [sampling_params(r) for r in requests], use_tqdm=False
+            )
         except Exception as exc:
-            raise EngineCrash(crash_signature(exc, phase="generate", step=step)) from None
+            raise EngineCrash(crash_signature(exc, phase="generate", step=step), requests) from None
         schedule = self.schedule.read_new() if self.schedule is not None else None
         ends = join_schedule(schedule) if schedule is not None else {}
         samples = []
-        for (prompt_index, sample_index), out in zip(coords, outputs, strict=True):
+        for request, out in zip(requests, outputs, strict=True):
+            request.request_id = str(out.request_id)
             completion = out.outputs[0]
             token_ids = list(completion.token_ids)
             logprobs = [completion.logprobs[i][t].logprob for i, t in enumerate(token_ids)]
             samples.append(
                 Sample(
-                    prompt_index=prompt_index,
-                    sample_index=sample_index,
-                    request_id=str(out.request_id),
+                    prompt_index=request.prompt_index,
+                    sample_index=request.sample_index,
+                    request_id=request.request_id,
                     prompt_token_ids=list(out.prompt_token_ids),
                     token_ids=token_ids,
                     sampler_logprobs=logprobs,
@@ -171,7 +185,7 @@ class SamplerWorker:
                 for step in schedule.steps
             ) / schedule.num_blocks
             stats["engine_steps"] = len(schedule.steps)
-        return RolloutBatch(step=step, worker=self.worker_index, samples=samples, engine_stats=stats)
+        return RolloutBatch(step=step, worker=self.worker_index, samples=samples, engine_stats=stats, requests=requests)
 
     def load_weights(self, encoded_weights: list) -> int:
         """Push new weights into the engine and drop prefix-cache entries computed with the old ones."""

@@ -99,7 +99,8 @@ def description(reduction: Reduction, case: Case) -> str:
     size = Size.of(case, reduction.targets)
     knobs = _knob_text(case.engine_args, size.knobs) or "vLLM's defaults for the engine knobs"
     workload = (f"{size.requests} request(s) on {size.prompts} prompt(s) of up to {size.prompt_tokens} tokens, "
-                f"max_tokens={case.max_tokens}, each with its own seed")
+                f"max_tokens={case.max_tokens}, " + ("sampled from the engine's seeded RNG" if any(
+                    r.seed is None for r in case.requests) else "each with its own seed"))
     if expected.kind == "crash":
         happened = f"llm.generate raises {expected.crash_key.split('@', 1)[0]}"
         if outcome is not None:

@@ -1,30 +1,28 @@
-"""The failure to keep, read from a run dir: the first failing step as a direct-engine Case.
+"""The failure to keep, read from a run dir: the first failing step's recorded requests as a direct-engine Case.
 
 A run failed by crashing (summary.json status "crash", a crash key) or silently (tokens whose
 |sampler - trainer| logprob exceeds the spike threshold). The predicate that every smaller case
 must still satisfy is `standalone.same_failure`: the same crash key; or at least one flagged
 token, the flagged requests being of the same class (preempted / prefix_cached / any, see
 `standalone.request_class`) as in the run. The threshold is the run's own spike threshold; clean
-runs flag no token (rollout_lab/tolerances.py: the measured clean maxima lie an order of magnitude
-below it), so any flagged token is a rate above the clean one.
+float32 runs flag no token (max ~6e-5 against 1e-3), so any flagged token is a rate above the
+clean one. The case's requests are the ones the run sent (<run_dir>/requests/), seeds included:
+a request the run sampled from the engine's RNG has seed None, and the case's engine the run's seed.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from rollout_lab.config import ConfigError, RunConfig, fault_params, validate
+from rollout_lab.config import RunConfig, fault_params
+from rollout_lab.crash import CrashSignature
 from rollout_lab.minimize.standalone import Case, Expected, Request, request_class
-from rollout_lab.records import RecordsError, read_records
-from rollout_lab.sampler import engine_kwargs, request_seed
+from rollout_lab.records import RecordsError, SampledRequest, read_config, read_records, read_requests, read_summary
+from rollout_lab.sampler import engine_kwargs
 from rollout_lab.tolerances import threshold_for
-from rollout_lab.workload import encode_prompt, make_problems
 
 # rollout_lab's own plumbing in engine_kwargs, which a direct engine with fixed weights does not need.
 LAB_ENGINE_ARGS = ("worker_extension_cls", "scheduler_cls")
@@ -53,18 +51,6 @@ class FailingRun:
     placement: str = ""
 
 
-def read_config(run_dir: Path) -> RunConfig:
-    """The run's resolved config (config.json) as a RunConfig."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise RunDirError(f"run dir {run_dir} has no config.json")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), json.loads(path.read_text()))
-        return validate(OmegaConf.to_object(merged))
-    except (OmegaConfBaseException, ConfigError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"{path} is not a valid rollout_lab config: {exc}".splitlines()[0]) from None
-
-
 def direct_engine_args(cfg: RunConfig, model_path: str) -> dict:
     """vllm.LLM keyword arguments of the run's engine, less rollout_lab's plumbing and the model."""
     kwargs = engine_kwargs(cfg, model_path)
@@ -75,26 +61,13 @@ def direct_engine_args(cfg: RunConfig, model_path: str) -> dict:
     return kwargs
 
 
-def step_requests(cfg: RunConfig, tokenizer, step: int, worker: int) -> list[Request]:
-    """The requests one worker sampled at `step`, each with its per-request seed."""
-    w = cfg.workload
-    steps = cfg.loop.steps if w.rotate_prompts else 1
-    problems = make_problems(max(w.num_prompts * steps, 1), w.prompt_seed)
-    offset = step * w.num_prompts if w.rotate_prompts else 0
-    # loop.run deals prompts to workers round-robin.
-    indices = list(range(offset, offset + w.num_prompts))[worker :: cfg.loop.num_workers]
-    return [
-        Request(encode_prompt(tokenizer, problems[i]), request_seed(cfg.engine.seed, step, i, s), i, s)
-        for i in indices
-        for s in range(w.samples_per_prompt)
-    ]
-
-
 def placement(flagged) -> str:
     """Where flagged tokens (rows of the token table) sat: requests, first bad position, KV blocks, state slots."""
     requests = flagged.groupby("request_id").agg(first=("position", "min"), preempted=("num_preemptions", "first"),
                                                  cached=("num_cached_tokens", "first"))
-    parts = [f"{len(requests)} flagged requests ({int((requests.preempted > 0).sum())} preempted, "
+    # A null count (vLLM before 0.30) is unknown: say so rather than count the request as not preempted.
+    preempted = "preemptions unknown" if requests.preempted.isna().all() else f"{int((requests.preempted > 0).sum())} preempted"
+    parts = [f"{len(requests)} flagged requests ({preempted}, "
              f"{int((requests.cached > 0).sum())} prefix-cache hits), first bad position {int(requests['first'].min())}"]
     for column, what in (("kv_block", "KV blocks"), ("state_slot", "state slots")):
         values = sorted({int(v) for v in flagged[column].dropna()})
@@ -106,8 +79,8 @@ def placement(flagged) -> str:
     return "; ".join(parts)
 
 
-def _silent_failure(run_dir: Path, threshold: float) -> tuple[int, int, str, str, dict[int, int], str]:
-    """(step, worker, request class, description, prompt length by prompt index, placement) of the first flagged step."""
+def _silent_failure(run_dir: Path, threshold: float) -> tuple[int, int, str, str, str]:
+    """(step, worker, request class, description, placement) of the run's first flagged step."""
     try:
         table = read_records(run_dir).to_pandas()
     except RecordsError as exc:
@@ -130,75 +103,95 @@ def _silent_failure(run_dir: Path, threshold: float) -> tuple[int, int, str, str
         f"{len(at_step)}/{step_tokens} tokens above {threshold:g} at step {step} (worker {worker}), "
         f"on {len(requests)} '{kind}' requests, max |diff| {at_step.abs_diff.max():.3g}"
     )
-    prompt_lens = table[table.step == step].groupby("prompt_index").prompt_len.first()
-    return step, worker, kind, description, {int(i): int(n) for i, n in prompt_lens.items()}, placement(at_step)
+    return step, worker, kind, description, placement(at_step)
+
+
+def _replayable_crash(run_dir: Path, crash: CrashSignature | None) -> CrashSignature:
+    """The run's crash, if a direct engine can replay it."""
+    if crash is None:
+        raise RunDirError(f"run {run_dir} has status crash but its summary.json holds no crash signature")
+    if crash.phase not in REPLAYABLE_PHASES:
+        raise RunDirError(
+            f"run {run_dir} crashed in phase {crash.phase!r}; the minimizer replays crashes in "
+            f"{' or '.join(REPLAYABLE_PHASES)} only (the others need the trainer)"
+        )
+    return crash
+
+
+def recorded_requests(run_dir: Path, step: int, worker: int | None) -> list[SampledRequest]:
+    """The requests the run sent at `step` (to one worker, if given), as recorded."""
+    if not (run_dir / "requests").is_dir():
+        raise RunDirError(f"run dir {run_dir} has no requests/ (written before rollout_lab recorded the requests it "
+                          "sampled): the minimizer replays them, run the job again to minimize it")
+    try:
+        requests = [r for r in read_requests(run_dir, step) if worker is None or r.worker == worker]
+    except RecordsError as exc:
+        raise RunDirError(str(exc)) from None
+    if not requests:
+        raise RunDirError(f"run dir {run_dir} recorded no requests of worker {worker} at step {step}")
+    return requests
+
+
+def replay_case(cfg: RunConfig, model_path: str, recorded: list[SampledRequest]) -> Case:
+    """The recorded requests on a direct engine built like the run's (its seed included), with its planted fault."""
+    params = {(r.n, r.max_tokens, r.temperature, r.top_p, r.top_k, r.logprobs) for r in recorded}
+    if len(params) != 1 or next(iter(params))[0] != 1:
+        raise RunDirError(f"the recorded requests were sent with sampling params {sorted(params)}; a case replays "
+                          "one (n, max_tokens, temperature, top_p, top_k, logprobs) with n=1")
+    _, max_tokens, temperature, top_p, top_k, _ = params.pop()
+    return Case(
+        model=model_path,
+        engine_args=direct_engine_args(cfg, model_path),
+        requests=[Request(r.prompt_token_ids, r.seed, r.prompt_index, r.sample_index) for r in recorded],
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        fault=cfg.fault.name,
+        fault_params=fault_params(cfg.fault.name, dict(cfg.fault.params)) if cfg.fault.name else {},
+    )
 
 
 def load_run(run_dir: Path | str) -> FailingRun:
     """Read a failed run dir; raises RunDirError when it is missing, did not fail, or cannot be replayed."""
-    from transformers import AutoTokenizer
-
     from rollout_lab.models import resolve_model
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run dir {run_dir} does not exist")
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise RunDirError(f"run dir {run_dir} has no summary.json")
-    summary = json.loads(summary_path.read_text())
-    cfg = read_config(run_dir)
+    try:
+        summary, cfg = read_summary(run_dir), read_config(run_dir)
+    except RecordsError as exc:
+        raise RunDirError(str(exc)) from None
     # The threshold that flagged the run's tokens; runs written before it was recorded use today's.
-    threshold = float(summary.get("spike_threshold") or threshold_for(cfg)[0])
-    status, crash = summary.get("status"), summary.get("crash") or {}
-    if status == "crash":
-        phase = crash.get("phase")
-        if phase not in REPLAYABLE_PHASES:
-            raise RunDirError(
-                f"run {run_dir} crashed in phase {phase!r}; the minimizer replays crashes in "
-                f"{' or '.join(REPLAYABLE_PHASES)} only (the others need the trainer)"
-            )
-        step, worker, prompt_lens, where = crash.get("step") or 0, None, {}, ""
-        expected = Expected("crash", threshold, crash_key=crash["key"])
-        description = f"crash at step {step} ({phase}): {crash['key']}: {crash.get('message', '')}"
+    threshold = summary.spike_threshold if summary.spike_threshold is not None else threshold_for(cfg)[0]
+    model_path = resolve_model(cfg.model.name)
+    where = ""
+    if summary.status == "crash":
+        crash = _replayable_crash(run_dir, summary.crash)
+        step = crash.step or 0
+        expected = Expected("crash", threshold, crash_key=crash.key)
+        description = f"crash at step {step} ({crash.phase}): {crash.key}: {crash.message}"
+        if crash.phase == "engine_start":
+            # An engine that did not start sampled nothing: one placeholder request stands in.
+            recorded = [SampledRequest(step=0, worker=0, request_id=None, prompt_index=0, sample_index=0, prompt_token_ids=[0],
+                                       seed=None, n=1, max_tokens=1, temperature=1.0, top_p=1.0, top_k=-1, logprobs=0)]
+        else:
+            # A crash does not say which request raised: replay all the failing engine sent.
+            recorded = recorded_requests(run_dir, step, None)
     else:
         try:
-            step, worker, kind, description, prompt_lens, where = _silent_failure(run_dir, threshold)
+            step, worker, kind, description, where = _silent_failure(run_dir, threshold)
         except RunDirError:
-            if status != "sync_mismatch":
+            if summary.status != "sync_mismatch":
                 raise
             raise RunDirError(f"run {run_dir} failed its weight-sync check; that needs the trainer, not a direct engine") from None
         # A run whose sampled tokens were flagged before its weight-sync check failed: the flagged
         # tokens are the failure a direct engine can replay.
         expected = Expected("mismatch", threshold, request_class=kind)
-
-    model_path = resolve_model(cfg.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    # A crash does not say which worker raised: replay all of the step's prompts on one engine.
-    requests = [
-        r
-        for w in ([worker] if worker is not None else range(cfg.loop.num_workers))
-        for r in step_requests(cfg, tokenizer, step, w)
-    ]
-    for r in requests:
-        if prompt_lens.get(r.prompt_index, len(r.prompt_token_ids)) != len(r.prompt_token_ids):
-            raise RunDirError(
-                f"prompt {r.prompt_index} rebuilt from the workload config has {len(r.prompt_token_ids)} "
-                f"tokens, but the records of {run_dir} say {prompt_lens[r.prompt_index]}"
-            )
-    w = cfg.workload
-    case = Case(
-        model=model_path,
-        engine_args=direct_engine_args(cfg, model_path),
-        requests=requests,
-        max_tokens=w.max_tokens,
-        temperature=w.temperature,
-        top_p=w.top_p,
-        top_k=w.top_k,
-        fault=cfg.fault.name,
-        fault_params=fault_params(cfg.fault.name, dict(cfg.fault.params)) if cfg.fault.name else {},
-    )
-    return FailingRun(run_dir, summary.get("run_id", run_dir.name), cfg, step, case, expected, description, where)
+        recorded = recorded_requests(run_dir, step, worker)
+    case = replay_case(cfg, model_path, recorded)
+    return FailingRun(run_dir, summary.run_id, cfg, step, case, expected, description, where)
 
 
 def load_case(path: Path | str) -> FailingRun:

@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rollout_lab import compat
+from rollout_lab import compat, engine
 
 
 @dataclass
@@ -20,7 +20,8 @@ class Request:
     """One sampled completion: the prompt's token ids and the request's own sampling seed."""
 
     prompt_token_ids: list[int]
-    seed: int
+    # None: sampled from the engine's RNG, which the engine's `seed` argument seeds.
+    seed: Optional[int]
     # Coordinates in the run the case came from (reports only).
     prompt_index: int = -1
     sample_index: int = -1
@@ -92,6 +93,8 @@ class Outcome:
     max_abs_diff: float = 0.0
     request_class: Optional[str] = None
     num_preempted_requests: int = 0
+    # Requests whose preemption count this vLLM does not keep (compat.preemptions_of is None).
+    num_unknown_preemptions: int = 0
     worst: list[TokenDiff] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -101,6 +104,8 @@ class Outcome:
             return "no crash"
         flagged = f"{self.num_flagged}/{self.num_tokens} tokens flagged, max diff {self.max_abs_diff:.3g}"
         where = f" on '{self.request_class}' requests" if self.request_class else ""
+        if self.num_unknown_preemptions:
+            return f"{flagged}{where} (preemptions unknown for {self.num_unknown_preemptions}/{self.num_requests} requests)"
         return f"{flagged}{where} ({self.num_preempted_requests}/{self.num_requests} requests preempted)"
 
 
@@ -148,9 +153,7 @@ def start_engine(case: Case, with_fault: bool):
     # Read when vLLM is imported and when the engine starts: keep the engine core in-process, so
     # collective_rpc can hand it a plain function.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-
-    llm = LLM(model=case.model, **case.engine_args)
+    llm = engine.start(model=case.model, **case.engine_args)
     if with_fault and case.fault is not None:
         install_fault(llm, case)
     return llm
@@ -256,6 +259,7 @@ def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) ->
         preemptions = compat.preemptions_of(out)
         cached = int(out.num_cached_tokens or 0)
         outcome.num_preempted_requests += compat.was_preempted(preemptions)
+        outcome.num_unknown_preemptions += preemptions is None
         request_flagged = False
         for position, (token_id, ref_logprob) in enumerate(zip(completion.token_ids, ref)):
             vllm_logprob = completion.logprobs[position][token_id].logprob

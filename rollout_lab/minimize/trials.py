@@ -4,7 +4,8 @@ An engine start costs tens of seconds, so candidates with the same engine argume
 engine and a new one starts only when the arguments change, or after a crash (a crashed engine is
 in no known state). Between trials the engine is put back to what a fresh engine (a repro.py) sees:
 no planted-fault wrappers or fault state, an empty prefix cache, block ids handed out from 1 in
-order again, zeroed KV memory (a stale read returns what a fresh engine would), request ids from 0.
+order again, zeroed KV memory (a stale read returns what a fresh engine would), request ids from 0,
+the RNG that requests without a seed sample from seeded again.
 
 Every run of a candidate is one line of <out>/reduction.jsonl, keyed by a hash of the candidate
 and the predicate: a resumed minimization reads it back and repeats none of them.
@@ -145,6 +146,13 @@ def _remove_fault(worker) -> None:
             delattr(target, name)
 
 
+def _reseed(worker) -> None:
+    """Seed the worker's RNG as a fresh engine does once it is warmed up (vLLM's own call)."""
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(worker.model_config.seed)
+
+
 def _zero_kv_cache(worker) -> None:
     """Zero the KV (and state) memory, as a fresh engine allocates it."""
     pending = list(worker.model_runner.kv_caches)
@@ -170,6 +178,8 @@ def reset_engine(llm) -> None:
     pool.free_block_queue = FreeKVCacheBlockQueue(pool.blocks[1:])
     llm.request_counter.reset()
     llm.collective_rpc(_zero_kv_cache)
+    # Requests without a seed draw from the engine's RNG: start it where a fresh engine's starts.
+    llm.collective_rpc(_reseed)
 
 
 class TrialRunner:
@@ -258,6 +268,8 @@ class TrialRunner:
 
     def _outcome(self, case: Case) -> tuple[Outcome, float]:
         """The candidate's outcome on a fresh-state engine, and the seconds spent starting one."""
+        # Loaded before the engine starts or resets: loading may draw from the RNG that unseeded requests sample with.
+        reference = self._reference(case.model) if self.expected.kind == "mismatch" else None
         started = time.perf_counter()
         try:
             engine_seconds = self._engine(case)
@@ -265,7 +277,6 @@ class TrialRunner:
             return crash_outcome(exc), time.perf_counter() - started
         if case.fault is not None:
             install_fault(self.llm, case)
-        reference = self._reference(case.model) if self.expected.kind == "mismatch" else None
         outcome = run_case(self.llm, reference, case, self.expected)
         if outcome.crash_key is not None:
             self.close()

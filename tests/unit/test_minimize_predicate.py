@@ -1,45 +1,62 @@
-"""Reading a failed run dir: which step, which requests, which predicate; and the refusals."""
-import json
+"""Reading a failed run dir: which step, which recorded requests, which predicate; and the refusals."""
+import shutil
 
 import pytest
-from omegaconf import OmegaConf
-from transformers import AutoTokenizer
 
 from rollout_lab.config import RunConfig
+from rollout_lab.crash import CrashSignature
 from rollout_lab.minimize.predicate import RunDirError, load_run
-from rollout_lab.models import resolve_model
-from rollout_lab.records import RolloutBatch, Sample, token_table, write_step
-from rollout_lab.sampler import request_seed
-from rollout_lab.workload import encode_prompt, make_problems
+from rollout_lab.records import (
+    RolloutBatch,
+    RunResult,
+    Sample,
+    SampledRequest,
+    token_table,
+    write_config,
+    write_requests,
+    write_step,
+    write_summary,
+)
+
+PROMPTS = {0: [1, 2, 3], 1: [4, 5, 6, 7], 2: [8, 9], 3: [10, 11, 12]}
 
 
-def write_run(run_dir, status="ok", crash=None, flagged=(), fault=None, **engine):
-    """A run dir as loop.run leaves it: config.json, summary.json, one step of records."""
+def sent(step, prompt_index, sample_index, seed, request_id=None):
+    """A request as the sampler records it (the run's sampling params: max_tokens 3)."""
+    return SampledRequest(step, 0, request_id, prompt_index, sample_index, PROMPTS[prompt_index], seed,
+                          n=1, max_tokens=3, temperature=1.0, top_p=1.0, top_k=-1, logprobs=0)
+
+
+def write_run(run_dir, status="ok", crash=None, flagged=(), fault=None, seed_policy="per_request", **engine):
+    """A run dir as loop.run leaves it, through the same writers: config, requests and records of step 0, summary."""
     cfg = RunConfig(run_name="t", run_dir=str(run_dir))
     cfg.loop.steps = 2
     cfg.workload.num_prompts, cfg.workload.samples_per_prompt, cfg.workload.max_tokens = 2, 2, 3
     cfg.fault.name = fault
+    cfg.engine.seed, cfg.engine.seed_policy = 7, seed_policy
     for key, value in engine.items():
         setattr(cfg.engine, key, value)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg))))
-    (run_dir / "summary.json").write_text(json.dumps({"run_id": "t-1", "status": status, "crash": crash, "spike_threshold": 1e-3}))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    prompts = [encode_prompt(tokenizer, p) for p in make_problems(4, 0)]
-    samples = []
+    write_config(run_dir, cfg)
+    write_summary(run_dir, RunResult("t-1", str(run_dir), status=status, spike_threshold=1e-3, crash=crash))
+    samples, requests = [], []
     for prompt_index in (0, 1):
         for sample_index in (0, 1):
             # Sample (1, 1) was preempted; (0, 1) hit the prefix cache.
             preempted = int((prompt_index, sample_index) == (1, 1))
             cached = 32 if (prompt_index, sample_index) == (0, 1) else 0
-            samples.append(Sample(prompt_index, sample_index, f"{prompt_index}{sample_index}", prompts[prompt_index],
+            request_id = f"{prompt_index}{sample_index}"
+            seed = 1000 + 10 * prompt_index + sample_index if seed_policy == "per_request" else None
+            requests.append(sent(0, prompt_index, sample_index, seed, request_id))
+            samples.append(Sample(prompt_index, sample_index, request_id, PROMPTS[prompt_index],
                                   [5, 6, 7], [-1.0, -1.0, -1.0], cached, preempted, "length", "x"))
     trainer = [[-1.0 - (0.5 if (s.prompt_index, s.sample_index, i) in flagged else 0.0) for i in range(3)] for s in samples]
     write_step(run_dir, 0, token_table("t-1", RolloutBatch(0, 0, samples), trainer, [0.0] * 4))
+    write_requests(run_dir, 0, requests)
     return cfg
 
 
-def test_a_silent_failure_starts_from_its_first_flagged_step(tmp_path):
+def test_a_silent_failure_replays_the_requests_its_first_flagged_step_sent(tmp_path):
     write_run(tmp_path, flagged={(1, 1, 2), (0, 1, 0)}, fault="stale_state", block_size=32)
     run = load_run(tmp_path)
     assert run.step == 0
@@ -47,21 +64,32 @@ def test_a_silent_failure_starts_from_its_first_flagged_step(tmp_path):
     # One preempted request and one that reused KV through the prefix cache.
     assert run.expected.request_class == "preempted"
     assert "2/12 tokens above 0.001 at step 0" in run.description
-    assert [(r.prompt_index, r.sample_index) for r in run.case.requests] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert run.case.requests[3].seed == request_seed(0, 0, 1, 1)
+    assert [(r.prompt_index, r.sample_index, r.seed) for r in run.case.requests] == [
+        (0, 0, 1000), (0, 1, 1001), (1, 0, 1010), (1, 1, 1011)]
+    assert run.case.requests[2].prompt_token_ids == PROMPTS[1]
+    assert (run.case.max_tokens, run.case.temperature, run.case.top_p, run.case.top_k) == (3, 1.0, 1.0, -1)
     assert run.case.fault == "stale_state" and run.case.fault_params == {"p": 1.0, "seed": 0}
     args = run.case.engine_args
-    assert args["block_size"] == 32 and args["disable_log_stats"] is False
+    assert args["block_size"] == 32 and args["disable_log_stats"] is False and args["seed"] == 7
     assert "scheduler_cls" not in args and "worker_extension_cls" not in args and "model" not in args
 
 
-def test_a_crash_replays_the_step_it_happened_at(tmp_path):
-    crash = {"key": "RuntimeError@vllm/x.py:f", "phase": "generate", "step": 1, "message": "boom"}
-    write_run(tmp_path, status="crash", crash=crash, fault="engine_crash")
+def test_a_run_sampled_from_the_engine_rng_replays_unseeded_requests_on_the_runs_engine_seed(tmp_path):
+    """The old predicate re-derived a per-request seed for every request whatever engine.seed_policy said."""
+    write_run(tmp_path, flagged={(1, 1, 2)}, fault="stale_state", seed_policy="engine")
     run = load_run(tmp_path)
-    assert run.step == 1 and run.expected.kind == "crash" and run.expected.crash_key == crash["key"]
-    # Rotating prompts: step 1 samples prompts 2 and 3.
-    assert sorted({r.prompt_index for r in run.case.requests}) == [2, 3]
+    assert [r.seed for r in run.case.requests] == [None] * 4
+    assert run.case.engine_args["seed"] == 7
+
+
+def test_a_crash_replays_the_requests_the_failing_engine_was_sent(tmp_path):
+    crash = CrashSignature("RuntimeError", "boom", ["vllm/x.py:f"], phase="generate", step=1)
+    write_run(tmp_path, status="crash", crash=crash, fault="engine_crash")
+    # The loop writes the failing engine's requests of the crashed step; vLLM gave them no ids.
+    write_requests(tmp_path, 1, [sent(1, 2, 0, 5), sent(1, 2, 1, 6), sent(1, 3, 0, 7)])
+    run = load_run(tmp_path)
+    assert run.step == 1 and run.expected.kind == "crash" and run.expected.crash_key == "RuntimeError@vllm/x.py:f"
+    assert [(r.prompt_index, r.seed) for r in run.case.requests] == [(2, 5), (2, 6), (3, 7)]
     assert run.case.fault_params == {"at_step": 3}
 
 
@@ -77,14 +105,34 @@ def test_refusals_name_the_run_dir_and_the_reason(tmp_path):
     # Flagged sampled tokens before the sync check failed: those are replayed.
     write_run(tmp_path / "sync_flagged", status="sync_mismatch", flagged={(0, 0, 1)})
     assert load_run(tmp_path / "sync_flagged").expected.kind == "mismatch"
-    write_run(tmp_path / "reload", status="crash", crash={"key": "AttributeError@x", "phase": "weight_sync", "step": None})
+    write_run(tmp_path / "reload", status="crash", crash=CrashSignature("AttributeError", "", phase="weight_sync"))
     with pytest.raises(RunDirError, match="crashed in phase 'weight_sync'"):
         load_run(tmp_path / "reload")
+    write_run(tmp_path / "no_step", status="crash", crash=CrashSignature("RuntimeError", "", phase="generate", step=1))
+    with pytest.raises(RunDirError, match="recorded no requests for step 1"):
+        load_run(tmp_path / "no_step")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "summary.json").write_text("{}")
-    (tmp_path / "bad" / "config.json").write_text(json.dumps({"engine": {"no_such_knob": 1}}))
+    (tmp_path / "bad" / "config.json").write_text('{"engine": {"no_such_knob": 1}}')
     with pytest.raises(RunDirError, match="not a valid rollout_lab config"):
         load_run(tmp_path / "bad")
+
+
+def test_a_run_dir_from_before_requests_were_recorded_says_so_in_one_line(tmp_path):
+    write_run(tmp_path, flagged={(0, 0, 1)})
+    shutil.rmtree(tmp_path / "requests")
+    with pytest.raises(RunDirError, match=r"has no requests/ \(written before rollout_lab recorded") as error:
+        load_run(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_requests_sent_with_different_sampling_params_are_refused(tmp_path):
+    write_run(tmp_path, flagged={(0, 0, 1)})
+    mixed = [sent(0, 0, 0, 1), sent(0, 0, 1, 2)]
+    mixed[1].max_tokens = 4
+    write_requests(tmp_path, 0, mixed)
+    with pytest.raises(RunDirError, match="a case replays one"):
+        load_run(tmp_path)
 
 
 def test_placement_names_the_flagged_requests_blocks_and_slots():
@@ -100,6 +148,8 @@ def test_placement_names_the_flagged_requests_blocks_and_slots():
     assert placement(flagged) == (
         "2 flagged requests (1 preempted, 1 prefix-cache hits), first bad position 2; KV blocks 3-18 (3 distinct); "
         "2/3 flagged tokens sampled after their request's preemption")
+    unknown = flagged.assign(num_preemptions=[None, None, None], preemptions_before=[None, None, None])
+    assert placement(unknown).startswith("2 flagged requests (preemptions unknown, 1 prefix-cache hits)")
 
 
 def test_unknown_preemption_counts_give_the_class_any_not_prefix_cached(tmp_path):

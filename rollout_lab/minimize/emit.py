@@ -20,6 +20,7 @@ from typing import Optional
 
 from rich.markup import escape
 
+from rollout_lab.localize.report import where_inside
 from rollout_lab.minimize import standalone
 from rollout_lab.minimize.reduce import KNOB_ARGS, Reduction, Size, deviating_knobs, knob_args, with_knobs
 from rollout_lab.minimize.script import RANDOM_MODELS, ReproSpec, distinct_prompts, repro_source
@@ -290,6 +291,8 @@ def where_it_fails(reduction: Reduction, case: Case) -> list[str]:
     placement = reduction.run.placement
     if placement:
         lines.append(f"- In the original run (scheduling records): {placement}.")
+    if reduction.run.expected.kind == "mismatch":
+        lines += where_inside(reduction.run.run_dir)
     return lines
 
 

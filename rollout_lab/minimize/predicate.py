@@ -5,8 +5,8 @@ A run failed by crashing (summary.json status "crash", a crash key) or silently 
 must still satisfy is `standalone.same_failure`: the same crash key; or at least one flagged
 token, the flagged requests being of the same class (preempted / prefix_cached / any, see
 `standalone.request_class`) as in the run. The threshold is the run's own spike threshold; clean
-float32 runs flag no token (max ~6e-5 against 1e-3), so any flagged token is a rate above the
-clean one. The case's requests are the ones the run sent (<run_dir>/requests/), seeds included:
+runs flag no token (rollout_lab/tolerances.py: the measured clean maxima lie an order of magnitude
+below it), so any flagged token is a rate above the clean one. The case's requests are the ones the run sent (<run_dir>/requests/), seeds included:
 a request the run sampled from the engine's RNG has seed None, and the case's engine the run's seed.
 """
 from __future__ import annotations

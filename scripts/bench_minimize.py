@@ -1,9 +1,10 @@
 """Runs and seconds to minimize each planted fault from a default-size run, fresh-process confirmation included.
 
-    python scripts/bench_minimize.py [fault ...] [--out DIR]
+    python scripts/bench_minimize.py [fault ...] [--out DIR] [--reuse-runs]
 
-For each fault: `python -m rollout_lab fault=<name> loop.steps=1` (stale_state with +pressure=kv_tight),
-then `python -m rollout_lab.minimize <run dir>` with its defaults (verification on). Prints one row per
+For each fault: `python -m rollout_lab fault=<name> loop.steps=1` (stale_state with +pressure=kv_tight;
+--reuse-runs keeps a run dir already under --out), then `python -m rollout_lab.minimize <run dir>` with
+its defaults (verification on), from scratch (an earlier trial log is removed). Prints one row per
 fault: runs, minimization seconds (trials), wall seconds (the minimizer's whole command, its fresh-process
 confirmation and knob flips included), the emitted repro.py's budget lines and its fresh-process verdict.
 The target is at most 40 runs each.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("faults", nargs="*", default=list(FAULTS), help=f"default: {' '.join(FAULTS)}")
     parser.add_argument("--out", type=Path, default=Path("bench_minimize"), help="run dirs and repros go here")
+    parser.add_argument("--reuse-runs", action="store_true", help="minimize a fault's run dir already under --out instead of a new run")
     args = parser.parse_args()
     unknown = [f for f in args.faults if f not in FAULTS]
     if unknown:
@@ -43,9 +46,12 @@ def main() -> int:
     rows = []
     for fault in args.faults:
         run_dir = out / "runs" / fault
-        subprocess.run([sys.executable, "-m", "rollout_lab", f"fault={fault}", "loop.steps=1", *FAULTS[fault],
-                        f"hydra.run.dir={run_dir}"], cwd=REPO, env=env, check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        if not (args.reuse_runs and (run_dir / "summary.json").is_file()):
+            subprocess.run([sys.executable, "-m", "rollout_lab", f"fault={fault}", "loop.steps=1", *FAULTS[fault],
+                            f"hydra.run.dir={run_dir}"], cwd=REPO, env=env, check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        # The minimizer reads an earlier trial log back as cached runs: a bench starts from none.
+        shutil.rmtree(out / "repro" / fault, ignore_errors=True)
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(run_dir), "--out", str(out / "repro"),
                                "--name", fault], cwd=REPO, env=env, capture_output=True, text=True)

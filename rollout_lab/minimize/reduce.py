@@ -1,14 +1,16 @@
 """The reduction: shrink every dimension of a failing case while it keeps failing the same way.
 
     FailingRun -> calibrate (run the original case; choose the k-of-n rule)
-      -> workload, on one engine: prompts (first merged into one, then two, concatenated
+      -> engine knobs back to vLLM's defaults, on the original workload: all at once first, else
+         one knob at a time, sweeping until no kept knob can go (each candidate starts an engine)
+      -> workload, on the final engine: prompts (first merged into one, then two, concatenated
          prompts, for failures that need many tokens in the cache but not many requests; then
-         ddmin; then all requests on one prompt, for failures that need many requests but not
-         many different prompts), samples per prompt, max_tokens, prompt length (bisection each)
-      -> engine knobs back to vLLM's defaults: all at once first, else ddmin over the knobs that
-         differ (each candidate starts an engine)
-      -> workload again on the final engine when a knob went back
+         all requests on one prompt, for failures that need many requests but not many different
+         prompts; then ddmin), samples per prompt, max_tokens, prompt length (bisection each)
       -> Reduction
+
+Knobs go first: a knob put back can only let the workload shrink further, so the workload is
+reduced once, on the final engine, instead of again after the knobs.
 
 What a direct case already drops from the run: Ray and the workers (one vllm.LLM), the trainer
 (a transformers float32 forward pass), the RL steps (the run's initial weights, fixed), and
@@ -238,12 +240,14 @@ class Reducer:
                 if self.fails(merged, "prompts", f"prompts {len(prompts)} -> {groups}, concatenated"):
                     case, prompts = merged, prompt_indices(merged)
                     break
+        if len(prompts) > 1:
+            # Before ddmin: one prompt carrying every request is the bigger cut, and ddmin over
+            # prompts that each need the others' requests tries every subset in vain.
+            one = with_one_prompt(case)
+            if self.fails(one, "prompts", f"all {len(one.requests)} requests on prompt {prompts[0]}"):
+                case, prompts = one, prompt_indices(one)
         kept = ddmin(prompts, lambda subset: self.fails(with_prompts(case, subset), "prompts", f"prompts {len(prompts)} -> {len(subset)}: {subset}"))
         case = with_prompts(case, kept)
-        if len(kept) > 1:
-            one = with_one_prompt(case)
-            if self.fails(one, "prompts", f"all {len(one.requests)} requests on prompt {kept[0]}"):
-                case = one
 
         samples = Size.of(case, self.targets).samples_per_prompt
         best = smallest_failing(1, samples, lambda n: self.fails(with_samples(case, n), "samples", f"samples per prompt {samples} -> {n}"))
@@ -258,7 +262,12 @@ class Reducer:
         return with_prompt_len(case, best)
 
     def knobs(self, case: Case) -> Case:
-        """Engine knobs back to their targets: all at once if that still fails, else by ddmin."""
+        """Engine knobs back to their targets: all at once if that still fails, else one at a time.
+
+        One-at-a-time sweeps repeat until none of the kept knobs can go back, so each one left is
+        needed beside the others (a knob kept early was tried beside knobs that went back later).
+        A candidate tried before (the last knob alone: the all-at-once trial) is read from the cache.
+        """
         knobs = deviating_knobs(case.engine_args, self.targets)
         if not knobs:
             return case
@@ -268,7 +277,14 @@ class Reducer:
             change = f"to default: {', '.join(reset)}" + (f"; kept: {', '.join(keep)}" if keep else "")
             return self.fails(replace(case, engine_args=with_knobs(case.engine_args, keep, self.targets)), "knobs", change)
 
-        keep = [] if fails([]) else ddmin(knobs, fails)
+        keep = [] if fails([]) else list(knobs)
+        swept = False
+        while keep and not swept:
+            swept = True
+            for knob in list(keep):
+                rest = [k for k in keep if k != knob]
+                if fails(rest):
+                    keep, swept = rest, False
         return replace(case, engine_args=with_knobs(case.engine_args, keep, self.targets))
 
 
@@ -286,10 +302,7 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
         )
     trials.rule = rule or calibrated_rule(failures, calibration_runs)
     console.print(f"[bold]rule[/]: {trials.rule.describe()} (original case failed {failures}/{calibration_runs})")
-    case = reducer.workload(case)
-    reduced = reducer.knobs(case)
-    if reduced.engine_args != case.engine_args:
-        case = reducer.workload(reduced)
+    case = reducer.workload(reducer.knobs(case))
     trials.close()
     return Reduction(
         run=run,

@@ -150,3 +150,41 @@ def test_a_failure_that_needs_many_cached_tokens_reduces_to_one_prompt(tmp_path)
     # No single original prompt holds 8 tokens: ddmin alone would keep all three.
     assert len(prompt_indices(reduced)) == 1
     assert [len(r.prompt_token_ids) for r in reduced.requests] == [8]
+
+
+def _reducer(tmp_path, fails):
+    """A Reducer on a TrialRunner whose runs crash when fails(case) (no engine)."""
+    from rich.console import Console
+
+    from rollout_lab.minimize.reduce import Reducer
+    from rollout_lab.minimize.standalone import Expected, Outcome
+    from rollout_lab.minimize.trials import Rule, TrialRunner
+
+    runner = TrialRunner(Expected("crash", 1e-3, crash_key="E@vllm/a.py:f"), tmp_path / "log.jsonl", Rule(), Console())
+    runner._outcome = lambda case: (Outcome(crash_key="E@vllm/a.py:f") if fails(case) else Outcome(), 0.0)
+    return Reducer(runner, knob_targets(on_gpu=False)), runner
+
+
+def test_a_failure_that_needs_many_requests_goes_to_one_prompt_before_ddmin(tmp_path):
+    reducer, runner = _reducer(tmp_path, lambda case: len(case.requests) >= 7)
+    reduced = reducer.workload(_case())
+    assert len(prompt_indices(reduced)) == 1 and len(reduced.requests) == 7
+    # Merged into one, into two, then all 9 requests on one prompt: no ddmin over the prompts.
+    assert [r.change for r in runner.records if r.stage == "prompts"] == [
+        "prompts 3 -> 1, concatenated", "prompts 3 -> 2, concatenated", "all 9 requests on prompt 4"]
+
+
+def test_knobs_sweep_until_each_kept_knob_is_needed_beside_the_others(tmp_path):
+    targets = knob_targets(on_gpu=False)
+
+    def fails(case):
+        # block_size is the trigger; max_num_seqs=32 hides it unless the small cache stays too.
+        knobs = deviating_knobs(case.engine_args, targets)
+        return "block_size" in knobs and ("cache_size" in knobs or "max_num_seqs" not in knobs)
+
+    reducer, runner = _reducer(tmp_path, fails)
+    reduced = reducer.knobs(Case("m", dict(KV_TIGHT), [Request([1, 2, 3], 0)], 4))
+    assert deviating_knobs(reduced.engine_args, targets) == ["block_size"]
+    # All at once, each of the 7 knobs once, then cache_size again beside block_size alone.
+    assert runner.new_trials == 9
+    assert not next(r for r in runner.records if r.size["knobs"] == []).failed

@@ -9,23 +9,18 @@ import argparse, os, platform, sys, tempfile, traceback
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its exceptions reach us
 
-# The model: rollout_lab's mamba2-tiny, a Mamba2Config with seeded random weights, rebuilt here
-# (no tokenizer: prompts are token ids); its head widened so logits spread like a trained model's.
+# The model: rollout_lab's mamba2-tiny, rebuilt here: seeded random weights, the head widened to spread logits.
 MODEL_CONFIG = {'num_heads': 8, 'vocab_size': 49152, 'hidden_size': 256, 'state_size': 64,
     'num_hidden_layers': 4, 'pad_token_id': 2, 'bos_token_id': 1, 'n_groups': 1,
     'initializer_range': 0.02, 'time_step_rank': 16}
 
-
 def build_model() -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, Mamba2Config
+    import torch, transformers
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Mamba2Config(**MODEL_CONFIG), dtype=torch.float32)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Mamba2Config(**MODEL_CONFIG))  # float32
+    model.get_output_embeddings().weight.data.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)
     model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
     return path
-
 
 ENGINE_ARGS = {'dtype': 'float32', 'enable_prefix_caching': True, 'disable_log_stats': False,
     'enforce_eager': True, 'kv_cache_memory_bytes': 268435456}
@@ -38,30 +33,22 @@ SAMPLING = {'max_tokens': 1, 'temperature': 0.0, 'top_p': 0.9, 'top_k': -1}
 
 CRASH = ('IndexError', 'conv_ssm_forward')  # the failure: this exception, raised in this vLLM function
 
-
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
-    from vllm import LLM, SamplingParams
     print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
-    try:
-        llm = LLM(model=args.model or build_model(), skip_tokenizer_init=True, **ENGINE_ARGS)
-        params = [SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
-        llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in REQUESTS], params, use_tqdm=False)
-    except Exception as exc:
-        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
-        if type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {CRASH[1]}\n" in trace):
-            return "REPRODUCED", f"{type(exc).__name__} in {CRASH[1]}: {exc}"
-        return "CANNOT RUN", f"not the {CRASH[0]} in {CRASH[1]} but {type(exc).__name__}: {exc}"
+    llm = vllm.LLM(model=args.model or build_model(), skip_tokenizer_init=True, **ENGINE_ARGS)
+    params = [vllm.SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
+    llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in REQUESTS], params, use_tqdm=False)
     return "NOT REPRODUCED", f"generate returned {len(REQUESTS)} completion(s) without an error"
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory or hub id (default: the model above)")
     try:
         verdict, why = reproduce(parser.parse_args())
-    except Exception as exc:  # anything unexpected is no verdict on the bug
-        traceback.print_exc()
-        verdict, why = "CANNOT RUN", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # the crash, or anything unexpected
+        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
+        crashed = type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {CRASH[1]}\n" in trace)
+        verdict, why = ("REPRODUCED" if crashed else "CANNOT RUN"), f"{type(exc).__name__}: {exc}"
     print(f"{verdict}: {why}".splitlines()[0], flush=True)
     sys.exit({"REPRODUCED": 1, "NOT REPRODUCED": 0, "CANNOT RUN": 2}[verdict])

@@ -1,17 +1,15 @@
 """[Bug]: Seeded sampling crashes when chunked prefill splits the prompt (CPU)
 
-A request with a per-request seed whose prompt (65 tokens) is longer than max_num_batched_tokens=64,
-so that its prefill is split in two chunks, raises RuntimeError: CPU Generator does not use offset
-in gpu_model_runner._bookkeeping_sync, which rewinds the seeded generator of a partially prefilled
-request with set_offset.
+A request with a per-request seed whose 65-token prompt is longer than max_num_batched_tokens=64, so
+that its prefill is split in two chunks, raises RuntimeError: CPU Generator does not use offset in
+gpu_model_runner._bookkeeping_sync (set_offset on a partly prefilled request's generator).
 Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, tempfile, traceback
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its exceptions reach us
 
-# The model: rollout_lab's hybrid-tiny, a GraniteMoeHybridConfig with seeded random weights, rebuilt here
-# (no tokenizer: prompts are token ids); its head widened so logits spread like a trained model's.
+# The model: rollout_lab's hybrid-tiny, rebuilt here: seeded random weights, the head widened to spread logits.
 MODEL_CONFIG = {'vocab_size': 49152, 'hidden_size': 256, 'intermediate_size': 512,
     'num_hidden_layers': 4, 'num_attention_heads': 4, 'num_key_value_heads': 2, 'pad_token_id': 2,
     'rope_parameters': {'rope_type': 'default', 'rope_theta': 10000.0}, 'attention_multiplier':
@@ -19,17 +17,13 @@ MODEL_CONFIG = {'vocab_size': 49152, 'hidden_size': 256, 'intermediate_size': 51
     'position_embedding_type': 'rope', 'layer_types': ['linear_attention', 'full_attention',
     'linear_attention', 'full_attention'], 'mamba_n_heads': 8, 'mamba_d_state': 64}
 
-
 def build_model() -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, GraniteMoeHybridConfig
+    import torch, transformers
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GraniteMoeHybridConfig(**MODEL_CONFIG), dtype=torch.float32)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.GraniteMoeHybridConfig(**MODEL_CONFIG))  # float32
+    model.get_output_embeddings().weight.data.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)
     model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
     return path
-
 
 ENGINE_ARGS = {'dtype': 'bfloat16', 'max_num_batched_tokens': 64, 'disable_log_stats': False,
     'enforce_eager': True, 'kv_cache_memory_bytes': 268435456}
@@ -45,30 +39,22 @@ SAMPLING = {'max_tokens': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': -1}
 
 CRASH = ('RuntimeError', '_bookkeeping_sync')  # the failure: this exception, raised in this vLLM function
 
-
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
-    from vllm import LLM, SamplingParams
     print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
-    try:
-        llm = LLM(model=args.model or build_model(), skip_tokenizer_init=True, **ENGINE_ARGS)
-        params = [SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
-        llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in REQUESTS], params, use_tqdm=False)
-    except Exception as exc:
-        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
-        if type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {CRASH[1]}\n" in trace):
-            return "REPRODUCED", f"{type(exc).__name__} in {CRASH[1]}: {exc}"
-        return "CANNOT RUN", f"not the {CRASH[0]} in {CRASH[1]} but {type(exc).__name__}: {exc}"
+    llm = vllm.LLM(model=args.model or build_model(), skip_tokenizer_init=True, **ENGINE_ARGS)
+    params = [vllm.SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
+    llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in REQUESTS], params, use_tqdm=False)
     return "NOT REPRODUCED", f"generate returned {len(REQUESTS)} completion(s) without an error"
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory or hub id (default: the model above)")
     try:
         verdict, why = reproduce(parser.parse_args())
-    except Exception as exc:  # anything unexpected is no verdict on the bug
-        traceback.print_exc()
-        verdict, why = "CANNOT RUN", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # the crash, or anything unexpected
+        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
+        crashed = type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {CRASH[1]}\n" in trace)
+        verdict, why = ("REPRODUCED" if crashed else "CANNOT RUN"), f"{type(exc).__name__}: {exc}"
     print(f"{verdict}: {why}".splitlines()[0], flush=True)
     sys.exit({"REPRODUCED": 1, "NOT REPRODUCED": 0, "CANNOT RUN": 2}[verdict])

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}")
     wandb_dir = log_layer_curves(run.config, out_dir, run.run_id, report.layer_curves(result), {"summary": "\n".join(result.summary())})
-    print(f"wrote {path}" + (f" and the W&B run {wandb_dir}" if wandb_dir else ""))
+    print(f"localized {len(result.tokens)} tokens in {result.seconds:.0f} s (clean levels from {result.num_clean_tokens} tokens); "
+          f"wrote {path}" + (f" and the W&B run {wandb_dir}" if wandb_dir else ""))
     return 0
 
 

@@ -126,8 +126,10 @@ def request_facts(log: ScheduleLog, request_id: str, prompt_len: int, position: 
             for internal, (_, _, blocks) in s["requests"].items():
                 if engine_request_id(internal) == request_id:
                     held = sorted({b for group in blocks for b in group})
+    # Steps counted from the replay's first (the engine's own counter runs on across replays).
+    base = log.steps[0]["step"]
     for block in held:
-        holder = next((f"request {engine_request_id(internal)} at step {s['step']}" for s in log.steps
+        holder = next((f"request {engine_request_id(internal)} at step {s['step'] - base}" for s in log.steps
                        if s["step"] > preempted_at for internal, (_, _, blocks) in s["requests"].items()
                        if engine_request_id(internal) != request_id and any(block in group for group in blocks)), "")
         facts.blocks_before_preemption.append(block)

@@ -306,7 +306,9 @@ def _nemotron_h_config():
     from transformers import NemotronHConfig
 
     return NemotronHConfig(
-        layers_block_type=["linear_attention", "full_attention", "linear_attention", "moe"],
+        # No "moe" block: vLLM's fused MoE runs Nemotron-H's non-gated relu2 experts
+        # (is_act_and_mul=False) only on CUDA, XPU and ROCm.
+        layers_block_type=["linear_attention", "full_attention", "linear_attention", "mlp"],
         **_TINY_ATTENTION,
         intermediate_size=512,
         mamba_num_heads=8,
@@ -315,11 +317,6 @@ def _nemotron_h_config():
         ssm_state_size=64,
         conv_kernel=4,
         chunk_size=256,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        moe_intermediate_size=256,
-        moe_shared_expert_intermediate_size=256,
         **_TINY_COMMON,
     )
 

@@ -1,62 +1,48 @@
-"""The minimizer end to end: a failing run dir in, a repro.py that fails standalone out.
+"""The minimizer end to end: a run dir that `loop.run` wrote in, a repro.py that fails standalone out.
 
-The failing runs are made directly (one sampler step and the trainer's logprobs, as loop.run
-writes them, without Ray or the update) to keep the suite short; the minimizer runs as a user
+Each failing run is a user's job (`python -m rollout_lab fault=... +pressure=...`: its config
+composed from conf/ as shipped, run by loop.run on Ray), kept short; the minimizer runs as a user
 runs it (`python -m rollout_lab.minimize`), and each emitted repro.py runs in a fresh interpreter
 where rollout_lab cannot be imported.
 """
-import json
 import os
 import runpy
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from rollout_lab.calibrate import threshold_for
-from rollout_lab.config import RunConfig
-from rollout_lab.crash import EngineCrash
+from rollout_lab.config import CONF_DIR, RunConfig, apply_pressure_by_model, register
 from rollout_lab.minimize.emit import run_isolated
+from rollout_lab.minimize.predicate import load_run
 from rollout_lab.minimize.reduce import deviating_knobs, knob_targets
 from rollout_lab.minimize.trials import read_log
 from rollout_lab.models import resolve_model
+from rollout_lab.records import read_records, read_requests, read_summary
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def direct_run(run_dir: Path, cfg: RunConfig) -> Path:
-    """Step 0 of cfg's run, sampled by a SamplerWorker and scored by the Trainer, written like loop.run."""
-    from transformers import AutoTokenizer
+def job_config(run_dir: Path, *overrides: str) -> RunConfig:
+    """The RunConfig of `python -m rollout_lab <overrides>`, composed from conf/ as the command composes it."""
+    from hydra import compose, initialize_config_dir
 
-    from rollout_lab.models import resolve_model
-    from rollout_lab.records import token_table, write_step
-    from rollout_lab.sampler import PromptRequest, SamplerWorker
-    from rollout_lab.trainer import Trainer
-    from rollout_lab.workload import encode_prompt, make_problems
+    register()
+    overrides = [*overrides, "logger.mode=disabled", f"run_dir={run_dir}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return OmegaConf.to_object(apply_pressure_by_model(compose("config", overrides=overrides), overrides))
 
-    cfg.run_dir, cfg.engine.record_schedule = str(run_dir), False
-    model_path = resolve_model(cfg.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problems = make_problems(cfg.workload.num_prompts, cfg.workload.prompt_seed)
-    requests = [PromptRequest(i, encode_prompt(tokenizer, p)) for i, p in enumerate(problems)]
-    summary = {"run_id": run_dir.name, "status": "ok", "spike_threshold": threshold_for(cfg)[0]}
-    worker = SamplerWorker(cfg, 0, model_path)
-    try:
-        worker.ready()
-        batch = worker.generate(0, requests)
-    except EngineCrash as crash:
-        summary |= {"status": "crash", "crash": crash.signature.to_dict()}
-    else:
-        logprobs = Trainer(model_path, cfg.trainer).logprobs([(s.prompt_token_ids, s.token_ids) for s in batch.samples])
-        write_step(run_dir, 0, token_table(run_dir.name, batch, logprobs, [0.0] * len(logprobs)))
-    finally:
-        worker.llm.llm_engine.engine_core.shutdown()
-    (run_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg))))
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+def loop_run(run_dir: Path, *overrides: str) -> Path:
+    """A one-step job run by loop.run, as `python -m rollout_lab` runs it; returns its run dir."""
+    from rollout_lab.loop import run
+
+    run(job_config(run_dir, "loop.steps=1", *overrides))
     return run_dir
 
 
@@ -87,18 +73,31 @@ def assert_standalone_repro(repro: Path, with_fault_off: bool, *args: str) -> No
 
 
 @pytest.fixture(scope="module")
-def stale_state_run(tmp_path_factory) -> Path:
-    """A default-size stale_state run (8 prompts x 4 samples x 32 tokens) under +pressure=kv_tight."""
-    cfg = RunConfig(run_name="stale_state")
-    cfg.fault.name = "stale_state"
-    for key, value in OmegaConf.load(REPO / "conf" / "pressure" / "kv_tight.yaml").engine.items():
-        setattr(cfg.engine, key, value)
-    return direct_run(tmp_path_factory.mktemp("stale_state_run"), cfg)
+def stale_state_run(tmp_path_factory, ray_session) -> Path:
+    """`python -m rollout_lab fault=stale_state +pressure=kv_tight engine.seed_policy=engine loop.steps=1`:
+    8 prompts x 4 samples x 32 tokens sampled from the engine's RNG (no request has a seed)."""
+    return loop_run(tmp_path_factory.mktemp("stale_state_run"), "fault=stale_state", "+pressure=kv_tight", "engine.seed_policy=engine")
 
 
 def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale_state_run, tmp_path):
+    assert read_summary(stale_state_run).status == "ok"
+    assert {r.seed for r in read_requests(stale_state_run, 0)} == {None}
     out = minimize(stale_state_run, tmp_path, "stale", "--calibration-runs", "1")
+
+    # The replay is the run: the recorded requests, unseeded, on an engine with the run's seed sample
+    # the run's tokens (the old predicate gave each request a seed of its own, and sampled others).
+    original = load_run(stale_state_run).case
+    replay = next(r for r in read_log(out / "reduction.jsonl") if r.case == asdict(original)).result()
+    tokens = read_records(stale_state_run).to_pandas().set_index(["prompt_index", "sample_index", "position"])
+    assert replay.worst, "the replay of the run's step compared no tokens"
+    for diff in replay.worst:  # the replay's worst tokens, its flagged ones among them
+        request = original.requests[diff.request]
+        recorded = tokens.loc[(request.prompt_index, request.sample_index, diff.position)]
+        # The same token; its logprob up to the float noise of another thread count (the run's engine sat in a Ray actor).
+        assert (diff.token_id, diff.vllm_logprob) == (recorded.token_id, pytest.approx(recorded.sampler_logprob, abs=1e-4))
+
     script = emitted_case(out / "repro.py")
+    assert {seed for _, seed in script["REQUESTS"]} == {None} and script["ENGINE_ARGS"]["seed"] == 0
     assert "TOLERANCE" in script and script["CLASSES"] == ("preempted",)
     assert len(script["PROMPTS"]) <= 2
     assert script["FAULT"] == "stale_state"
@@ -117,12 +116,14 @@ def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale
     assert_standalone_repro(out / "repro.py", True, "--model", str(resolve_model("smollm2")))
 
 
-def test_engine_crash_shrinks_to_its_triggering_call(tmp_path_factory, tmp_path):
-    cfg = RunConfig(run_name="engine_crash")
-    cfg.fault.name = "engine_crash"
-    cfg.workload.num_prompts, cfg.workload.samples_per_prompt, cfg.workload.max_tokens = 4, 2, 8
-    run_dir = direct_run(tmp_path_factory.mktemp("engine_crash_run"), cfg)
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "crash"
+def test_engine_crash_shrinks_to_its_triggering_call(tmp_path_factory, tmp_path, ray_session):
+    run_dir = loop_run(tmp_path_factory.mktemp("engine_crash_run"), "fault=engine_crash", "workload.num_prompts=4",
+                       "workload.samples_per_prompt=2", "workload.max_tokens=8")
+    summary = read_summary(run_dir)
+    assert summary.status == "crash" and summary.crash.phase == "generate" and summary.crash.step == 0
+    # The crashed step's requests, as the engine was sent them (vLLM returned no ids).
+    assert [(r.prompt_index, r.sample_index, r.request_id) for r in read_requests(run_dir, 0)] == [
+        (p, s, None) for p in range(4) for s in range(2)]
 
     out = minimize(run_dir, tmp_path, "crash", "--calibration-runs", "1")
     script = emitted_case(out / "repro.py")
@@ -133,18 +134,16 @@ def test_engine_crash_shrinks_to_its_triggering_call(tmp_path_factory, tmp_path)
     assert_standalone_repro(out / "repro.py", True, "--model", str(resolve_model("smollm2")))
 
 
-def test_the_cli_with_its_defaults_from_another_directory_verifies_for_real(tmp_path_factory, tmp_path):
+def test_the_cli_with_its_defaults_from_another_directory_verifies_for_real(tmp_path, ray_session):
     """`python -m rollout_lab.minimize runs/x` in a user's own directory: --out repro is relative there."""
-    cfg = RunConfig(run_name="engine_crash")
-    cfg.fault.name = "engine_crash"
-    cfg.workload.num_prompts, cfg.workload.samples_per_prompt, cfg.workload.max_tokens = 2, 1, 8
-    (tmp_path / "runs" / "crash").mkdir(parents=True)
-    direct_run(tmp_path / "runs" / "crash", cfg)
+    loop_run(tmp_path / "runs" / "crash", "fault=engine_crash", "workload.num_prompts=2", "workload.samples_per_prompt=1",
+             "workload.max_tokens=8")
     done = subprocess.run(
         [sys.executable, "-m", "rollout_lab.minimize", "runs/crash", "--calibration-runs", "1"],
         cwd=tmp_path, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "repro" / "engine_crash-crash" / "REPORT.md").read_text()
-    assert "REPRODUCED: RuntimeError in " in report
+    assert "\nREPRODUCED: RuntimeError: planted engine_crash" in report
     assert "- planted fault off (--no-fault): clean 1/1" in report
+

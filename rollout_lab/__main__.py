@@ -33,7 +33,7 @@ def print_summary(result, pressure=None) -> None:
         else:
             console.print(f"[yellow]pressure {pressure}: vLLM counted no preemption; the rare regime was not reached[/]")
     if result.crash:
-        console.print(f"[red]crash[/]: {result.crash['key']}: {result.crash['message']}")
+        console.print(f"[red]crash[/]: {result.crash.key}: {result.crash.message}")
     console.print(f"run dir: {result.run_dir}")
 
 

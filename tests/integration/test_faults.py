@@ -1,8 +1,9 @@
-"""Planted faults under the matching pressure are seen by the lab, and point at the right requests."""
+"""Planted faults under the matching pressure preset are seen by the lab, and point at the right
+requests. Each run is composed from conf/ as `python -m rollout_lab +pressure=<p> fault=<f>` composes
+it (the presets' own values), one RL step long."""
 import numpy as np
 import pytest
 
-from rollout_lab.config import RunConfig
 from rollout_lab.instrument import ScheduleReader, engine_request_id
 from rollout_lab.loop import run
 from rollout_lab.records import read_records
@@ -10,17 +11,11 @@ from rollout_lab.records import read_records
 pytestmark = pytest.mark.integration
 
 
-def fault_config(run_dir, fault, **engine) -> RunConfig:
-    cfg = RunConfig(run_name=fault, run_dir=str(run_dir))
-    cfg.fault.name = fault
-    cfg.loop.steps = 1
-    cfg.loop.check_weight_sync = False
-    cfg.workload.num_prompts = 8
-    cfg.workload.samples_per_prompt = 4
-    cfg.workload.max_tokens = 24
-    for key, value in engine.items():
-        setattr(cfg.engine, key, value)
-    return cfg
+def fault_run(run_dir, compose, *overrides):
+    """(config, result) of one RL step of the default job under `overrides`, no weight-sync check."""
+    cfg = compose(*overrides, "loop.steps=1", "loop.check_weight_sync=false", "logger.mode=disabled")
+    cfg.run_dir = str(run_dir)
+    return cfg, run(cfg)
 
 
 def blocks_by_request(run_dir):
@@ -32,10 +27,8 @@ def blocks_by_request(run_dir):
     return held
 
 
-def test_stale_state_hits_only_preempted_requests(tmp_path, ray_session):
-    # conf/pressure/kv_tight.yaml
-    result = run(fault_config(tmp_path, "stale_state", block_size=32, kv_cache_memory_bytes=24_000_000,
-                              max_model_len=256, max_num_batched_tokens=512))
+def test_stale_state_hits_only_preempted_requests(tmp_path, ray_session, compose):
+    _, result = fault_run(tmp_path, compose, "+pressure=kv_tight", "fault=stale_state")
     assert result.status == "ok", result.crash
     assert result.preemptions > 0
     table = read_records(tmp_path).to_pandas()
@@ -52,11 +45,9 @@ def test_stale_state_hits_only_preempted_requests(tmp_path, ray_session):
     assert set(others.prompt_index) <= set(preempted.prompt_index)
 
 
-def test_index_overflow_hits_only_requests_holding_high_blocks(tmp_path, ray_session):
-    threshold = 16
-    # conf/pressure/many_slots.yaml
-    result = run(fault_config(tmp_path, "index_overflow", block_size=32, kv_cache_memory_bytes=200_000_000,
-                              max_model_len=256, max_num_seqs=64))
+def test_index_overflow_hits_only_requests_holding_high_blocks(tmp_path, ray_session, compose):
+    cfg, result = fault_run(tmp_path, compose, "+pressure=many_slots", "fault=index_overflow")
+    threshold = cfg.fault.params["threshold"]  # in blocks (stride 1)
     assert result.status == "ok", result.crash
     table = read_records(tmp_path).to_pandas()
     flagged = table[table.abs_diff > result.spike_threshold]

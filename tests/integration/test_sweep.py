@@ -103,10 +103,12 @@ def test_index_overflow_over_cache_size_states_its_threshold_and_a_refused_point
     assert [b["name"] for b in again["broken"]] == ["2"] and len(again["runs"]) == 2 and len(again["not_run"]) == 1
 
 
-def test_a_fault_switched_on_by_batch_size_is_structural_over_max_num_seqs_with_its_threshold(tmp_path):
+def test_a_fault_switched_on_by_batch_size_is_structural_over_max_num_seqs_and_its_clean_runs_are_none(tmp_path):
     # batch_threshold corrupts every logit of an engine step that schedules >= 4 requests: with
     # 8 requests in flight, max_num_seqs 1 and 2 never reach it, 8 does.
-    report, output = sweep(tmp_path, "+sweep=max_num_seqs", "fault=batch_threshold", "engine.max_num_seqs=1,2,8")
+    sweep_dir = tmp_path / "sweep"
+    report, output = sweep(sweep_dir, "+sweep=max_num_seqs", "fault=batch_threshold", "engine.max_num_seqs=1,2,8",
+                           "logger.mode=disabled")
     outcomes = {r["config"]["engine.max_num_seqs"]: r["outcome"] for r in report["runs"]}
     assert outcomes == {1: "clean", 2: "clean", 8: "silent mismatch"}
     seqs = verdict(report, "engine.max_num_seqs")
@@ -116,22 +118,24 @@ def test_a_fault_switched_on_by_batch_size_is_structural_over_max_num_seqs_with_
     assert seqs["next_sweep"].endswith("engine.max_num_seqs=3,4,5,6,7") and "fault=batch_threshold" in seqs["next_sweep"]
     assert f"next sweep: {seqs['next_sweep']}" in output
 
+    # Its clean runs alone are a sweep where nothing fails: verdict none (they are the runs a
+    # clean sweep of their own would start again).
+    clean_dir = tmp_path / "clean"
+    for run in report["runs"]:
+        if run["outcome"] == "clean":
+            shutil.copytree(sweep_dir / run["name"], clean_dir / run["name"])
+    clean = verdict(analyze(clean_dir), "engine.max_num_seqs")
+    assert clean["verdict"] == "none", clean
+    assert clean["sentence"] == "clean at every value (1, 2): engine.max_num_seqs does not switch a failure on here"
+
 
 def test_logit_noise_over_its_scale_is_magnitude_only(tmp_path):
-    report, _ = sweep(tmp_path, "+sweep=noise_scale", "fault.params.scale=0.02,0.1")
+    report, _ = sweep(tmp_path, "+sweep=noise_scale", "fault.params.scale=0.02,0.1", "logger.mode=disabled")
     scale = verdict(report, "fault.params.scale")
     assert scale["verdict"] == "magnitude-only", scale
     assert "outcome" not in scale["moved"] and scale["threshold"] is None and scale["next_sweep"] is None
     assert "scales the failure, it does not switch it on" in scale["sentence"], scale["sentence"]
     assert all(r["outcome"] == "silent mismatch" for r in report["runs"])
-
-
-def test_clean_model_over_batch_size_is_none(tmp_path):
-    report, _ = sweep(tmp_path, "+sweep=batch_size", "workload.num_prompts=2,4")
-    batch = verdict(report, "workload.num_prompts")
-    assert batch["verdict"] == "none", batch
-    assert batch["sentence"] == "clean at every value (2, 4): workload.num_prompts does not switch a failure on here"
-    assert all(r["outcome"] == "clean" for r in report["runs"])
 
 
 def test_a_job_that_fails_is_written_down_and_the_sweep_goes_on(tmp_path):

@@ -1,6 +1,5 @@
-"""The embedded models as prepared on disk: plain float32 checkpoints that transformers loads.
-
-vLLM loading is covered by the engine tests; the first run prepares the models (~1 minute).
+"""The embedded models as prepared on disk (plain float32 checkpoints that transformers loads),
+and the default job on the tiny architectures; the first run prepares the models (~1 minute).
 """
 import json
 
@@ -9,6 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollout_lab import models
+from rollout_lab.config import RunConfig
+from rollout_lab.loop import run
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +41,22 @@ def test_smollm2_is_a_plain_float32_checkpoint(prepared):
         assert tokenizer.decode(model(ids).logits[0, -1].argmax()) == " Paris"
 
 
-@pytest.mark.parametrize(
-    "name, layer_types",
-    [("hybrid-tiny", {"linear_attention", "full_attention"}), ("mamba2-tiny", {"linear_attention"})],
-)
-def test_tiny_model_has_informative_logits(prepared, name, layer_types):
+# The layer mix of the models whose config names it.
+LAYER_TYPES = {
+    "hybrid-tiny": {"linear_attention", "full_attention"},
+    "mamba2-tiny": {"linear_attention"},
+    "gemma3-tiny": {"sliding_attention", "full_attention"},
+    "nemotron-h-tiny": {"linear_attention", "full_attention", "mlp"},
+    "zamba2-tiny": {"linear_attention", "hybrid"},
+}
+
+
+@pytest.mark.parametrize("name", list(models.TINY_CONFIGS))
+def test_tiny_model_has_informative_logits(prepared, name):
     path = prepared[name]
     model = AutoModelForCausalLM.from_pretrained(path)
-    assert set(model.config.layer_types) == layer_types
+    if name in LAYER_TYPES:
+        assert set(model.config.layer_types) == LAYER_TYPES[name]
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert len(tokenizer) == model.config.vocab_size == 49152
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -56,3 +65,47 @@ def test_tiny_model_has_informative_logits(prepared, name, layer_types):
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     # Neither near-uniform (log 49152 = 10.8 nats) nor collapsed onto one token.
     assert torch.isfinite(logprobs).all() and 3.0 < entropy.mean() < 9.0
+
+
+def short_default_job(run_dir, model: str) -> RunConfig:
+    """The default job on `model`, shortened. A random tiny model rarely writes an integer, so
+    every advantage is 0 and only AdamW's decay moves the weights: lr 1e-3 makes that visible."""
+    cfg = RunConfig(run_name=f"test-{model}", run_dir=str(run_dir))
+    cfg.model.name = model
+    cfg.loop.steps = 2
+    cfg.workload.num_prompts = 4
+    cfg.workload.samples_per_prompt = 2
+    cfg.workload.max_tokens = 16
+    cfg.trainer.learning_rate = 1e-3
+    return cfg
+
+
+# gemma3-tiny: sliding-window attention, its own norms and embedding scale. The others are slow.
+FAST = ("gemma3-tiny",)
+# What does not pass here (docs/models.md): (on vLLM CPU only, why). Strict: a fix fails the test
+# until its entry goes.
+KNOWN_FAILURES = {
+    "qwen3-moe-tiny": (False, "after the first sync the probe is off by 2.6 (fused expert names; docs/models.md)"),
+    "mixtral-tiny": (False, "the trainer sends transformers 5 names (mlp.experts.*); vLLM's Mixtral has no module mlp"),
+    "mamba-tiny": (True, "vLLM CPU has no Mamba1 selective_scan_fwd kernel"),
+    "falcon-mamba-tiny": (True, "vLLM CPU has no Mamba1 selective_scan_fwd kernel"),
+    "jamba-tiny": (True, "vLLM CPU has no Mamba1 selective_scan_fwd kernel"),
+}
+
+
+def _case(model: str):
+    marks = [] if model in FAST else [pytest.mark.slow]
+    if model in KNOWN_FAILURES:
+        cpu_only, reason = KNOWN_FAILURES[model]
+        marks.append(pytest.mark.xfail(not (cpu_only and torch.cuda.is_available()), reason=reason, strict=True))
+    return pytest.param(model, marks=marks)
+
+
+@pytest.mark.parametrize("model", [_case(m) for m in models.TINY_CONFIGS])
+def test_default_job_is_clean_in_float32(tmp_path, ray_session, model):
+    result = run(short_default_job(tmp_path, model))
+    assert result.status == "ok", result.crash
+    assert result.num_tokens > 0 and result.abs_diff_max <= 1e-3
+    # The update is visible on the probe and vLLM follows it to a tenth of how far it moved: a
+    # sync that left vLLM on the old weights would be off by the whole policy change.
+    assert result.policy_change > 1e-4 and result.weight_sync_max_diff <= min(1e-3, result.policy_change / 10)

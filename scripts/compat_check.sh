@@ -100,13 +100,13 @@ for release in releases:
         sys.path.insert(0, ".")
         from rollout_lab.hunt.store import Store
         trials = Store(db).trials()
-        counts = dict(collections.Counter(t["status"] for t in trials))
-        errors = [t for t in trials if t["status"] == "harness_error"]
+        counts = dict(collections.Counter(t.status for t in trials))
+        errors = [t for t in trials if t.status == "harness_error"]
         hunt_cell = f"exit {(d / 'hunt.rc').read_text().strip()}, {len(trials)} trials {counts}"
-        if errors:
-            crash = errors[0]["result"].get("crash") or {}
-            hunt_cell += f"; harness error: {crash.get('exception_type')}: {crash.get('message')}"
-        crashes = sorted({(t["result"].get("crash") or {}).get("message", "")[:80] for t in trials if t["status"] == "crash"})
+        if errors and errors[0].result.crash:
+            crash = errors[0].result.crash
+            hunt_cell += f"; harness error: {crash.exception_type}: {crash.message}"
+        crashes = sorted({t.result.crash.message[:80] for t in trials if t.status == "crash" and t.result.crash})
         if crashes:
             hunt_cell += "; crash messages: " + " / ".join(crashes)
     else:

@@ -52,11 +52,10 @@ import collections, sys
 from pathlib import Path
 from rollout_lab.hunt.store import Store
 trials = Store(Path(sys.argv[1]) / "hunt.db").trials()
-print(f"hunt_default: {len(trials)} trials: {dict(collections.Counter(t['status'] for t in trials))}")
+print(f"hunt_default: {len(trials)} trials: {dict(collections.Counter(t.status for t in trials))}")
 for t in trials:
-    if t["status"] in ("crash", "hang", "harness_error"):
-        crash = t["result"].get("crash") or {}
-        print(f"  {t['status']} {t['signature']}: {crash.get('message', t['result'].get('phase', ''))}")
+    if t.status in ("crash", "hang", "died", "harness_error"):
+        print(f"  {t.status} {t.signature}: {t.result.crash.message if t.result.crash else t.result.phase}")
 PY
       ;;
     architectures)

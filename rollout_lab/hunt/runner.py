@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from rollout_lab import compat
+from rollout_lab import compat, engine
 from rollout_lab.hunt.protocol import (EngineStarted, EngineStarting, Heartbeat, OracleVerdict, OutOfTime, TrialEvent,
                                        TrialFinished, TrialResult, TrialStarted, WorstToken, event_line)
 from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
@@ -412,9 +412,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     lines.emit(EngineStarting(spec.group_key, args))
     started = time.perf_counter()
     try:
-        from vllm import LLM
-
-        llm = LLM(model=spec.model_path, **args)
+        llm = engine.start(model=spec.model_path, **args)
     except Exception as exc:
         lines.emit(EngineStarted(spec.group_key, "rejected" if compat.is_rejection(exc) else "crash",
                                  time.perf_counter() - started, crash=crash_signature(exc, phase="engine_start"),

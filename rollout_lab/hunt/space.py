@@ -66,8 +66,8 @@ class HuntConfig:
     # Minimize each new finding and verify its repro.py `verify_runs` times in fresh processes.
     minimize: bool = True
     verify_runs: int = 5
-    # Folder of repros of bugs already found (relative to the repo; null: none): a finding with the
-    # crash signature of one of its repro/<name>/repro.py is marked known, not minimized again.
+    # Folder of repros of bugs already found (relative to the repo; null: none): a crash with the
+    # signature in one of its <name>/signature.txt (beside repro.py) is marked known, not minimized again.
     known_repros: Optional[str] = "repro"
     # Each minimization gets the hunt's remaining budget less the time its repro's verification
     # will take (verify_runs runs, one more with a planted fault, each `verify_run_s` seconds until

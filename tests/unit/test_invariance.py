@@ -88,10 +88,3 @@ def test_the_hunt_oracle_reruns_only_reproducible_requests_and_flags_only_where_
     assert 0 < floor["max"] < 1e-8
     promised = batch_oracle(_AloneEngine({1: ([5, 6], [-0.5, -0.25 + 2**-30]), 2: ([7], [-1.0])}), sampled, promised=True)
     assert (promised["flagged"], promised["class"]) == (1, "any")
-
-
-def test_a_failing_trial_is_keyed_by_the_first_oracle_that_flagged():
-    from rollout_lab.hunt.__main__ import first_flagged
-
-    assert first_flagged({"reference": {"flagged": 2}, "metamorphic": {"flagged": 1}}) == "reference"
-    assert first_flagged({"reference": {"flagged": 0}, "metamorphic": {"flagged": 0}, "batch_invariance": {"flagged": 1}}) == "batch_invariance"

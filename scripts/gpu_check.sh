@@ -10,10 +10,12 @@
 #   architectures  the default job (float32, real weight sync) on every tiny model of
 #              rollout_lab.models.TINY_CONFIGS; one line per model: max |diff|, sync, clean or not,
 #              or why it did not run (an architecture this vLLM cannot load is one line, not a stop)
+#   localize   the localizer on a planted stale_state (kv_tight, float32) and its --no-fault control;
+#              prints each first divergence and the seconds per token
 # Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
 # and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
 # another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
-#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures]   (no argument: all)
+#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures] [localize]   (no argument: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu_check}
@@ -34,7 +36,7 @@ job() {  # job NAME ARGS...: one logged command, its summary lines echoed
   return $rc
 }
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default architectures)
+[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default architectures localize)
 say "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 for step in "${steps[@]}"; do
   case $step in
@@ -58,6 +60,13 @@ for t in trials:
         print(f"  {t.status} {t.signature}: {t.result.crash.message if t.result.crash else t.result.phase}")
 PY
       ;;
+    localize)
+      # The localizer on a planted stale_state under kv_tight, then its clean control (--no-fault).
+      job localize_run "$py" -m rollout_lab +pressure=kv_tight fault=stale_state engine.dtype=float32 loop.steps=1 \
+        run_name=gpu-localize hydra.run.dir="$out/localize_run"
+      job localize "$py" -m rollout_lab.localize "$out/localize_run" --tokens 3
+      job localize_clean "$py" -m rollout_lab.localize "$out/localize_run" --tokens 3 --no-fault
+      grep -h "^first divergence\|^no divergence\|^localized\|^warning" "$out"/localize.log "$out"/localize_clean.log ;;
     architectures)
       tiny=$("$py" -c "from rollout_lab.models import TINY_CONFIGS; print(','.join(TINY_CONFIGS))")
       job architectures "$py" -m rollout_lab -m "model=$tiny" engine.dtype=float32 run_name=gpu-arch "${share[@]}" \

@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # An embedded model name (smollm2, hybrid-tiny, mamba2-tiny), a local directory, or a hub id.
+    # An embedded model name (smollm2, or a seeded tiny model of rollout_lab.models: hybrid-tiny,
+    # llama-tiny, ...), a local checkpoint directory, or a hub id.
     name: str = "smollm2"
 
 

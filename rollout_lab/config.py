@@ -319,7 +319,7 @@ def engine_arg_message(name: str) -> Optional[str]:
 def check_engine_args(cfg: RunConfig) -> None:
     """engine.args against the installed vLLM: every name, then the whole engine configuration
     through vLLM's own config validation (EngineArgs.create_engine_config; no engine starts)."""
-    from rollout_lab.hunt.runner import validate_engine
+    from rollout_lab import engine
     from rollout_lab.models import resolve_model
     from rollout_lab.sampler import engine_kwargs
 
@@ -328,9 +328,9 @@ def check_engine_args(cfg: RunConfig) -> None:
         if message:
             raise ConfigError(message)
     model_path = resolve_model(cfg.model.name)
-    point = {f"engine.{k}": v for k, v in engine_kwargs(cfg, model_path).items() if k != "model"}
+    kwargs = {k: v for k, v in engine_kwargs(cfg, model_path).items() if k != "model"}
     try:
-        complaint = validate_engine(point, model_path)
+        complaint = engine.validate(model_path, kwargs)
     except Exception as exc:  # vLLM refuses some values by other errors (KeyError: an unknown enum name)
         complaint = f"{type(exc).__name__}: {exc}"
     if complaint:

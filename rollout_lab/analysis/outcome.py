@@ -50,19 +50,19 @@ def vllm_refusal(cfg: RunConfig, crash: CrashSignature) -> Optional[str]:
     """vLLM's reason when it refused the run's engine configuration at start, else None.
 
     The run only records that the engine raised at start. Whether that was vLLM refusing its
-    configuration is asked the hunt's way (hunt.runner.validate_engine: EngineArgs'
+    configuration is asked the hunt's way (engine.validate: EngineArgs'
     create_engine_config and the KV-size check vLLM makes at start); the reason given is the
     one vLLM raised with.
     """
     if crash.phase != "engine_start":
         return None
-    from rollout_lab.hunt.runner import validate_engine
+    from rollout_lab import engine
     from rollout_lab.minimize.predicate import direct_engine_args
     from rollout_lab.models import resolve_model
 
     try:
         model_path = resolve_model(cfg.model.name)
-        complaint = validate_engine({f"engine.{k}": v for k, v in direct_engine_args(cfg, model_path).items()}, model_path)
+        complaint = engine.validate(model_path, direct_engine_args(cfg, model_path))
     except Exception:  # the configuration cannot be re-checked here: the start crash stands
         return None
     if complaint is None:

@@ -137,7 +137,7 @@ def trace_params(trace: list[TraceRequest], workload: dict) -> list:
     except Exception as exc:
         if not compat.is_rejection(exc):
             raise
-        raise RejectedWorkload(rejection_message(exc)) from None
+        raise RejectedWorkload(engine.rejection_message(exc)) from None
 
 
 def valid_workload(workload: dict) -> bool:
@@ -344,54 +344,6 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
     return result
 
 
-def rejection_message(exc: BaseException) -> str:
-    """vLLM's complaint on one line (pydantic puts the reason on the second)."""
-    return " ".join(str(exc).split())[:300]
-
-
-def validate_engine(engine: dict, model_path: str) -> Optional[str]:
-    """vLLM's own config validation, without starting an engine: the complaint, or None when it passes.
-
-    Cheap (vLLM's config objects only), so the driver skips configurations vLLM would refuse
-    without spending a process and a model load on them. Sizing checks that need the engine (is
-    the KV cache big enough for max_model_len) still happen at start.
-    """
-    from vllm.engine.arg_utils import EngineArgs
-
-    try:
-        config = EngineArgs(model=model_path, **engine_args(engine)).create_engine_config()
-    except Exception as exc:
-        if compat.is_rejection(exc):
-            return rejection_message(exc)
-        raise
-    return kv_cache_too_small(config, engine_args(engine).get("kv_cache_memory_bytes"))
-
-
-def kv_cache_too_small(config, kv_bytes: Optional[int]) -> Optional[str]:
-    """For attention-only models: the check vLLM makes at start (can one max_model_len request fit?).
-
-    KV bytes per token = 2 (K and V) x layers x KV heads x head size x dtype size, per block of
-    block_size tokens, one block more for vLLM's null block. Hybrid models are left to the engine.
-    """
-    hf = config.model_config.hf_config
-    if kv_bytes is None or any("mamba" in str(t) for t in (getattr(hf, "layer_types", None) or [])) \
-            or "mamba" in hf.model_type or not getattr(hf, "num_key_value_heads", None):
-        return None
-    import torch
-
-    model = config.model_config
-    head = model.get_head_size()
-    per_token = 2 * model.get_num_layers(config.parallel_config) * model.get_num_kv_heads(config.parallel_config) * head
-    per_token *= torch.tensor([], dtype=model.dtype).element_size()
-    block = config.cache_config.block_size or 16
-    blocks = kv_bytes // (per_token * block)
-    needed = -(-model.max_model_len // block) + 1
-    if blocks < needed:
-        return (f"kv_cache_memory_bytes={kv_bytes} holds {blocks} blocks of {block} tokens; one max_model_len="
-                f"{model.max_model_len} request needs {needed} (checked before start, as vLLM does at start)")
-    return None
-
-
 def run_group(spec: GroupSpec, lines_path: str) -> None:
     """The whole group in this process; every outcome goes to the lines file."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -416,7 +368,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     except Exception as exc:
         lines.emit(EngineStarted(spec.group_key, "rejected" if compat.is_rejection(exc) else "crash",
                                  time.perf_counter() - started, crash=crash_signature(exc, phase="engine_start"),
-                                 message=rejection_message(exc)))
+                                 message=engine.rejection_message(exc)))
         return
     config = llm.llm_engine.vllm_config
     dtype = str(config.model_config.dtype).removeprefix("torch.")

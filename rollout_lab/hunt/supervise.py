@@ -50,7 +50,9 @@ class Supervisor:
         No trial of it starts after `deadline` (time.time())."""
         import ray
 
-        from rollout_lab.hunt.runner import GroupSpec, run_group, validate_engine
+        from rollout_lab import engine
+        from rollout_lab.hunt.runner import GroupSpec, run_group
+        from rollout_lab.hunt.space import engine_args
         from rollout_lab.models import resolve_model
 
         workloads = [w for w in group.workloads if group.trial_key(w) not in done]
@@ -58,7 +60,7 @@ class Supervisor:
         if not workloads:
             self.store.end_group(group.index, "skipped", "every workload already tried")
             return "skipped"
-        complaint = validate_engine(group.engine, resolve_model(group.engine["model"]))
+        complaint = engine.validate(resolve_model(group.engine["model"]), engine_args(group.engine))
         if complaint is not None:
             self.store.end_group(group.index, "rejected", complaint)
             self.console.print(f"[bold]group {group.index}[/] [yellow]rejected[/] by vLLM's config validation: {complaint}",

@@ -357,7 +357,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
         torch.set_num_threads(spec.threads)
     from rollout_lab.crash import crash_signature
     from rollout_lab.minimize.standalone import install_fault, load_reference
-    from rollout_lab.minimize.trials import _remember_clean, reset_engine
+    from rollout_lab.minimize.trials import remember_clean, reset_engine
 
     lines = Lines(Path(lines_path))
     args = engine_args(spec.engine) | {"disable_log_stats": False}
@@ -375,7 +375,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     limits = Limits(config.model_config.max_model_len, config.scheduler_config.max_num_batched_tokens,
                     config.cache_config.block_size, int(config.cache_config.num_gpu_blocks or 0))
     lines.emit(EngineStarted(spec.group_key, "ok", time.perf_counter() - started, dtype, config.cache_config.num_gpu_blocks))
-    llm.collective_rpc(_remember_clean)
+    llm.collective_rpc(remember_clean)
     counter = count_engine_steps(llm)
     heartbeat(lines, counter, spec.group_key)
     pool = token_pool(llm.get_tokenizer())

@@ -92,7 +92,7 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
     from rollout_lab.localize.reference import points_of, reference_tokens
     from rollout_lab.localize.report import Localization
     from rollout_lab.minimize.standalone import install_fault, load_reference, run_case, sample, start_engine
-    from rollout_lab.minimize.trials import _remember_clean, reset_engine
+    from rollout_lab.minimize.trials import remember_clean, reset_engine
     from rollout_lab import compat
 
     started = time.perf_counter()
@@ -110,7 +110,7 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
         reference = load_reference(case.model)
         points = points_of(reference)
         llm = start_engine(case, with_fault=False)
-        llm.collective_rpc(_remember_clean)
+        llm.collective_rpc(remember_clean)
         schedule = ScheduleReader(schedule_path)
 
         def captured_replay(wanted: list[tuple[int, int]], with_fault: bool):

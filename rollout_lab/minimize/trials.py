@@ -134,7 +134,7 @@ def _shadowing(target) -> set[str]:
     return {name for name in vars(target) if callable(getattr(type(target), name, None))}
 
 
-def _remember_clean(worker) -> None:
+def remember_clean(worker) -> None:
     """Note what a fresh engine's runner, model and attention builders look like."""
     worker.minimize_clean = [(target, _shadowing(target)) for target in _fault_targets(worker)]
 
@@ -262,7 +262,7 @@ class TrialRunner:
         self.close()
         started = time.perf_counter()
         self.llm = start_engine(case, with_fault=False)
-        self.llm.collective_rpc(_remember_clean)
+        self.llm.collective_rpc(remember_clean)
         self.engine_args_key = args_key
         return time.perf_counter() - started
 

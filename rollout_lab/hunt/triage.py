@@ -20,7 +20,7 @@ def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding
     minimal case (dtype is no part of it unless the minimizer kept it). Crash signatures are
     already specific (exception type and vLLM frames); they are left alone."""
     from rollout_lab.hunt.space import engine_args
-    from rollout_lab.minimize.reduce import KNOB_ARGS
+    from rollout_lab.minimize.reduce import knob_args
 
     if finding.kind != "mismatch":
         return None
@@ -31,7 +31,7 @@ def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding
         o = other.signature
         if (o.oracle, o.model, o.request_class) != (sig.oracle, sig.model, sig.request_class):
             continue
-        names = [n for knob in other.minimized.knobs for n in KNOB_ARGS.get(knob, (knob,))]
+        names = [n for knob in other.minimized.knobs for n in knob_args(knob)]
         if all(args.get(n) == other.minimized.engine_args.get(n) for n in names):
             return other
     return None

@@ -12,6 +12,8 @@
 #              or why it did not run (an architecture this vLLM cannot load is one line, not a stop)
 #   localize   the localizer on a planted stale_state (kv_tight, float32) and its --no-fault control;
 #              prints each first divergence and the seconds per token
+# GPU_CHECK_ARGS: extra overrides for the architectures step (e.g. engine.enforce_eager=true: no
+# CUDA-graph capture and compile per model, a minute less per engine start).
 # Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
 # and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
 # another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
@@ -70,7 +72,7 @@ PY
     architectures)
       tiny=$("$py" -c "from rollout_lab.models import TINY_CONFIGS; print(','.join(TINY_CONFIGS))")
       job architectures "$py" -m rollout_lab -m "model=$tiny" engine.dtype=float32 run_name=gpu-arch "${share[@]}" \
-        engine.kv_cache_memory_bytes=2000000000 hydra.sweep.dir="$out/architectures"
+        engine.kv_cache_memory_bytes=2000000000 hydra.sweep.dir="$out/architectures" ${GPU_CHECK_ARGS:-}
       "$py" - "$out/architectures" <<'PY'
 import json, sys
 from pathlib import Path

@@ -10,6 +10,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from rollout_lab import weight_sync
 from rollout_lab.config import TrainerConfig
+from rollout_lab.reference import pad_sequences
 
 
 def resolve_device(device: str) -> torch.device:
@@ -17,17 +18,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int = 0):
-    """Right-padded (input_ids, attention_mask) for prompt+completion pairs."""
-    lengths = [len(p) + len(c) for p, c in sequences]
-    input_ids = torch.full((len(sequences), max(lengths)), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ((prompt, completion), length) in enumerate(zip(sequences, lengths)):
-        input_ids[row, :length] = torch.tensor(prompt + completion)
-        attention_mask[row, :length] = 1
-    return input_ids, attention_mask
 
 
 class Trainer:

@@ -43,7 +43,8 @@ def main() -> None:
     from rollout_lab.models import resolve_model
     from rollout_lab.records import token_table, write_step
     from rollout_lab.sampler import PromptRequest, SamplerWorker, request_seed
-    from rollout_lab.trainer import Trainer, pad_sequences
+    from rollout_lab.reference import pad_sequences
+    from rollout_lab.trainer import Trainer
     from rollout_lab.workload import encode_prompt, make_problems
 
     cfg = RunConfig()

@@ -1,4 +1,4 @@
-"""Speed of the float32 reference (standalone.reference_logprobs) against a plain batched forward, in one run.
+"""Speed of the float32 reference (reference.reference_logprobs) against a plain batched forward, in one run.
 
 The plain way: batches of 8 in input order, padded to the longest, logits and log-softmax over
 every position. The lab's: shortest first under a padded-token budget, the lm_head and the
@@ -17,12 +17,12 @@ import time
 def plain_logprobs(model, sequences, batch_size: int = 8) -> list[list[float]]:
     import torch
 
-    from rollout_lab.minimize.standalone import padded_batch
+    from rollout_lab.reference import pad_sequences
 
     out = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        input_ids, attention_mask = padded_batch(chunk)
+        input_ids, attention_mask = pad_sequences(chunk)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from rollout_lab.minimize.standalone import load_reference, reference_logprobs
+    from rollout_lab.reference import load_reference, reference_logprobs
     from rollout_lab.models import resolve_model
 
     model = load_reference(resolve_model(args.model))

@@ -2,7 +2,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rollout_lab.minimize.standalone import reference_logprobs
+from rollout_lab.reference import reference_logprobs
 
 
 def test_batched_reference_matches_one_sequence_at_a_time_in_input_order():

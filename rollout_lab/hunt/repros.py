@@ -1,6 +1,8 @@
 """Minimize and verify: each new finding -> findings/<name>/case.json -> `python -m rollout_lab.minimize`
 in a fresh process -> repro/<name>/repro.py + minimized.json -> the repro run `verify_runs` times
-standalone for its reproduction rate (with a planted fault, once more with it off)."""
+standalone for its reproduction rate (with a planted fault, once more with it off).
+
+`python -m rollout_lab.hunt.repros HUNT_DIR TRIAL_KEY` writes one failing trial's case.json by hand."""
 from __future__ import annotations
 
 import re
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from rollout_lab.hunt.protocol import Finding, Signature, write_known_bug
-from rollout_lab.hunt.space import HuntRunConfig
+from rollout_lab.hunt.space import HuntRunConfig, OracleConfig
 from rollout_lab.hunt.store import Store
 from rollout_lab.hunt.triage import duplicate_of, why_not_minimized
 from rollout_lab.minimize.handoff import CaseFile, HandoffError, MinimizedResult
@@ -32,7 +34,7 @@ def slug(signature: Signature, index: int) -> str:
 
 def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: str | None, fault_params: dict) -> CaseFile:
     """The finding's smallest failing trial as the minimizer's case (with the planted fault, or None)."""
-    from rollout_lab.hunt.space import engine_args
+    from rollout_lab.hunt.space import engine_args, engine_env
     from rollout_lab.minimize.standalone import Case, Request
 
     result, model = finding.result, finding.model
@@ -40,13 +42,65 @@ def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: st
     tolerance = float(reference_tolerance[dtype])
     if finding.kind == "crash":
         expected = Expected("crash", tolerance, crash_key=finding.signature.crash_key)
+    elif finding.signature.oracle == "batch_invariance":
+        # Bitwise, as promised; the targets are the requests the oracle ran alone (the first ones).
+        expected = Expected("batch_invariance", 0.0, targets=result.oracles["batch_invariance"].requests)
     else:
         expected = Expected("mismatch", tolerance, request_class=result.oracles[result.first_flagged()].request_class or "any")
     # An engine that crashed at start left no requests: any one will do.
     case = result.case or Case(model, engine_args(finding.engine) | {"disable_log_stats": False},
                                [Request([1, 2, 3], 0)], max_tokens=4)
     case.fault, case.fault_params = fault, dict(fault_params) if fault else {}
+    case.env = engine_env(finding.engine)
     return CaseFile(model, case, expected, f"hunt trial {finding.first_trial}: {finding.signature}")
+
+
+def trial_case_file(hunt_dir: Path, trial_key: str) -> CaseFile:
+    """The case.json the hunt would hand the minimizer for one failing trial of `hunt_dir` (by its key),
+    with the hunt's planted fault when it ran with one (its config in .hydra/, where Hydra put it)."""
+    from omegaconf import OmegaConf
+
+    from rollout_lab.config import fault_params as fault_defaults
+
+    store = Store(hunt_dir / "hunt.db")
+    row = next((t for t in store.trials() if t.key == trial_key), None)
+    if row is None or row.signature is None:
+        failing = [t.key for t in store.trials() if t.signature is not None]
+        raise HandoffError(f"{hunt_dir}: no failing trial {trial_key!r}; failing trials: {', '.join(failing) or 'none'}")
+    saved = hunt_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(saved) if saved.is_file() else OmegaConf.create()
+    fault = OmegaConf.select(cfg, "fault.name")
+    params = fault_defaults(fault, dict(OmegaConf.select(cfg, "fault.params", default={}))) if fault else {}
+    tolerance = OmegaConf.select(cfg, "hunt.oracles.reference_tolerance") or OracleConfig().reference_tolerance
+    finding = Finding(row.signature, row.key, row.elapsed, 0, 1, row.engine, row.workload, row.result)
+    return case_file(finding, dict(tolerance), fault, params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rollout_lab.hunt.repros HUNT_DIR TRIAL_KEY [--out case.json]`: write a failing trial's
+    case.json, to run `python -m rollout_lab.minimize` on it by hand (on another machine, say)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rollout_lab.hunt.repros", description=main.__doc__.splitlines()[0])
+    parser.add_argument("hunt_dir", type=Path, help="a hunt dir (holding hunt.db)")
+    parser.add_argument("trial", help="the failing trial's key (HUNT_REPORT.md's 'first trial', findings.csv)")
+    parser.add_argument("--out", type=Path, help="where the case goes (default: HUNT_DIR/findings/<trial>/case.json)")
+    args = parser.parse_args(argv)
+    if not (args.hunt_dir / "hunt.db").is_file():
+        print(f"rollout_lab.hunt.repros: {args.hunt_dir} holds no hunt.db", file=sys.stderr)
+        return 2
+    try:
+        case = trial_case_file(args.hunt_dir, args.trial)
+    except HandoffError as exc:
+        print(f"rollout_lab.hunt.repros: {exc}", file=sys.stderr)
+        return 2
+    path = case.write(args.out or args.hunt_dir / "findings" / args.trial / "case.json")
+    print(f"{path}: {case.description}; {case.expected.describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 
 
 class Repros:
@@ -135,8 +189,10 @@ class Repros:
             finding.state, finding.why = "not_minimized", str(exc)
             self.store.put_finding(finding)
             return
-        # The knobs that stayed off their defaults, and the planted fault when the failure needs it.
-        finding.trigger = info.knobs + ([f"fault={self.fault}"] if finding.needs_planted_fault else [])
+        # The knobs that stayed off their defaults, the engine's vLLM environment variables (kept as
+        # they were: not reduced), and the planted fault when the failure needs it.
+        finding.trigger = (info.knobs + [f"{k}={v}" for k, v in sorted(info.env.items())]
+                           + ([f"fault={self.fault}"] if finding.needs_planted_fault else []))
         finding.minimized = info
         # A resumed hunt on a bare machine may not have built the lab's copy of the model yet.
         resolve_model(finding.model)

@@ -17,14 +17,14 @@ def is_harness_error(result: TrialResult) -> bool:
 def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding]:
     """The minimized mismatch finding that already explains `finding`, if any: same oracle, model
     and request class, and every knob of its minimal trigger set in `finding`'s engine as in its
-    minimal case (dtype is no part of it unless the minimizer kept it). Crash signatures are
-    already specific (exception type and vLLM frames); they are left alone."""
-    from rollout_lab.hunt.space import engine_args
+    minimal case (dtype is no part of it unless the minimizer kept it), and the same vLLM environment
+    variables. Crash signatures are already specific (exception type and vLLM frames); they are left alone."""
+    from rollout_lab.hunt.space import engine_args, engine_env
     from rollout_lab.minimize.reduce import knob_args
 
     if finding.kind != "mismatch":
         return None
-    sig, args = finding.signature, engine_args(finding.engine)
+    sig, args, env = finding.signature, engine_args(finding.engine), engine_env(finding.engine)
     for other in minimized:
         if other.kind != "mismatch" or other is finding or other.minimized is None:
             continue
@@ -32,7 +32,8 @@ def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding
         if (o.oracle, o.model, o.request_class) != (sig.oracle, sig.model, sig.request_class):
             continue
         names = [n for knob in other.minimized.knobs for n in knob_args(knob)]
-        if all(args.get(n) == other.minimized.engine_args.get(n) for n in names):
+        # vLLM's environment variables are not reduced (one process, one env): all of them must match.
+        if all(args.get(n) == other.minimized.engine_args.get(n) for n in names) and env == other.minimized.env:
             return other
     return None
 
@@ -46,10 +47,6 @@ def why_not_minimized(finding: Finding) -> Optional[str]:
         # (prompt_logprobs, one request alone) is the side that went wrong.
         return ("the sampled logprobs match the float32 reference; the re-scoring pass (prompt_logprobs, "
                 "alone) disagreed with both, and the minimizer replays sampling, not prompt_logprobs")
-    if finding.signature.oracle == "batch_invariance":
-        return ("vLLM promised batch invariance and a request's output changed when run alone; the minimizer "
-                "compares with the float32 reference, not batch against alone (python -m rollout_lab.invariance "
-                "measures it on this engine configuration)")
     return None
 
 

@@ -35,6 +35,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def apply_env(env: dict[str, str]) -> None:
+    """The case's vLLM environment variables, for every trial of this process: vLLM reads some when
+    imported and caches all of them once an engine has run, so they are set before it is imported."""
+    if env and "vllm" in sys.modules:
+        raise ValueError(f"the case sets {', '.join(sorted(env))}, but vLLM was imported before they could be set")
+    os.environ.update(env)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # vLLM's INFO lines would bury the one progress line per trial.
@@ -56,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.calibration_runs < 1:
             raise ValueError(f"--calibration-runs={args.calibration_runs} must be at least 1")
         run = load_case(args.run_dir) if args.run_dir.is_file() else load_run(args.run_dir)
+        apply_env(run.case.env)
     except (RunDirError, ConfigError, ModelError, ValueError) as exc:
         print(f"rollout_lab.minimize: {exc}", file=sys.stderr)
         return 2
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=round(reduction.seconds, 1),
         steps_back=confirmation.steps_back if confirmation is not None else None,
         verify_args=list(emit.lab_args(reduction, case)),
+        env=case.env,
     ).write(out_dir)
     console.print(f"[bold]wrote[/] {out_dir / 'repro.py'}, {out_dir / 'REPORT.md'} and {out_dir / emit.LOG_NAME}")
     ok = True

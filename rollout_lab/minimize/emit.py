@@ -31,6 +31,9 @@ from rollout_lab.tolerances import clean_agreement
 NOT_ISOLATED = 3
 # The minimization log (stages, every trial) goes here, beside REPORT.md.
 LOG_NAME = "MINIMIZATION.md"
+# The environment variables "What makes it go away" flips: the switches (repro.py's ENV overrides
+# what the verifying process inherits, so a switch is flipped, never unset).
+FLIPPED = {"1": "0", "0": "1"}
 WHERE = {
     "preempted": "requests that were preempted and resumed",
     "prefix_cached": "requests with prefix-cache hits",
@@ -74,6 +77,11 @@ class Verification:
         return f"{self.verdict_line or self.verdict}{why}, exit {self.returncode} in {self.seconds:.0f} s"
 
 
+def env_assignments(env: dict[str, str]) -> str:
+    """vLLM's environment variables as a shell would set them."""
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+
+
 def _knob_text(engine_args: dict, knobs: list[str]) -> str:
     return ", ".join(f"{n}={engine_args[n]}" for k in knobs for n in knob_args(k) if n in engine_args)
 
@@ -88,6 +96,9 @@ def title(reduction: Reduction, case: Case, device: str) -> str:
         site = expected.crash_key.split("|")[-1].rsplit(":", 1)[-1]
         message = f": {outcome.crash_message}" if outcome is not None and outcome.crash_message else ""
         what = f"generate raises {exc_type}{message[:80]} in {site}"
+    elif expected.kind == "batch_invariance":
+        what = "a request's sampled tokens and logprobs change with the batch it runs in" + (
+            f" under {env_assignments(case.env)}" if case.env else "")
     else:
         what = f"sampled-token logprobs disagree with transformers on {WHERE[expected.request_class]}"
     fault = f" (planted fault {case.fault}, not vLLM as shipped)" if case.fault else ""
@@ -106,6 +117,13 @@ def description(reduction: Reduction, case: Case) -> str:
         happened = f"llm.generate raises {expected.crash_key.split('@', 1)[0]}"
         if outcome is not None:
             happened += f" ({outcome.crash_message})"
+    elif expected.kind == "batch_invariance":
+        happened = ("a request run again alone on the same engine, after the whole batch, returns other sampled tokens "
+                    "or sampled-token logprobs (compared bitwise) than it did inside the batch")
+        if outcome is not None:
+            happened += f": {outcome.describe()}"
+        if case.env:
+            workload += f", with {env_assignments(case.env)}"
     else:
         happened = ("the logprob vLLM returns for some sampled tokens differs from transformers' float32 "
                     f"teacher-forced logprob by more than {expected.spike_threshold:g} "
@@ -268,6 +286,12 @@ class Emitter:
             changed = {n: args.get(n, "default") for n in knob_args(knob) if args.get(n) != case.engine_args.get(n)}
             label = ", ".join(f"{n}={v}" for n, v in changed.items())
             flips.append(Flip(label, [self.run(replace(case, engine_args=args)).verdict for _ in range(runs)]))
+        # vLLM's environment variables are no knobs of the reduction (one process holds one env):
+        # each is flipped here, where every run is a fresh process.
+        for name, value in sorted(case.env.items()):
+            if value in FLIPPED:
+                env = case.env | {name: FLIPPED[value]}
+                flips.append(Flip(f"{name}={env[name]}", [self.run(replace(case, env=env)).verdict for _ in range(runs)]))
         if case.fault:
             flips.append(Flip("planted fault off (--no-fault)", [self.run(case, ("--no-fault",)).verdict for _ in range(runs)], True))
         return flips
@@ -279,6 +303,15 @@ def where_it_fails(reduction: Reduction, case: Case) -> list[str]:
     if reduction.run.expected.kind == "crash":
         if outcome is not None:
             lines.append(f"- The crash: `{outcome.crash_message}` (key `{reduction.run.expected.crash_key}`).")
+    elif reduction.run.expected.kind == "batch_invariance":
+        if outcome is not None:
+            text = (f"- Minimal case: target requests {outcome.differing} of the first {outcome.targets} differ; "
+                    f"{outcome.num_flagged}/{outcome.num_tokens} compared positions hold the same token with another logprob")
+            if outcome.worst:
+                text += f", worst {outcome.worst[0].abs_diff:.3g} (request {outcome.worst[0].request}, position {outcome.worst[0].position})"
+            if outcome.first_token_diff is not None:
+                text += f"; first other token at position {outcome.first_token_diff}"
+            lines.append(text + ".")
     elif outcome is not None and outcome.worst:
         bad = [d for d in outcome.worst if d.abs_diff > reduction.run.expected.spike_threshold]
         requests = sorted({d.request for d in bad})

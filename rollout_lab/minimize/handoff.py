@@ -61,6 +61,8 @@ class MinimizedResult:
     steps_back: Optional[int] = None
     # What `python repro.py` needs here: the lab's copy of a model the script does not rebuild.
     verify_args: list[str] = field(default_factory=list)
+    # The vLLM environment variables of the emitted case (the reduction keeps them as they were).
+    env: dict[str, str] = field(default_factory=dict)
 
     FILE = "minimized.json"
 

@@ -10,7 +10,12 @@
       -> Reduction
 
 Knobs go first: a knob put back can only let the workload shrink further, so the workload is
-reduced once, on the final engine, instead of again after the knobs.
+reduced once, on the final engine, instead of again after the knobs. Unless --budget-s leaves too
+little for the knob pass's engine starts (knobs_fit): then the workload goes first.
+
+A batch-invariance case keeps at least two requests (invariance_check.MIN_BATCH): a candidate of
+one is not run. Its vLLM environment variables are no knob: one process holds one env (emit.py
+flips each in fresh processes instead).
 
 What a direct case already drops from the run: Ray and the workers (one vllm.LLM), the trainer
 (a transformers float32 forward pass), the RL steps (the run's initial weights, fixed), and
@@ -26,6 +31,7 @@ from rich.console import Console
 
 from rollout_lab.config import EngineConfig
 from rollout_lab.minimize.ddmin import ddmin, smallest_failing
+from rollout_lab.minimize.invariance_check import MIN_BATCH
 from rollout_lab.minimize.predicate import FailingRun
 from rollout_lab.minimize.standalone import Case, Outcome
 from rollout_lab.minimize.trials import Rule, TrialRecord, TrialRunner, calibrated_rule, case_key
@@ -218,6 +224,8 @@ class Reducer:
         self.trials, self.targets = trials, targets
 
     def fails(self, case: Case, stage: str, change: str) -> bool:
+        if self.trials.expected.kind == "batch_invariance" and len(case.requests) < MIN_BATCH:
+            return False  # no batch left: same_failure cannot hold, so no run is spent on it
         return self.trials.fails(case, stage, change, asdict(Size.of(case, self.targets)))
 
     def calibrate(self, case: Case, runs: int) -> tuple[int, int]:
@@ -288,6 +296,17 @@ class Reducer:
         return replace(case, engine_args=with_knobs(case.engine_args, keep, self.targets))
 
 
+def knobs_fit(trials: TrialRunner, knobs: int) -> bool:
+    """Whether the budget left holds the knob pass's engine starts (all at once, then one per knob),
+    each as long as the calibration's; without a budget, always. Where it does not (a GPU engine
+    compiling its CUDA graphs, a short --budget-s), the workload goes first on the engine already
+    running, whose trials take seconds, and the knobs get what is left."""
+    if trials.deadline is None or not knobs:
+        return True
+    start = max((r.engine_start_seconds for r in trials.records if r.stage == "calibrate"), default=0.0)
+    return (knobs + 1) * start <= trials.deadline - time.time()
+
+
 def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], calibration_runs: int,
              rule: Optional[Rule], console: Console) -> Reduction:
     """Shrink the run's failing case; raises ValueError when the original case does not fail directly."""
@@ -302,7 +321,12 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
         )
     trials.rule = rule or calibrated_rule(failures, calibration_runs)
     console.print(f"[bold]rule[/]: {trials.rule.describe()} (original case failed {failures}/{calibration_runs})")
-    case = reducer.workload(reducer.knobs(case))
+    if knobs_fit(trials, len(deviating_knobs(case.engine_args, targets))):
+        case = reducer.workload(reducer.knobs(case))
+    else:
+        console.print("[bold]order[/]: the budget left holds fewer engine starts than the knob pass may need: "
+                      "the workload first, on the running engine, then the knobs")
+        case = reducer.knobs(reducer.workload(case))
     trials.close()
     return Reduction(
         run=run,

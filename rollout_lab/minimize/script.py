@@ -25,9 +25,9 @@ from rollout_lab.minimize.standalone import Case, Expected
 from rollout_lab.tolerances import clean_agreement
 
 # Line budgets of an emitted repro.py, not counting a planted fault's carried source. A one-prompt
-# crash takes ~50 on a hub model and ~60 rebuilding an embedded random model; the budget leaves
-# room for a few more prompts and requests.
-LINE_BUDGET = {"crash": 70, "mismatch": 100}
+# crash takes ~50 on a hub model and ~60 rebuilding an embedded random model, a one-prompt batch-
+# invariance case ~65 and ~83; the budget leaves room for a few more prompts and requests.
+LINE_BUDGET = {"crash": 70, "mismatch": 100, "batch_invariance": 90}
 # The planted fault's section of a repro.py begins and ends with these lines.
 FAULT_BEGIN, FAULT_END = "# ---- PLANTED FAULT", "# ---- end of the planted fault"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -221,6 +221,42 @@ def reproduce(args) -> tuple[str, str]:
 '''
 
 
+def _batch_run(spec: ReproSpec, model: str, install: str) -> str:
+    targets = min(spec.expected.targets, len(spec.case.requests))
+    return f'''{_comment("The failure: one of the first TARGETS requests, run again alone on the same engine after the "
+                         "batch, gives other sampled tokens or sampled-token logprobs than in the batch (bitwise).")}
+TARGETS = {targets!r}
+
+def reproduce(args) -> tuple[str, str]:
+    import torch, transformers, vllm
+{_VERSIONS}
+    llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){install}
+
+    def run(requests):  # (sampled tokens, their logprobs) of each request, the requests in one generate call
+        params = [vllm.SamplingParams(seed=seed, logprobs=0, detokenize=False, **SAMPLING) for _, seed in requests]
+        outputs = llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in requests], params, use_tqdm=False)
+        return [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in (o.outputs[0] for o in outputs)]
+
+    batch = run(REQUESTS)
+    print("request  tokens  first other token  bitwise-equal logprobs  max |batch - alone|")
+    differ, worst, firsts = 0, 0.0, []
+    for i in range(TARGETS):
+        (tokens, logprobs), (alone, alone_logprobs) = batch[i], run([REQUESTS[i]])[0]
+        first = next((p for p, (a, b) in enumerate(zip(tokens, alone)) if a != b),
+                     None if len(tokens) == len(alone) else min(len(tokens), len(alone)))
+        same = list(zip(logprobs, alone_logprobs))[: len(tokens) if first is None else first]  # the same tokens
+        diffs, equal = [abs(a - b) for a, b in same], sum(a == b for a, b in same)
+        print(f"{{i:>7}} {{len(tokens):>7}} {{'-' if first is None else first:>18}} {{f'{{equal}}/{{len(same)}}':>23}} "
+              f"{{max(diffs, default=0.0):>20.3g}}")
+        differ += first is not None or equal < len(same)
+        worst, firsts = max([worst, *diffs]), firsts + ([] if first is None else [first])
+    if not differ:
+        return "NOT REPRODUCED", f"all {{TARGETS}} target requests bitwise identical alone and in the batch of {{len(REQUESTS)}}"
+    found = f"{{differ}}/{{TARGETS}} target requests differ alone vs in the batch of {{len(REQUESTS)}}, max |diff| {{worst:.3g}}"
+    return "REPRODUCED", found + (f", first other token at position {{min(firsts)}}" if firsts else "")
+'''
+
+
 # How the main block judges an exception: a crash repro's is the bug when it is CRASH; anything
 # else unexpected is no verdict on the bug.
 _CRASH_VERDICT = '''    except Exception as exc:  # the crash, or anything unexpected
@@ -237,7 +273,7 @@ def repro_source(spec: ReproSpec) -> str:
     case, kind = spec.case, spec.expected.kind
     model_block, model = _model_block(spec)
     install = "\n    install_fault(llm, args.no_fault)" if case.fault else ""
-    run = _crash_run(spec, model, install) if kind == "crash" else _mismatch_run(spec, model, install)
+    run = {"crash": _crash_run, "mismatch": _mismatch_run, "batch_invariance": _batch_run}[kind](spec, model, install)
     usage = "python repro.py [--model DIR_OR_HUB_ID]" + (" [--no-fault]" if case.fault else "")
     fault_note = f" Needs rollout_lab's planted fault {case.fault} (labelled below; --no-fault: without it)." if case.fault else ""
     doc = "\n".join([
@@ -249,11 +285,13 @@ def repro_source(spec: ReproSpec) -> str:
         "traceback"] + (["types"] if case.fault else [])
     no_fault_arg = ('\n    parser.add_argument("--no-fault", action="store_true", help="vLLM as shipped, no planted fault")'
                     if case.fault else "")
+    env = (f"{_assign('ENV', case.env)}  # vLLM's environment variables of the failing engine\n"
+           "os.environ.update(ENV)  # before vLLM is imported: it reads some of them at import\n") if case.env else ""
     return f'''"""{doc}
 """
 import {", ".join(imports)}
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process{": collective_rpc takes a function" if case.fault else ": its exceptions reach us"}
+{env}os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process{": collective_rpc takes a function" if case.fault else ": its exceptions reach us"}
 
 {model_block}
 {_case_block(spec)}

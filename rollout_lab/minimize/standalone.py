@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from rollout_lab import compat, engine
@@ -42,20 +42,29 @@ class Case:
     # A planted fault from rollout_lab/faults.py, installed through collective_rpc; None: vLLM as shipped.
     fault: Optional[str] = None
     fault_params: dict = field(default_factory=dict)
+    # vLLM environment variables (VLLM_BATCH_INVARIANT, ...), set before vLLM is imported: vLLM
+    # reads some at import and caches them all once an engine runs, so one process has one env.
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class Expected:
-    """The failure to keep: the same crash key, or flagged tokens on the same class of requests."""
+    """The failure to keep: the same crash key, flagged tokens on the same class of requests, or
+    (batch_invariance) a target request whose output alone differs bitwise from its output in the batch."""
 
-    kind: str  # "crash" or "mismatch"
+    kind: str  # "crash", "mismatch" or "batch_invariance"
     spike_threshold: float
     crash_key: Optional[str] = None
     request_class: Optional[str] = None
+    # batch_invariance: the first `targets` requests are each run again alone and compared.
+    targets: Optional[int] = None
 
     def describe(self) -> str:
         if self.kind == "crash":
             return f"a crash with key {self.crash_key}"
+        if self.kind == "batch_invariance":
+            return (f"one of the first {self.targets} requests, run again alone on the same engine after the whole "
+                    f"batch, gives other sampled tokens or sampled-token logprobs (bitwise) than in the batch")
         where = {
             "preempted": "every flagged request preempted, or reusing a preempted one's KV through the prefix cache",
             "prefix_cached": "every flagged request a prefix-cache hit, none preempted",
@@ -96,10 +105,19 @@ class Outcome:
     # Requests whose preemption count this vLLM does not keep (compat.preemptions_of is None).
     num_unknown_preemptions: int = 0
     worst: list[TokenDiff] = field(default_factory=list)
+    # batch_invariance: the target requests run alone, those whose output differed (request
+    # indices), and the first position whose sampled token differed (None: only logprobs did).
+    targets: int = 0
+    differing: list[int] = field(default_factory=list)
+    first_token_diff: Optional[int] = None
 
     def describe(self) -> str:
         if self.crash_key is not None:
             return f"crash {self.crash_key}: {self.crash_message}"
+        if self.targets:
+            first = "" if self.first_token_diff is None else f", first other token at position {self.first_token_diff}"
+            return (f"{len(self.differing)}/{self.targets} targets differ alone vs in a batch of {self.num_requests} "
+                    f"(max |diff| {self.max_abs_diff:.3g}{first})")
         if not self.num_tokens:
             return "no crash"
         flagged = f"{self.num_flagged}/{self.num_tokens} tokens flagged, max diff {self.max_abs_diff:.3g}"
@@ -137,6 +155,10 @@ def same_failure(expected: Expected, outcome: Outcome) -> bool:
     """The predicate: the same crash key, or flagged tokens (rate above the clean 0) of the same class."""
     if expected.kind == "crash":
         return outcome.crash_key == expected.crash_key
+    if expected.kind == "batch_invariance":
+        from rollout_lab.minimize.invariance_check import MIN_BATCH
+
+        return outcome.crash_key is None and outcome.num_requests >= MIN_BATCH and bool(outcome.differing)
     return outcome.crash_key is None and outcome.num_flagged > 0 and outcome.request_class in SAME_CLASS[expected.request_class]
 
 
@@ -244,11 +266,18 @@ def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batc
 
 
 def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) -> Outcome:
-    """Sample the case on `llm` and, for a mismatch, compare with the reference token by token."""
+    """Sample the case on `llm` and, for a mismatch, compare with the reference token by token; for
+    batch invariance, run each target request again alone and compare bitwise."""
     try:
         outputs = sample(llm, case)
+        if expected.kind == "batch_invariance":
+            alone = [sample(llm, replace(case, requests=[r]))[0] for r in case.requests[: expected.targets]]
     except Exception as exc:  # the engine's exception is the result
         return crash_outcome(exc)
+    if expected.kind == "batch_invariance":
+        from rollout_lab.minimize.invariance_check import batch_outcome
+
+        return batch_outcome(outputs, alone)
     outcome = Outcome(num_requests=len(outputs))
     if expected.kind == "crash":
         return outcome

@@ -243,3 +243,22 @@ def test_the_report_names_the_env_and_flips_each_switch_in_fresh_processes(tmp_p
     assert [f.describe() for f in emitter.flips(red.case)] == ["VLLM_BATCH_INVARIANT=0: clean 1/1", "VLLM_USE_V2_MODEL_RUNNER=0: clean 1/1"]
     # One variable flipped at a time, the other as the case has it.
     assert tried == [ENV | {"VLLM_BATCH_INVARIANT": "0"}, ENV | {"VLLM_USE_V2_MODEL_RUNNER": "0"}]
+
+
+def test_a_hunt_dirs_failing_trial_becomes_a_case_file_by_its_key(tmp_path, capsys):
+    from rollout_lab.hunt.protocol import OracleVerdict, TrialResult
+    from rollout_lab.hunt.repros import main
+    from rollout_lab.hunt.store import Store, TrialRow
+
+    engine = {"model": "smollm2", "engine.dtype": "bfloat16", "env.VLLM_BATCH_INVARIANT": "1", "env.VLLM_USE_V2_MODEL_RUNNER": "1"}
+    result = TrialResult("fail", dtype="bfloat16", case=Case("smollm2", {"dtype": "bfloat16"}, [Request([1], 7, 0, 0), Request([2], 8, 1, 0)], 32),
+                         oracles={"batch_invariance": OracleVerdict(60, 2, 0.136, "any", None, 2, 0, True, 22)})
+    hunt = tmp_path / "hunt"
+    hunt.mkdir()
+    Store(hunt / "hunt.db").add_trial(TrialRow("0b64cc594bc4", 3, engine, {"generator": "shared_prefix"}, "fail",
+                                               result.signature(engine), result, 9.0, 714.1))
+    assert main([str(hunt), "0b64cc594bc4"]) == 0
+    handed = CaseFile.read(hunt / "findings" / "0b64cc594bc4" / "case.json")
+    assert handed.expected == Expected("batch_invariance", 0.0, targets=2) and handed.case.env == ENV and handed.model == "smollm2"
+    assert main([str(hunt), "nope"]) == 2
+    assert "no failing trial 'nope'; failing trials: 0b64cc594bc4" in capsys.readouterr().err

@@ -154,7 +154,11 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
     """
     # Absolute: the interpreter starts in a temporary directory, where a relative path names nothing.
     script = Path(script).resolve()
-    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    # This environment's packages, wherever they come from (site-packages, or PYTHONPATH as on a
+    # machine with a --target install), less any directory holding rollout_lab (its checkout).
+    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    paths += [p for p in sys.path if p and Path(p).is_dir() and not (Path(p) / "rollout_lab").is_dir()]
+    paths = list(dict.fromkeys(paths))
     bootstrap = (
         f"import sys\nsys.path.extend({paths!r})\n"
         "try:\n    import rollout_lab\nexcept ImportError:\n    pass\n"

@@ -14,6 +14,14 @@ parameters and their defaults: config.fault_params and the conf/fault/<name>.yam
                  other requests may have been given since. Silent, rare, only under pressure.
                  The KV it then computes is wrong and enters the prefix cache, so later
                  requests with the same prompt that hit the cache go wrong too.
+  foreign_ssm_state
+                 Trigger: a request resumes after a preemption (hybrid and Mamba models). With
+                 probability `p` (per request, seeded), its first step after the resume step
+                 (the re-prefill) starts from the SSM and conv state another request left in its
+                 state slot (one that ran the step before the resume, a seeded pick), not from
+                 its own: a request reading another request's slot, the bug of vLLM PR #32118.
+                 Writes stay right, as in index_overflow: the other request's slot is left as it
+                 was, so only the resumed request goes wrong, from its first Mamba layer on.
   index_overflow Emulates a 32-bit offset overflow: a block id b with b * `stride` >= `threshold`
                  (stride in blocks: at stride 1 the threshold is in blocks) is read from
                  b mod threshold. Writes are unaffected. Only requests holding blocks past the
@@ -40,6 +48,7 @@ import torch
 # Each planted fault's parameters and their defaults: the one declaration.
 PARAMS = {
     "stale_state": {"p": 1.0, "seed": 0},
+    "foreign_ssm_state": {"p": 1.0, "seed": 0},
     "index_overflow": {"threshold": 16, "stride": 1},
     "logit_noise": {"scale": 0.05, "seed": 0},
     "engine_crash": {"at_step": 3},
@@ -53,6 +62,15 @@ def _chance(seed: int, request_id: str) -> float:
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
+@dataclasses.dataclass
+class _ForeignRead:
+    """foreign_ssm_state: the state a resumed request will read, copied from `owner`'s slots at engine step `step`."""
+
+    owner: str
+    step: int
+    states: list[list[torch.Tensor]]  # per Mamba cache group, per state tensor: the owner's slot
+
+
 class _FaultState:
     """What a planted fault tracks across engine steps, inside one worker."""
 
@@ -62,6 +80,11 @@ class _FaultState:
         self.batch_size = 0  # requests scheduled in the current engine step
         self.block_rows: dict[str, tuple[list[int], ...]] = {}  # req -> blocks per group, this life
         self.stale_rows: dict[str, tuple[list[int], ...]] = {}  # req -> blocks before its preemption
+        self.last_batch: list[str] = []  # the requests the step before scheduled
+        # foreign_ssm_state: per Mamba cache group, its id and its layers' state tensors (dim 0: the
+        # slot); per resumed request, the state it will read at its next step.
+        self.ssm_states: list[tuple[int, list[torch.Tensor]]] = []
+        self.foreign_reads: dict[str, _ForeignRead] = {}
         self.generator = torch.Generator(device="cpu").manual_seed(int(params.get("seed", 0)))
 
     def observe(self, scheduler_output) -> None:
@@ -79,12 +102,41 @@ class _FaultState:
                 row = self.block_rows.setdefault(req_id, tuple([] for _ in new_blocks))
                 for group, blocks in zip(row, new_blocks):
                     group.extend(blocks)
+        self.last_batch = list(scheduler_output.num_scheduled_tokens)
 
     def _start_life(self, req_id: str, block_ids, resumed: set) -> None:
-        if req_id in resumed and self.name == "stale_state" and req_id in self.block_rows:
+        if req_id in resumed and self.name in ("stale_state", "foreign_ssm_state") and req_id in self.block_rows:
             if _chance(int(self.params["seed"]), req_id) < float(self.params["p"]):
-                self.stale_rows[req_id] = tuple(list(g) for g in self.block_rows[req_id])
+                if self.name == "stale_state":
+                    self.stale_rows[req_id] = tuple(list(g) for g in self.block_rows[req_id])
+                else:
+                    self._copy_foreign_state(req_id)
         self.block_rows[req_id] = tuple(list(g) for g in block_ids)
+
+    def _copy_foreign_state(self, reader: str) -> None:
+        """At `reader`'s resume step, before it runs: copy the state another request of the step before
+        left in its slots (the resume re-prefills from zero, and vLLM may hand those slots on now)."""
+        owners = [r for r in self.last_batch if r != reader]
+        if not owners:
+            return
+        owner = owners[int(_chance(int(self.params["seed"]), f"{reader}/owner") * len(owners))]
+        # Column 0 of a request's Mamba block row is the slot the kernels read (no speculative decoding).
+        states = [[t[self.block_rows[owner][group][0]].clone() for t in tensors] for group, tensors in self.ssm_states]
+        self.foreign_reads[reader] = _ForeignRead(owner, self.step, states)
+
+    def read_foreign_states(self, scheduler_output) -> list[tuple[str, str]]:
+        """Before a step runs: each request resumed in an earlier step finds another request's state in
+        its slots (the read of the bug; its own writes then go to its own slots); the (reader, owner) pairs."""
+        pairs = []
+        for reader, read in list(self.foreign_reads.items()):
+            if read.step < self.step and reader in scheduler_output.num_scheduled_tokens:
+                for (group, tensors), states in zip(self.ssm_states, read.states):
+                    slot = self.block_rows[reader][group][0]
+                    for tensor, state in zip(tensors, states):
+                        tensor[slot].copy_(state)
+                del self.foreign_reads[reader]
+                pairs.append((reader, read.owner))
+        return pairs
 
     def remap_block_table(self, group_id: int, block_table: torch.Tensor, num_reqs: int) -> torch.Tensor:
         """The block table the corrupted kernel would read."""
@@ -142,14 +194,39 @@ def _remapping_build(build, group_id: int, state: _FaultState):
     return wrapped
 
 
+def _ssm_states(runner) -> list[tuple[int, list[torch.Tensor]]]:
+    """Per Mamba cache group: (its id, every state tensor of its layers); raises on a model without one."""
+    groups = [g for groups in runner.attn_groups for g in groups if "Mamba" in type(g.kv_cache_spec).__name__]
+    if not groups:
+        raise ValueError("fault foreign_ssm_state needs a model with Mamba layers (hybrid-tiny, mamba2-tiny, ...); "
+                         "this one has only attention layers")
+    context = runner.compilation_config.static_forward_context
+    states = []
+    for group in groups:
+        # vLLM 0.32 binds a tuple (conv, ssm) per layer; older releases a list of them per virtual engine.
+        pending, tensors = [context[name].kv_cache for name in group.layer_names], []
+        while pending:
+            item = pending.pop()
+            if isinstance(item, (list, tuple)):
+                pending.extend(item)
+            else:
+                tensors.append(item)
+        states.append((group.kv_cache_group_id, tensors))
+    return states
+
+
 def install(worker, name: str, params: dict) -> str:
     """Plant fault `name` (params already complete) in `worker`'s model runner; returns a description."""
     runner = worker.model_runner
     state = _FaultState(runner, name, params)
+    if name == "foreign_ssm_state":
+        state.ssm_states = _ssm_states(runner)
     execute_model = runner.execute_model
 
     def observed_execute_model(scheduler_output, *args, **kwargs):
         state.observe(scheduler_output)
+        if name == "foreign_ssm_state":
+            state.read_foreign_states(scheduler_output)
         state.batch_size = len(scheduler_output.num_scheduled_tokens)
         if name == "engine_crash" and state.step == int(params["at_step"]):
             raise RuntimeError(f"planted engine_crash at engine step {state.step}")

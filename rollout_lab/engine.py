@@ -1,8 +1,13 @@
-"""Starting a vLLM engine: the one constructor the RL sampler, the minimizer, the hunt and the
-invariance check call, so what every engine needs from compat.py is applied in one place; and
-vLLM's own validation of an engine configuration, without starting one."""
+"""The engine layer the RL sampler, the minimizer, the hunt, the localizer and the invariance check
+share, so what every engine needs (compat.py) is applied in one place:
+
+    start (or validate without starting) -> install_fault (a planted one, if any)
+        -> generate(prompts, sampling_params) -> SampledOutput per completion
+        -> reset (back to a fresh engine's state) -> generate ...
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from rollout_lab import compat
@@ -67,3 +72,132 @@ def kv_cache_too_small(config, kv_bytes: Optional[int]) -> Optional[str]:
         return (f"kv_cache_memory_bytes={kv_bytes} holds {blocks} blocks of {block} tokens; one max_model_len="
                 f"{model.max_model_len} request needs {needed} (checked before start, as vLLM does at start)")
     return None
+
+
+def sampling_params(seed: Optional[int], **knobs):
+    """The vllm.SamplingParams of one request: its own seed (None: it draws from the engine's RNG) and
+    the SamplingParams fields given; vLLM refuses a bad value with an error compat.is_rejection knows."""
+    from vllm import SamplingParams
+
+    return SamplingParams(seed=seed, **knobs)
+
+
+@dataclass
+class SampledOutput:
+    """One completion of a finished request, as the engine returned it."""
+
+    # The position of its request among the outputs it was read from, vLLM's id for that request,
+    # and its index among the request's n completions.
+    request: int
+    request_id: str
+    completion: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    # The sampled token's logprob at each position; empty when the request asked for no logprobs.
+    logprobs: list[float]
+    # Every logprob vLLM returned at each position (the sampled token's and the top-k asked for).
+    top_logprobs: list[dict[int, float]]
+    num_preemptions: Optional[int]  # None: unknown (compat.preemptions_of), never 0
+    num_cached_tokens: int
+    finish_reason: Optional[str]
+    text: Optional[str]
+
+
+def sampled_outputs(outputs) -> list[SampledOutput]:
+    """Finished vLLM RequestOutputs as records: one per completion, in order."""
+    records = []
+    for request, out in enumerate(outputs):
+        preemptions, cached = compat.preemptions_of(out), int(out.num_cached_tokens or 0)
+        for index, c in enumerate(out.outputs):
+            top = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in c.logprobs] if c.logprobs else []
+            records.append(SampledOutput(request, str(out.request_id), index, list(out.prompt_token_ids), list(c.token_ids),
+                                         [top[p][t] for p, t in enumerate(c.token_ids)] if top else [], top,
+                                         preemptions, cached, c.finish_reason, c.text))
+    return records
+
+
+def generate(llm, prompts: list[list[int]], params: list) -> list[SampledOutput]:
+    """Sample each prompt (token ids) with its SamplingParams in one generate call."""
+    return sampled_outputs(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
+
+
+def prompt_logprobs(llm, token_ids: list[int]) -> list[float]:
+    """The engine's logprob of each token of a fixed sequence given its prefix (positions 1..n-1), the
+    sequence alone in a prefill (which never reads the prefix cache)."""
+    out = llm.generate([{"prompt_token_ids": token_ids}], sampling_params(None, max_tokens=1, prompt_logprobs=0, temperature=0.0),
+                       use_tqdm=False)[0]
+    return [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], token_ids[1:], strict=True)]
+
+
+def install_fault(llm, name: str, params: dict):
+    """Plant the fault `name` of rollout_lab/faults.py in the engine's worker; what its install returned."""
+    from rollout_lab import faults
+
+    return llm.collective_rpc(faults.install, args=(name, dict(params)))[0]
+
+
+# Run inside vLLM's worker through collective_rpc (an in-process engine core takes plain functions).
+def _fault_targets(worker) -> list:
+    runner = worker.model_runner
+    builders = [b for groups in runner.attn_groups for group in groups for b in group.metadata_builders]
+    return [runner, runner.model, *builders]
+
+
+def _shadowing(target) -> set[str]:
+    """Instance attributes that shadow a method of the class: how faults.install wraps one."""
+    return {name for name in vars(target) if callable(getattr(type(target), name, None))}
+
+
+def _remember_clean(worker) -> None:
+    worker.rollout_lab_clean = [(target, _shadowing(target)) for target in _fault_targets(worker)]
+
+
+def _remove_fault(worker) -> None:
+    """Drop the wrappers added since remember_clean, so the class methods run again."""
+    for target, clean in worker.rollout_lab_clean:
+        for name in _shadowing(target) - clean:
+            delattr(target, name)
+
+
+def _reseed(worker) -> None:
+    """Seed the worker's RNG as a fresh engine does once it is warmed up (vLLM's own call)."""
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(worker.model_config.seed)
+
+
+def _zero_kv_cache(worker) -> None:
+    """Zero the KV (and state) memory, as a fresh engine allocates it."""
+    pending = list(worker.model_runner.kv_caches)
+    while pending:
+        item = pending.pop()
+        if isinstance(item, (list, tuple)):
+            pending.extend(item)
+        else:
+            item.zero_()
+
+
+def remember_clean(llm) -> None:
+    """Note what the fresh engine's runner, model and attention builders look like, for reset."""
+    llm.collective_rpc(_remember_clean)
+
+
+def reset(llm) -> None:
+    """Put an engine whose requests all finished back to what a fresh one (a repro.py) sees: no planted
+    fault's wrappers (remember_clean noted the fresh state), an empty prefix cache, block ids handed out
+    from 1 in order again, zeroed KV memory (a stale read returns what a fresh engine's would), request
+    ids from 0, and the RNG that requests without a seed sample from seeded again."""
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+
+    llm.collective_rpc(_remove_fault)
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the engine still holds KV blocks after its requests finished")
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    if pool.null_block is not pool.blocks[0]:
+        raise RuntimeError("vLLM's block pool no longer keeps its null block first; engine.reset needs updating")
+    # A fresh pool hands out block ids in increasing order; a used one in eviction order.
+    pool.free_block_queue = FreeKVCacheBlockQueue(pool.blocks[1:])
+    llm.request_counter.reset()
+    llm.collective_rpc(_zero_kv_cache)
+    # Requests without a seed draw from the engine's RNG: start it where a fresh engine's starts.
+    llm.collective_rpc(_reseed)

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 
 from rollout_lab import engine as engines
 from rollout_lab.config import EngineConfig, ModelConfig, WorkloadConfig
+from rollout_lab.hunt.protocol import OracleVerdict
 
 MODES = ("greedy", "seeded")
 # Conditions compared with the targets' reference (each alone, first engine).
@@ -162,50 +163,42 @@ def promises_invariance(batch_invariant: bool) -> bool:
     return bool(current_platform.is_cuda() and current_platform.has_device_capability(80))
 
 
-def output_of(completion) -> Output:
-    """A vLLM CompletionOutput (sampled with logprobs) as an Output."""
-    top = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in completion.logprobs]
-    tokens = list(completion.token_ids)
-    return Output(tokens, [top[p][t] for p, t in enumerate(tokens)], top)
+def output_of(sampled: engines.SampledOutput) -> Output:
+    """A completion sampled with logprobs as an Output."""
+    return Output(sampled.token_ids, sampled.logprobs, sampled.top_logprobs)
 
 
 def _outputs(llm, prompts: list[list[int]], params: list) -> list[Output]:
-    from vllm.inputs import TokensPrompt
-
-    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    return [output_of(result.outputs[0]) for result in results]
+    return [output_of(sampled) for sampled in engines.generate(llm, prompts, params)]
 
 
 def _params(mode: str, cfg: InvarianceConfig, seeds: list[int]) -> list:
-    from vllm import SamplingParams
-
     if mode == "greedy":
-        return [SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens, logprobs=cfg.top_logprobs) for _ in seeds]
-    return [SamplingParams(temperature=1.0, seed=s, max_tokens=cfg.max_tokens, logprobs=cfg.top_logprobs) for s in seeds]
+        return [engines.sampling_params(None, temperature=0.0, max_tokens=cfg.max_tokens, logprobs=cfg.top_logprobs) for _ in seeds]
+    return [engines.sampling_params(s, temperature=1.0, max_tokens=cfg.max_tokens, logprobs=cfg.top_logprobs) for s in seeds]
 
 
-def batch_oracle(llm, sampled: list[tuple[list[int], object, Output]], promised: bool, limit: int = 4) -> dict:
+def batch_oracle(llm, sampled: list[tuple[list[int], object, Output]], promised: bool, limit: int = 4) -> OracleVerdict:
     """The hunt's batch-invariance oracle: up to `limit` requests of a trial whose sampling does
     not depend on an RNG stream shared with the batch (greedy, or a seed of their own), each run
     again alone with its own SamplingParams and compared bitwise with what it gave in the batch.
     `sampled` holds (prompt ids, SamplingParams, in-batch output). A difference is a failure only
-    where vLLM promises invariance; elsewhere it is the noise floor, kept as `max`."""
+    where vLLM promises invariance; elsewhere it is the noise floor, kept as `max_diff`."""
     chosen = [(p, q, o) for p, q, o in sampled if q.n == 1 and (q.temperature == 0.0 or q.seed is not None)][:limit]
     comparisons = [compare(o, _outputs(llm, [p], [q])[0], "alone", "greedy" if q.temperature == 0.0 else "seeded", i)
                    for i, (p, q, o) in enumerate(chosen)]
     differing = [c for c in comparisons if not c.identical]
-    return {
-        "tokens": sum(c.compared for c in comparisons),
-        "requests": len(comparisons),
-        "identical": len(comparisons) - len(differing),
-        "promised": promised,
-        "flagged": len(differing) if promised else 0,
-        "max": max((c.max_abs_diff for c in comparisons), default=0.0),
-        "first_token_diff": min((c.first_token_diff for c in differing if c.first_token_diff is not None), default=None),
+    return OracleVerdict(
+        tokens=sum(c.compared for c in comparisons),
+        flagged=len(differing) if promised else 0,
+        max_diff=max((c.max_abs_diff for c in comparisons), default=0.0),
         # As the other oracles' verdicts (runner.judge): the hunt keys findings by class.
-        "class": "any" if promised and differing else None,
-        "worst": None,
-    }
+        request_class="any" if promised and differing else None,
+        requests=len(comparisons),
+        identical=len(comparisons) - len(differing),
+        promised=promised,
+        first_token_diff=min((c.first_token_diff for c in differing if c.first_token_diff is not None), default=None),
+    )
 
 
 class Engine:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollout_lab import compat, engine, faults
+from rollout_lab import compat, engine, pressure
 from rollout_lab.config import RunConfig, fault_params
 from rollout_lab.crash import EngineCrash, crash_signature
 from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, token_facts
@@ -32,17 +32,8 @@ def request_seed(base_seed: int, step: int, prompt_index: int, sample_index: int
 
 def sampling_params(request: SampledRequest):
     """The vllm.SamplingParams a recorded request was sent with."""
-    from vllm import SamplingParams
-
-    return SamplingParams(
-        n=request.n,
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        seed=request.seed,
-        logprobs=request.logprobs,
-    )
+    return engine.sampling_params(request.seed, n=request.n, max_tokens=request.max_tokens, temperature=request.temperature,
+                                  top_p=request.top_p, top_k=request.top_k, logprobs=request.logprobs)
 
 
 def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
@@ -110,7 +101,7 @@ class SamplerWorker:
             self.llm = engine.start(**engine_kwargs(cfg, model_path))
             if cfg.fault.name is not None:
                 params = fault_params(cfg.fault.name, dict(cfg.fault.params))
-                self.fault = self.llm.collective_rpc(faults.install, args=(cfg.fault.name, params))[0]
+                self.fault = engine.install_fault(self.llm, cfg.fault.name, params)
         except Exception as exc:  # an engine that cannot start is a result, not a traceback
             self.start_crash = crash_signature(exc, phase="engine_start")
         self.start_seconds = time.perf_counter() - started
@@ -146,36 +137,33 @@ class SamplerWorker:
             for prompt in prompts
             for sample_index in range(w.samples_per_prompt)
         ]
+        # A preset's block_pool_head: this step's requests get the pool's top block ids first.
+        pressure.move_pool_head(self.llm, self.cfg.block_pool_head)
         try:
-            outputs = self.llm.generate(
-                [{"prompt_token_ids": r.prompt_token_ids} for r in requests], [sampling_params(r) for r in requests], use_tqdm=False
-            )
+            outputs = engine.generate(self.llm, [r.prompt_token_ids for r in requests], [sampling_params(r) for r in requests])
         except Exception as exc:
             raise EngineCrash(crash_signature(exc, phase="generate", step=step), requests) from None
         schedule = self.schedule.read_new() if self.schedule is not None else None
         ends = join_schedule(schedule) if schedule is not None else {}
         samples = []
         for request, out in zip(requests, outputs, strict=True):
-            request.request_id = str(out.request_id)
-            completion = out.outputs[0]
-            token_ids = list(completion.token_ids)
-            logprobs = [completion.logprobs[i][t].logprob for i, t in enumerate(token_ids)]
+            request.request_id = out.request_id
             samples.append(
                 Sample(
                     prompt_index=request.prompt_index,
                     sample_index=request.sample_index,
-                    request_id=request.request_id,
-                    prompt_token_ids=list(out.prompt_token_ids),
-                    token_ids=token_ids,
-                    sampler_logprobs=logprobs,
-                    num_cached_tokens=int(out.num_cached_tokens or 0),
-                    num_preemptions=compat.preemptions_of(out),
-                    finish_reason=completion.finish_reason,
-                    text=completion.text,
+                    request_id=out.request_id,
+                    prompt_token_ids=out.prompt_token_ids,
+                    token_ids=out.token_ids,
+                    sampler_logprobs=out.logprobs,
+                    num_cached_tokens=out.num_cached_tokens,
+                    num_preemptions=out.num_preemptions,
+                    finish_reason=out.finish_reason,
+                    text=out.text,
                 )
             )
             if schedule is not None:
-                facts = token_facts(schedule, ends, samples[-1].request_id, len(out.prompt_token_ids), len(token_ids))
+                facts = token_facts(schedule, ends, out.request_id, len(out.prompt_token_ids), len(out.token_ids))
                 samples[-1].kv_blocks, samples[-1].state_slots = facts.kv_blocks, facts.state_slots
                 samples[-1].preemptions_before = facts.preemptions_before
         stats = self._step_stats()
@@ -199,14 +187,7 @@ class SamplerWorker:
 
     def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         """vLLM's logprob of each token of a fixed sequence given its prefix (positions 1..n-1)."""
-        from vllm import SamplingParams
-
-        out = self.llm.generate(
-            [{"prompt_token_ids": token_ids}],
-            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
-            use_tqdm=False,
-        )[0]
-        return [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], token_ids[1:], strict=True)]
+        return engine.prompt_logprobs(self.llm, token_ids)
 
     def _step_stats(self) -> dict[str, float]:
         """Counter deltas since the last call (what this step did) and current gauges; a metric this

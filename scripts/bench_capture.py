@@ -31,7 +31,8 @@ def main() -> None:
     from rollout_lab.localize import capture
     from rollout_lab.localize.reference import points_of
     from rollout_lab.minimize.predicate import direct_engine_args
-    from rollout_lab.minimize.standalone import Case, Request, load_reference, sample, start_engine
+    from rollout_lab.minimize.standalone import Case, Request, sample, start_engine
+    from rollout_lab.reference import load_reference
     from rollout_lab.models import resolve_model
     from rollout_lab.workload import encode_prompt, make_problems
 
@@ -47,7 +48,7 @@ def main() -> None:
     def rate() -> float:
         start = time.perf_counter()
         outputs = sample(llm, case)
-        return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+        return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
 
     rate()  # warm-up
     rates: dict[str, list[float]] = {"plain": [], "off": [], "on, nothing wanted": []}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from rollout_lab import compat, engine
+from rollout_lab import compat, engine, pressure
 from rollout_lab.hunt.protocol import (EngineStarted, EngineStarting, Heartbeat, OracleVerdict, OutOfTime, TrialEvent,
                                        TrialFinished, TrialResult, TrialStarted, WorstToken, event_line)
 from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
@@ -82,14 +82,13 @@ def count_engine_steps(llm) -> dict:
     """Wrap the engine's step() with a counter: {"steps": n}, read by the heartbeat (the reference's
     batches count too: a long teacher-forced pass takes no engine step but is progress)."""
     counter = {"steps": 0}
-    engine = llm.llm_engine
-    step = engine.step
+    step = llm.llm_engine.step
 
     def counted_step(*args, **kwargs):
         counter["steps"] += 1
         return step(*args, **kwargs)
 
-    engine.step = counted_step
+    llm.llm_engine.step = counted_step
     return counter
 
 
@@ -112,13 +111,6 @@ def token_pool(tokenizer) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def sampling_params(sampling: dict, seed: Optional[int]):
-    from vllm import SamplingParams
-
-    args = {k: v for k, v in sampling.items() if k != "per_request_seed"}
-    return SamplingParams(seed=seed, **args)
-
-
 def request_seed(workload: dict, index: int) -> Optional[int]:
     if not workload.get("sampling.per_request_seed", True):
         return None
@@ -131,9 +123,9 @@ class RejectedWorkload(ValueError):
 
 def trace_params(trace: list[TraceRequest], workload: dict) -> list:
     """SamplingParams per request; RejectedWorkload when vLLM's validation refuses them."""
-    sampling = sampling_args(workload)
+    knobs = {k: v for k, v in sampling_args(workload).items() if k != "per_request_seed"}
     try:
-        return [sampling_params(sampling, request_seed(workload, i)) for i in range(len(trace))]
+        return [engine.sampling_params(request_seed(workload, i), **knobs) for i in range(len(trace))]
     except Exception as exc:
         if not compat.is_rejection(exc):
             raise
@@ -149,38 +141,37 @@ def valid_workload(workload: dict) -> bool:
     return True
 
 
-def drive(llm, trace: list[TraceRequest], workload: dict, trial: str) -> tuple[list, list[int]]:
-    """Run the trace; (finished RequestOutputs of non-aborted requests, in trace order; indices of aborted ones)."""
+def drive(llm, trace: list[TraceRequest], workload: dict, trial: str) -> tuple[list[engine.SampledOutput], list[int]]:
+    """Run the trace; (the completions of non-aborted requests, in trace order; indices of aborted ones)."""
     params = trace_params(trace, workload)
     if is_batch(trace):
-        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
-        return llm.generate(prompts, params, use_tqdm=False), []
-    engine = llm.llm_engine
+        return engine.generate(llm, [r.prompt_token_ids for r in trace], params), []
+    llm_engine = llm.llm_engine
     pending = sorted(range(len(trace)), key=lambda i: (trace[i].arrive_step, i))
     added: dict[int, int] = {}
     finished: dict[int, object] = {}
     aborted: list[int] = []
     step = 0
-    while pending or engine.has_unfinished_requests():
-        if not engine.has_unfinished_requests() and pending:
+    while pending or llm_engine.has_unfinished_requests():
+        if not llm_engine.has_unfinished_requests() and pending:
             step = max(step, trace[pending[0]].arrive_step)
         while pending and trace[pending[0]].arrive_step <= step:
             i = pending.pop(0)
-            engine.add_request(f"{trial}-{i}", {"prompt_token_ids": trace[i].prompt_token_ids}, params[i])
+            llm_engine.add_request(f"{trial}-{i}", {"prompt_token_ids": trace[i].prompt_token_ids}, params[i])
             added[i] = step
-        for out in engine.step():
+        for out in llm_engine.step():
             if out.finished:
                 finished[int(out.request_id.rsplit("-", 1)[1])] = out
         to_abort = [i for i, at in added.items() if trace[i].abort_after is not None and i not in finished
                     and i not in aborted and step - at >= trace[i].abort_after]
         if to_abort:
-            engine.abort_request([f"{trial}-{i}" for i in to_abort])
+            llm_engine.abort_request([f"{trial}-{i}" for i in to_abort])
             aborted.extend(to_abort)
         step += 1
         if step > MAX_ENGINE_STEPS:
             raise TimeoutError(f"trace still running after {MAX_ENGINE_STEPS} engine steps")
     kept = [finished[i] for i in range(len(trace)) if i in finished and i not in aborted]
-    return kept, sorted(aborted)
+    return engine.sampled_outputs(kept), sorted(aborted)
 
 
 @dataclass
@@ -202,41 +193,25 @@ class Scored:
         return [abs(a - b) for a, b in zip(self.logprobs, other)]
 
 
-def request_index(out, position: int) -> int:
+def request_index(sampled: engine.SampledOutput) -> int:
     """The trace index of a finished request: a step-driven trace names its requests "<trial>-<index>";
     LLM.generate numbers them from a counter that runs on across calls, and returns them in order."""
-    request_id = str(out.request_id)
-    return int(request_id.rsplit("-", 1)[1]) if "-" in request_id else position
+    return int(sampled.request_id.rsplit("-", 1)[1]) if "-" in sampled.request_id else sampled.request
 
 
-def collect(outputs: list, workload: dict) -> list[Scored]:
-    scored = []
-    for position, out in enumerate(outputs):
-        index = request_index(out, position)
-        preemptions = compat.preemptions_of(out)
-        for j, c in enumerate(out.outputs):
-            lps = [c.logprobs[p][t].logprob for p, t in enumerate(c.token_ids)] if c.logprobs else []
-            scored.append(Scored(index, j, list(out.prompt_token_ids), list(c.token_ids), lps, preemptions,
-                                 int(out.num_cached_tokens or 0), request_seed(workload, index)))
-    return scored
+def collect(outputs: list[engine.SampledOutput], workload: dict) -> list[Scored]:
+    return [Scored(request_index(s), s.completion, s.prompt_token_ids, s.token_ids, s.logprobs, s.num_preemptions,
+                   s.num_cached_tokens, request_seed(workload, request_index(s))) for s in outputs]
 
 
 def rescore(llm, items: list[Scored]) -> None:
     """Each item's sequence re-scored alone: the logprob of each completion token as a prompt token."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     for item in items:
         sequence = item.prompt_token_ids + item.token_ids
         if len(sequence) >= llm.llm_engine.vllm_config.model_config.max_model_len:
             sequence = sequence[:-1]
-        out = llm.generate([{"prompt_token_ids": sequence}], params, use_tqdm=False)[0]
-        first = len(item.prompt_token_ids)
-        item.rescored = [
-            out.prompt_logprobs[first + p][t].logprob
-            for p, t in enumerate(item.token_ids)
-            if first + p < len(sequence)
-        ]
+        # engine.prompt_logprobs starts at position 1: the first completion token's is at len(prompt) - 1.
+        item.rescored = engine.prompt_logprobs(llm, sequence)[len(item.prompt_token_ids) - 1 :]
 
 
 def suspicious_first(items: list[Scored], tolerance: float) -> list[Scored]:
@@ -269,22 +244,19 @@ def judge(items: list[Scored], tolerance: float, attr: str) -> OracleVerdict:
     return OracleVerdict(num, flagged, worst.diff if worst else 0.0, request_class(flagged_requests), worst)
 
 
-def batch_invariance(llm, trace: list[TraceRequest], outputs: list, workload: dict) -> OracleVerdict:
+def batch_invariance(llm, trace: list[TraceRequest], outputs: list[engine.SampledOutput], workload: dict) -> OracleVerdict:
     """The batch-invariance oracle (invariance.batch_oracle) on a trial of more than one request:
     a failure only where vLLM promises invariance (VLLM_BATCH_INVARIANT=1 on a supported GPU)."""
     from rollout_lab.invariance import batch_oracle, output_of, promises_invariance
 
-    if len(outputs) < 2:
-        verdict = batch_oracle(llm, [], False)
-    else:
-        params = trace_params(trace, workload)
-        sampled = [(list(out.prompt_token_ids), params[request_index(out, position)], output_of(out.outputs[0]))
-                   for position, out in enumerate(outputs) if out.outputs[0].logprobs]
-        promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
-        # Where nothing is promised one request measures the noise floor; decoding alone is costly.
-        verdict = batch_oracle(llm, sampled, promised, limit=4 if promised else 1)
-    return OracleVerdict(verdict["tokens"], verdict["flagged"], verdict["max"], verdict["class"], None, verdict["requests"],
-                         verdict["identical"], verdict["promised"], verdict["first_token_diff"])
+    firsts = [s for s in outputs if s.completion == 0]
+    if len(firsts) < 2:
+        return batch_oracle(llm, [], False)
+    params = trace_params(trace, workload)
+    sampled = [(s.prompt_token_ids, params[request_index(s)], output_of(s)) for s in firsts if s.logprobs]
+    promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
+    # Where nothing is promised one request measures the noise floor; decoding alone is costly.
+    return batch_oracle(llm, sampled, promised, limit=4 if promised else 1)
 
 
 def trial_case(spec: GroupSpec, workload: dict, requests: list[Request]) -> Case:
@@ -298,7 +270,7 @@ def trial_case(spec: GroupSpec, workload: dict, requests: list[Request]) -> Case
 def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[TraceRequest], trial: str,
               dtype: str, progress: Optional[dict] = None) -> TrialResult:
     """One workload on the (reset) engine, judged by every oracle."""
-    from rollout_lab.minimize.standalone import reference_logprobs
+    from rollout_lab.reference import reference_logprobs
 
     t0 = time.perf_counter()
     outputs, aborted = drive(llm, trace, workload, trial)
@@ -356,8 +328,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     from rollout_lab.crash import crash_signature
-    from rollout_lab.minimize.standalone import install_fault, load_reference
-    from rollout_lab.minimize.trials import remember_clean, reset_engine
+    from rollout_lab.reference import load_reference
 
     lines = Lines(Path(lines_path))
     args = engine_args(spec.engine) | {"disable_log_stats": False}
@@ -375,7 +346,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     limits = Limits(config.model_config.max_model_len, config.scheduler_config.max_num_batched_tokens,
                     config.cache_config.block_size, int(config.cache_config.num_gpu_blocks or 0))
     lines.emit(EngineStarted(spec.group_key, "ok", time.perf_counter() - started, dtype, config.cache_config.num_gpu_blocks))
-    llm.collective_rpc(remember_clean)
+    engine.remember_clean(llm)
     counter = count_engine_steps(llm)
     heartbeat(lines, counter, spec.group_key)
     pool = token_pool(llm.get_tokenizer())
@@ -390,9 +361,11 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
             return TrialResult("rejected", message=str(exc))
         try:
             if i:
-                reset_engine(llm)
+                engine.reset(llm)
+            # The pressure preset's block_pool_head (hunt.space.with_pressure): the trial gets the top ids first.
+            pressure.move_pool_head(llm, spec.engine.get("block_pool_head"))
             if spec.fault:
-                install_fault(llm, Case(spec.model_path, {}, [], 0, fault=spec.fault, fault_params=spec.fault_params))
+                engine.install_fault(llm, spec.fault, spec.fault_params)
             return run_trial(llm, reference, spec, workload, trace, trial, dtype, counter)
         except BaseException as exc:  # SystemExit too: vLLM ends a dead engine core that way
             requests = [Request(r.prompt_token_ids, request_seed(workload, j) or j, j, 0) for j, r in enumerate(trace)]

@@ -1,7 +1,7 @@
 """`python -m rollout_lab.localize <run_dir or case.json>`: name the first point inside the model where vLLM and the trainer part.
 
 Replays the failing step (predicate.load_run's Case) on one fresh in-process engine, three times,
-reset to a fresh engine's state in between (minimize.trials.reset_engine):
+reset to a fresh engine's state in between (engine.reset):
   1. without the planted fault, capturing a spread of tokens: the clean level of each point;
   2. with it, sampling only: the worst flagged tokens (or --token pairs);
   3. with it, capturing those tokens at every point (capture.py);
@@ -91,9 +91,9 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
     from rollout_lab.localize.divergence import clean_levels, divergence, localize_token, request_facts, TokenLocalization
     from rollout_lab.localize.reference import points_of, reference_tokens
     from rollout_lab.localize.report import Localization
-    from rollout_lab.minimize.standalone import install_fault, load_reference, run_case, sample, start_engine
-    from rollout_lab.minimize.trials import remember_clean, reset_engine
-    from rollout_lab import compat
+    from rollout_lab.minimize.standalone import run_case, sample, start_engine
+    from rollout_lab.reference import load_reference
+    from rollout_lab import engine
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,13 +110,13 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
         reference = load_reference(case.model)
         points = points_of(reference)
         llm = start_engine(case, with_fault=False)
-        llm.collective_rpc(remember_clean)
+        engine.remember_clean(llm)
         schedule = ScheduleReader(schedule_path)
 
         def captured_replay(wanted: list[tuple[int, int]], with_fault: bool):
-            reset_engine(llm)
+            engine.reset(llm)
             if with_fault and fault is not None:
-                install_fault(llm, case)
+                engine.install_fault(llm, case.fault, case.fault_params)
             schedule.read_new()  # what earlier replays scheduled
             llm.collective_rpc(capture.install, args=(points, wanted))
             try:
@@ -126,7 +126,7 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
             return outputs, tokens, schedule.read_new()
 
         def sequences_of(outputs) -> dict[int, list[int]]:
-            return {i: list(out.prompt_token_ids) + list(out.outputs[0].token_ids) for i, out in enumerate(outputs)}
+            return {i: out.prompt_token_ids + out.token_ids for i, out in enumerate(outputs)}
 
         def divergences(vllm_tokens, outputs) -> dict[tuple[int, int], tuple[list[float], "torch.Tensor"]]:
             """(request, input position) -> (divergence per point, the reference's logits row)."""
@@ -148,9 +148,9 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
             levels = clean_levels(clean, len(points))
 
             progress.update(task, advance=1, description="replay: the worst tokens")
-            reset_engine(llm)
+            engine.reset(llm)
             if fault is not None:
-                install_fault(llm, case)
+                engine.install_fault(llm, case.fault, case.fault_params)
             outcome = run_case(llm, reference, case, run.expected, worst=10**9)
             if outcome.crash_key is not None:
                 raise ValueError(f"the replay crashed: {outcome.describe()}")
@@ -172,18 +172,17 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
         prompt_len = len(case.requests[d.request].prompt_token_ids)
         key = (d.request, prompt_len + d.position - 1)
         out = outputs[d.request]
-        completion = out.outputs[0]
-        if key not in by_key or d.position >= len(completion.token_ids):
+        if key not in by_key or d.position >= len(out.token_ids):
             warnings.append(f"request {d.request} position {d.position} was not computed in the capture replay")
             continue
-        token_id = completion.token_ids[d.position]
+        token_id = out.token_ids[d.position]
         if token_id != d.token_id:
             warnings.append(f"request {d.request} position {d.position}: the capture replay sampled token {token_id}, the selecting one {d.token_id}")
         values, ref_logits = by_key[key]
         ref_logprob = float(torch.log_softmax(ref_logits.double(), -1)[token_id])
-        abs_diff = abs(completion.logprobs[d.position][token_id].logprob - ref_logprob)
-        facts = request_facts(log, str(d.request), prompt_len, d.position, len(completion.token_ids),
-                              compat.preemptions_of(out), int(out.num_cached_tokens or 0))
+        abs_diff = abs(out.logprobs[d.position] - ref_logprob)
+        facts = request_facts(log, str(d.request), prompt_len, d.position, len(out.token_ids),
+                              out.num_preemptions, out.num_cached_tokens)
         tokens.append(localize_token(TokenLocalization(d.request, d.position, key[1], token_id, abs_diff, abs_diff > threshold,
                                                        values, facts), levels))
     return Localization(str(run.run_dir), case.model, fault, run.description, points, levels, len(clean), tokens,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from rollout_lab import compat, engine
+from rollout_lab.reference import reference_logprobs
 
 
 @dataclass
@@ -177,92 +178,15 @@ def start_engine(case: Case, with_fault: bool):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     llm = engine.start(model=case.model, **case.engine_args)
     if with_fault and case.fault is not None:
-        install_fault(llm, case)
+        engine.install_fault(llm, case.fault, case.fault_params)
     return llm
 
 
-def install_fault(llm, case: Case) -> None:
-    """Plant the case's fault in the engine's worker (rollout_lab/faults.py, `install`)."""
-    from rollout_lab import faults
-
-    llm.collective_rpc(faults.install, args=(case.fault, dict(case.fault_params)))
-
-
-def sample(llm, case: Case) -> list:
+def sample(llm, case: Case) -> list[engine.SampledOutput]:
     """vLLM's completions for the case's requests, in request order, with sampled-token logprobs."""
-    from vllm import SamplingParams
-
-    params = [
-        SamplingParams(
-            n=1,
-            max_tokens=case.max_tokens,
-            temperature=case.temperature,
-            top_p=case.top_p,
-            top_k=case.top_k,
-            seed=request.seed,
-            logprobs=0,
-        )
-        for request in case.requests
-    ]
-    prompts = [{"prompt_token_ids": request.prompt_token_ids} for request in case.requests]
-    return llm.generate(prompts, params, use_tqdm=False)
-
-
-def load_reference(model_path: str):
-    """The transformers model in float32: the reference that the trainer would be."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-
-
-def padded_batch(chunk: list[tuple[list[int], list[int]]]):
-    """(input_ids, attention_mask) of (prompt, completion) pairs, right-padded to the longest."""
-    import torch
-
-    lengths = [len(p) + len(c) for p, c in chunk]
-    input_ids = torch.zeros((len(chunk), max(lengths)), dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ((prompt, completion), length) in enumerate(zip(chunk, lengths)):
-        input_ids[row, :length] = torch.tensor(prompt + completion)
-        attention_mask[row, :length] = 1
-    return input_ids, attention_mask
-
-
-def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_tokens: int = 4096,
-                       on_batch=None) -> list[list[float]]:
-    """Teacher-forced float32 logprob of each completion token, for (prompt, completion) pairs.
-
-    Sequences go through the model shortest first, in batches of at most `batch_tokens` padded
-    tokens, so mixed lengths waste little on padding; the result is in the input's order.
-    `on_batch()`, if given, is called after each batch.
-    """
-    import torch
-
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-    batches: list[list[int]] = []
-    for i in order:
-        length = len(sequences[i][0]) + len(sequences[i][1])
-        if batches and (len(batches[-1]) + 1) * length <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    out: dict[int, list[float]] = {}
-    for batch in batches:
-        chunk = [sequences[i] for i in batch]
-        input_ids, attention_mask = padded_batch(chunk)
-        # Logits at position t predict token t+1; only the completions' positions need the lm_head
-        # (a [tokens x vocab] float32 tensor for the whole batch costs more than the model).
-        first = min(len(p) for p, _ in chunk) - 1
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=input_ids.shape[1] - first).logits
-        for row, (i, (prompt, completion)) in enumerate(zip(batch, chunk)):
-            start = len(prompt) - 1 - first
-            rows = torch.log_softmax(logits[row, start : start + len(completion)].float(), dim=-1)
-            out[i] = rows.gather(-1, torch.tensor(completion, dtype=torch.long)[:, None])[:, 0].tolist()
-        if on_batch is not None:
-            on_batch()
-    return [out[i] for i in range(len(sequences))]
+    params = [engine.sampling_params(request.seed, n=1, max_tokens=case.max_tokens, temperature=case.temperature,
+                                     top_p=case.top_p, top_k=case.top_k, logprobs=0) for request in case.requests]
+    return engine.generate(llm, [request.prompt_token_ids for request in case.requests], params)
 
 
 def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) -> Outcome:
@@ -281,17 +205,14 @@ def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) ->
     outcome = Outcome(num_requests=len(outputs))
     if expected.kind == "crash":
         return outcome
-    completions = [out.outputs[0] for out in outputs]
-    sequences = [(list(out.prompt_token_ids), list(c.token_ids)) for out, c in zip(outputs, completions)]
+    sequences = [(out.prompt_token_ids, out.token_ids) for out in outputs]
     diffs, flagged = [], []
-    for index, (out, completion, ref) in enumerate(zip(outputs, completions, reference_logprobs(reference, sequences))):
-        preemptions = compat.preemptions_of(out)
-        cached = int(out.num_cached_tokens or 0)
+    for index, (out, ref) in enumerate(zip(outputs, reference_logprobs(reference, sequences))):
+        preemptions, cached = out.num_preemptions, out.num_cached_tokens
         outcome.num_preempted_requests += compat.was_preempted(preemptions)
         outcome.num_unknown_preemptions += preemptions is None
         request_flagged = False
-        for position, (token_id, ref_logprob) in enumerate(zip(completion.token_ids, ref)):
-            vllm_logprob = completion.logprobs[position][token_id].logprob
+        for position, (token_id, vllm_logprob, ref_logprob) in enumerate(zip(out.token_ids, out.logprobs, ref)):
             diff = TokenDiff(index, position, token_id, vllm_logprob, ref_logprob, abs(vllm_logprob - ref_logprob), preemptions, cached)
             diffs.append(diff)
             if diff.abs_diff > expected.spike_threshold:

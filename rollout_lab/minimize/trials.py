@@ -2,10 +2,8 @@
 
 An engine start costs tens of seconds, so candidates with the same engine arguments share one
 engine and a new one starts only when the arguments change, or after a crash (a crashed engine is
-in no known state). Between trials the engine is put back to what a fresh engine (a repro.py) sees:
-no planted-fault wrappers or fault state, an empty prefix cache, block ids handed out from 1 in
-order again, zeroed KV memory (a stale read returns what a fresh engine would), request ids from 0,
-the RNG that requests without a seed sample from seeded again.
+in no known state). Between trials the engine is put back to what a fresh engine (a repro.py) sees
+(engine.reset).
 
 Every run of a candidate is one line of <out>/reduction.jsonl, keyed by a hash of the candidate
 and the predicate: a resumed minimization reads it back and repeats none of them.
@@ -22,19 +20,10 @@ from typing import Optional
 
 from rich.console import Console
 
-from rollout_lab.minimize.standalone import (
-    Case,
-    Expected,
-    Outcome,
-    Request,
-    TokenDiff,
-    crash_outcome,
-    install_fault,
-    load_reference,
-    run_case,
-    same_failure,
-    start_engine,
-)
+from rollout_lab import engine
+from rollout_lab.minimize.standalone import (Case, Expected, Outcome, Request, TokenDiff, crash_outcome, run_case,
+                                            same_failure, start_engine)
+from rollout_lab.reference import load_reference
 
 
 @dataclass
@@ -122,66 +111,6 @@ def read_log(path: Path) -> list[TrialRecord]:
     return records
 
 
-# Functions run inside vLLM's worker through collective_rpc (in-process engine).
-def _fault_targets(worker) -> list:
-    runner = worker.model_runner
-    builders = [b for groups in runner.attn_groups for group in groups for b in group.metadata_builders]
-    return [runner, runner.model, *builders]
-
-
-def _shadowing(target) -> set[str]:
-    """Instance attributes that shadow a method of the class: how faults.install wraps one."""
-    return {name for name in vars(target) if callable(getattr(type(target), name, None))}
-
-
-def remember_clean(worker) -> None:
-    """Note what a fresh engine's runner, model and attention builders look like."""
-    worker.minimize_clean = [(target, _shadowing(target)) for target in _fault_targets(worker)]
-
-
-def _remove_fault(worker) -> None:
-    """Drop the wrappers added since the engine started, so the class methods run again."""
-    for target, clean in worker.minimize_clean:
-        for name in _shadowing(target) - clean:
-            delattr(target, name)
-
-
-def _reseed(worker) -> None:
-    """Seed the worker's RNG as a fresh engine does once it is warmed up (vLLM's own call)."""
-    from vllm.utils.torch_utils import set_random_seed
-
-    set_random_seed(worker.model_config.seed)
-
-
-def _zero_kv_cache(worker) -> None:
-    """Zero the KV (and state) memory, as a fresh engine allocates it."""
-    pending = list(worker.model_runner.kv_caches)
-    while pending:
-        item = pending.pop()
-        if isinstance(item, (list, tuple)):
-            pending.extend(item)
-        else:
-            item.zero_()
-
-
-def reset_engine(llm) -> None:
-    """Put an engine whose requests all finished back to a fresh engine's state (see module doc)."""
-    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
-
-    llm.collective_rpc(_remove_fault)
-    if not llm.reset_prefix_cache():
-        raise RuntimeError("the engine still holds KV blocks after its requests finished")
-    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
-    if pool.null_block is not pool.blocks[0]:
-        raise RuntimeError("vLLM's block pool no longer keeps its null block first; reset_engine needs updating")
-    # A fresh pool hands out block ids in increasing order; a used one in eviction order.
-    pool.free_block_queue = FreeKVCacheBlockQueue(pool.blocks[1:])
-    llm.request_counter.reset()
-    llm.collective_rpc(_zero_kv_cache)
-    # Requests without a seed draw from the engine's RNG: start it where a fresh engine's starts.
-    llm.collective_rpc(_reseed)
-
-
 class TrialRunner:
     """Decides candidates under a Rule: runs them (or reads them from the log) and prints a line each."""
 
@@ -255,14 +184,14 @@ class TrialRunner:
         args_key = json.dumps([case.model, case.engine_args], sort_keys=True)
         if self.llm is not None and args_key == self.engine_args_key:
             try:
-                reset_engine(self.llm)
+                engine.reset(self.llm)
                 return 0.0
             except RuntimeError:
                 pass
         self.close()
         started = time.perf_counter()
         self.llm = start_engine(case, with_fault=False)
-        self.llm.collective_rpc(remember_clean)
+        engine.remember_clean(self.llm)
         self.engine_args_key = args_key
         return time.perf_counter() - started
 
@@ -276,7 +205,7 @@ class TrialRunner:
         except Exception as exc:  # an engine that cannot start is an outcome
             return crash_outcome(exc), time.perf_counter() - started
         if case.fault is not None:
-            install_fault(self.llm, case)
+            engine.install_fault(self.llm, case.fault, case.fault_params)
         outcome = run_case(self.llm, reference, case, self.expected)
         if outcome.crash_key is not None:
             self.close()
@@ -297,9 +226,9 @@ class TrialRunner:
     def _print(self, record: TrialRecord, cached: bool) -> None:
         verdict = "[red]FAIL[/]" if record.failed else "[green]pass[/]"
         when = "cached" if cached else f"{record.seconds:6.1f}s"
-        engine = f" (engine start {record.engine_start_seconds:.0f}s)" if record.engine_start_seconds and not cached else ""
+        start_note = f" (engine start {record.engine_start_seconds:.0f}s)" if record.engine_start_seconds and not cached else ""
         self.console.print(
-            f"[bold]#{record.trial:<3}[/] {record.stage:<10} {record.change:<48} {verdict} {when}{engine}  "
+            f"[bold]#{record.trial:<3}[/] {record.stage:<10} {record.change:<48} {verdict} {when}{start_note}  "
             f"[dim]{record.result().describe()}[/]",
             highlight=False,
         )

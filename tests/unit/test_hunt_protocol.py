@@ -173,19 +173,20 @@ def test_a_finding_round_trips_through_the_store_and_a_corrupt_store_is_refused(
 def test_the_request_index_of_a_completion_is_its_requests_not_its_position_among_completions():
     """LLM.generate numbers requests from a counter that runs on across calls; with n > 1 each
     request holds n completions. The seed recorded for a completion (and put in the case) is its request's."""
+    from rollout_lab.engine import sampled_outputs
     from rollout_lab.hunt.runner import collect, request_seed
 
     def output(request_id, prompt):
-        completion = SimpleNamespace(token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-1.0)}])
+        completion = SimpleNamespace(token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-1.0)}], finish_reason="length", text="")
         return SimpleNamespace(request_id=request_id, prompt_token_ids=prompt, outputs=[completion, completion],
                                num_cached_tokens=0, metrics=None)
 
     workload = {"seed": 3, "sampling.n": 2}
-    items = collect([output("12", [1]), output("13", [2]), output("14", [3])], workload)
+    items = collect(sampled_outputs([output("12", [1]), output("13", [2]), output("14", [3])]), workload)
     assert [(s.request, s.completion) for s in items] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
     assert [s.seed for s in items[::2]] == [request_seed(workload, i) for i in range(3)]
     # A step-driven trace names its requests "<trial>-<index>"; an aborted one leaves a gap.
-    stepped = collect([output("t-0", [1]), output("t-2", [3])], workload)
+    stepped = collect(sampled_outputs([output("t-0", [1]), output("t-2", [3])]), workload)
     assert [s.request for s in stepped] == [0, 0, 2, 2]
 
 

@@ -57,6 +57,7 @@ class _Completion:
 
         self.token_ids = tokens
         self.logprobs = [{t: SimpleNamespace(logprob=lp)} for t, lp in zip(tokens, logprobs)]
+        self.finish_reason, self.text = "length", ""
 
 
 class _AloneEngine:
@@ -69,7 +70,8 @@ class _AloneEngine:
         from types import SimpleNamespace
 
         self.calls += 1
-        return [SimpleNamespace(outputs=[_Completion(*self.answers[p["prompt_token_ids"][0]])]) for p in prompts]
+        return [SimpleNamespace(request_id=str(i), prompt_token_ids=p["prompt_token_ids"], num_cached_tokens=0, metrics=None,
+                                outputs=[_Completion(*self.answers[p["prompt_token_ids"][0]])]) for i, p in enumerate(prompts)]
 
 
 def test_the_hunt_oracle_reruns_only_reproducible_requests_and_flags_only_where_promised():
@@ -84,7 +86,7 @@ def test_the_hunt_oracle_reruns_only_reproducible_requests_and_flags_only_where_
     engine = _AloneEngine({1: ([5, 6], [-0.5, -0.25 + 2**-30]), 2: ([7], [-1.0])})
     floor = batch_oracle(engine, sampled, promised=False)
     assert engine.calls == 2  # neither the unseeded sample nor n=2 can be replayed alone
-    assert (floor["requests"], floor["identical"], floor["flagged"], floor["class"]) == (2, 1, 0, None)
-    assert 0 < floor["max"] < 1e-8
+    assert (floor.requests, floor.identical, floor.flagged, floor.request_class) == (2, 1, 0, None)
+    assert 0 < floor.max_diff < 1e-8
     promised = batch_oracle(_AloneEngine({1: ([5, 6], [-0.5, -0.25 + 2**-30]), 2: ([7], [-1.0])}), sampled, promised=True)
-    assert (promised["flagged"], promised["class"]) == (1, "any")
+    assert (promised.flagged, promised.request_class) == (1, "any")

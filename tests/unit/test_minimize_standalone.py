@@ -1,21 +1,23 @@
 """One trial's outcome from vLLM's outputs: a preemption count vLLM does not keep stays unknown."""
 from types import SimpleNamespace
 
-from rollout_lab import compat
+from rollout_lab import compat, engine
 from rollout_lab.minimize import standalone
 from rollout_lab.minimize.standalone import Case, Expected, Request
 
 
 def output(token_ids, logprob, cached, preemptions):
     """A RequestOutput as vLLM returns it; metrics None is a vLLM that keeps no per-request count."""
-    completion = SimpleNamespace(token_ids=token_ids, logprobs=[{t: SimpleNamespace(logprob=logprob)} for t in token_ids])
+    completion = SimpleNamespace(token_ids=token_ids, logprobs=[{t: SimpleNamespace(logprob=logprob)} for t in token_ids],
+                                 finish_reason="length", text="")
     metrics = None if preemptions is None else SimpleNamespace(num_preemptions=preemptions)
-    return SimpleNamespace(prompt_token_ids=[1, 2], outputs=[completion], num_cached_tokens=cached, metrics=metrics)
+    return SimpleNamespace(request_id="0", prompt_token_ids=[1, 2], outputs=[completion], num_cached_tokens=cached, metrics=metrics)
 
 
 def run(monkeypatch, outputs, keeps_counts):
     case = Case("m", {}, [Request([1, 2], None) for _ in outputs], max_tokens=2)
-    monkeypatch.setattr(standalone, "sample", lambda llm, case: outputs)
+    # The records as engine.generate reads them: its one preemption reader is under test too.
+    monkeypatch.setattr(standalone, "sample", lambda llm, case: engine.sampled_outputs(outputs))
     # The reference agrees with vLLM to -1.0 on every token: a request at -2.0 is flagged.
     monkeypatch.setattr(standalone, "reference_logprobs", lambda model, sequences: [[-1.0] * len(c) for _, c in sequences])
     monkeypatch.setattr(compat, "keeps_request_preemptions", lambda: keeps_counts)

@@ -167,6 +167,10 @@ class RunConfig:
     # A preset's values for one embedded model, used instead of its top-level ones when that
     # model runs (apply_pressure_by_model): what pressures a cache depends on the architecture.
     pressure_by_model: dict[str, Any] = field(default_factory=dict)
+    # Where the engine's free block queue starts before each step's requests, as a fraction of its
+    # blocks (a preset's knob, rollout_lab/pressure.py): requests get the top block ids and state
+    # slots first. null: as vLLM leaves it (a fresh engine hands out the lowest ids first).
+    block_pool_head: Optional[float] = None
     run_name: str = "run"
     # Where the run writes; Hydra sets it to its output dir.
     run_dir: Optional[str] = None
@@ -268,6 +272,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         _positive(key, value, allow_none=True)
     if cfg.fault.name is not None:
         fault_params(cfg.fault.name, cfg.fault.params)
+    if cfg.block_pool_head is not None and (not 0 <= cfg.block_pool_head < 1 or e.multiprocessing):
+        raise ConfigError(f"block_pool_head={cfg.block_pool_head} needs a fraction in [0, 1) and engine.multiprocessing=false "
+                          "(it moves the block pool of an engine core in the sampler's own process)")
     if w.temperature < 0:
         raise ConfigError(f"workload.temperature={w.temperature} must be >= 0")
     if w.max_tokens >= e.max_model_len:

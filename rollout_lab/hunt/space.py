@@ -39,8 +39,8 @@ class SpaceConfig:
 
 @dataclass
 class OracleConfig:
-    # |vLLM - transformers float32| logprob above this flags a token, per engine dtype; default:
-    # rollout_lab/tolerances.py's spike_threshold, as in the RL loop.
+    # |vLLM - transformers float32| logprob above this flags a token, per engine dtype (fp8_kv: an
+    # fp8 KV cache, tolerances.oracle_row); default: rollout_lab/tolerances.py's spike_threshold, as in the RL loop.
     reference_tolerance: dict[str, float] = field(default_factory=lambda: {d: t.spike_threshold for d, t in TOLERANCES.items()})
     # |sampled logprob - the same request re-scored alone| (prompt_logprobs, no prefix-cache
     # reads, no batch), same engine; default: tolerances.py's metamorphic.
@@ -185,7 +185,8 @@ PRESSURE_DIR = Path(__file__).resolve().parents[2] / "conf" / "pressure"
 
 
 def with_pressure(engine: dict) -> dict:
-    """The engine point with its pressure preset's engine knobs in place of the drawn ones."""
+    """The engine point with its pressure preset's engine knobs in place of the drawn ones, and the
+    preset's block_pool_head (where the block pool's free queue starts each trial) if it has one."""
     name = engine.get("pressure")
     if name is None:
         return engine
@@ -194,5 +195,8 @@ def with_pressure(engine: dict) -> dict:
     from rollout_lab.config import model_pressure
 
     preset = OmegaConf.to_container(OmegaConf.load(PRESSURE_DIR / f"{name}.yaml"))
-    knobs = preset.get("engine", {}) | model_pressure(preset, engine.get("model")).get("engine", {})
-    return engine | {f"engine.{k}": v for k, v in knobs.items()}
+    per_model = model_pressure(preset, engine.get("model"))
+    knobs = preset.get("engine", {}) | per_model.get("engine", {})
+    head = per_model.get("block_pool_head", preset.get("block_pool_head"))
+    point = {k: v for k, v in engine.items() if k != "block_pool_head"} | {f"engine.{k}": v for k, v in knobs.items()}
+    return point if head is None else point | {"block_pool_head": head}

@@ -43,7 +43,19 @@ TOLERANCES = {
     "bfloat16": Tolerance(spike_threshold=1.5, calibration_floor=0.05, weight_sync=0.5, metamorphic=1.5,
                           clean_max={"cpu": 0.26, "gpu": 0.46}),
     "float16": Tolerance(spike_threshold=1.0, calibration_floor=0.01, weight_sync=0.2, metamorphic=1.0),
+    # An fp8 KV cache (kv_cache_dtype fp8*), whatever the engine dtype: K and V are stored in fp8 e4m3,
+    # 3 mantissa bits, a relative rounding error up to 2^-4 per element against bfloat16's 2^-8. The
+    # H200 hunt (vLLM 0.25, bfloat16 engines) measured clean trials up to 1.65 against the float32
+    # reference. Provisional, until calibrated on GPU: ~3x that, as bfloat16's 1.5 is ~3x its clean
+    # GPU maximum, and still under what the planted KV faults produce (10-25).
+    "fp8_kv": Tolerance(spike_threshold=5.0, calibration_floor=0.5, weight_sync=1.5, metamorphic=5.0,
+                        clean_max={"gpu": 1.65}),
 }
+
+
+def oracle_row(dtype: str, kv_cache_dtype) -> str:
+    """The TOLERANCES row a hunt oracle reads for an engine of `dtype` whose KV cache is `kv_cache_dtype`."""
+    return "fp8_kv" if str(kv_cache_dtype or "auto").startswith("fp8") else dtype
 
 
 def tolerance(dtype: str) -> Tolerance:

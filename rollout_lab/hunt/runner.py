@@ -38,6 +38,7 @@ from rollout_lab.hunt.protocol import (EngineStarted, EngineStarting, Heartbeat,
 from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
 from rollout_lab.minimize.standalone import Case, Request, request_class
+from rollout_lab.tolerances import oracle_row
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
 RESCORE_MAX = 8
 # Engine steps a step-driven trace may take before it counts as stuck.
@@ -276,7 +277,9 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
     outputs, aborted = drive(llm, trace, workload, trial)
     items = collect(outputs, workload)
     t1 = time.perf_counter()
-    tolerance = float(spec.reference_tolerance[dtype])
+    # An fp8 KV cache has a tolerance row of its own, whatever the engine dtype.
+    row = oracle_row(dtype, spec.engine.get("engine.kv_cache_dtype"))
+    tolerance = float(spec.reference_tolerance[row])
 
     def count_batch() -> None:  # the heartbeat's progress counter
         progress["steps"] += 1
@@ -291,7 +294,7 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
     t3 = time.perf_counter()
     oracles = {
         "reference": judge(items, tolerance, "reference"),
-        "metamorphic": judge(items, float(spec.metamorphic_tolerance[dtype]), "rescored"),
+        "metamorphic": judge(items, float(spec.metamorphic_tolerance[row]), "rescored"),
         "batch_invariance": batch_invariance(llm, trace, outputs, workload),
     }
     t4 = time.perf_counter()

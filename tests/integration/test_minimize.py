@@ -6,6 +6,7 @@ runs it (`python -m rollout_lab.minimize`), and each emitted repro.py runs in a 
 where rollout_lab cannot be imported.
 """
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -120,8 +121,10 @@ def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale
     assert_standalone_repro(out / "repro.py", True, "--model", str(resolve_model("smollm2")))
 
 
-def test_engine_crash_shrinks_to_its_triggering_call(tmp_path_factory, tmp_path, ray_session):
-    run_dir = loop_run(tmp_path_factory.mktemp("engine_crash_run"), "fault=engine_crash", "workload.num_prompts=4",
+def test_engine_crash_shrinks_to_its_triggering_call_with_the_cli_defaults_from_another_directory(tmp_path, ray_session):
+    """`python -m rollout_lab.minimize runs/crash` in a user's own directory: --out repro is relative there,
+    and the CLI verifies the emitted repro.py in fresh processes itself (fault on, then --no-fault)."""
+    run_dir = loop_run(tmp_path / "runs" / "crash", "fault=engine_crash", "workload.num_prompts=4",
                        "workload.samples_per_prompt=2", "workload.max_tokens=8")
     summary = read_summary(run_dir)
     assert summary.status == "crash" and summary.crash.phase == "generate" and summary.crash.step == 0
@@ -129,25 +132,20 @@ def test_engine_crash_shrinks_to_its_triggering_call(tmp_path_factory, tmp_path,
     assert [(r.prompt_index, r.sample_index, r.request_id) for r in read_requests(run_dir, 0)] == [
         (p, s, None) for p in range(4) for s in range(2)]
 
-    out = minimize(run_dir, tmp_path, "crash", "--calibration-runs", "1")
-    script = emitted_case(out / "repro.py")
-    assert script["CRASH"][0] == "RuntimeError"
-    # at_step=3 needs a 4th engine step: one request of 4 tokens, nothing more.
-    assert len(script["REQUESTS"]) == 1 and script["SAMPLING"]["max_tokens"] == 4
-    assert deviating_knobs(script["ENGINE_ARGS"], knob_targets(on_gpu=False)) == []
-    assert_standalone_repro(out / "repro.py", True, "--model", str(resolve_model("smollm2")))
-
-
-def test_the_cli_with_its_defaults_from_another_directory_verifies_for_real(tmp_path, ray_session):
-    """`python -m rollout_lab.minimize runs/x` in a user's own directory: --out repro is relative there."""
-    loop_run(tmp_path / "runs" / "crash", "fault=engine_crash", "workload.num_prompts=2", "workload.samples_per_prompt=1",
-             "workload.max_tokens=8")
     done = subprocess.run(
         [sys.executable, "-m", "rollout_lab.minimize", "runs/crash", "--calibration-runs", "1"],
         cwd=tmp_path, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = (tmp_path / "repro" / "engine_crash-crash" / "REPORT.md").read_text()
+    out = tmp_path / "repro" / "engine_crash-crash"
+    script = emitted_case(out / "repro.py")
+    assert script["CRASH"][0] == "RuntimeError"
+    # at_step=3 needs a 4th engine step: one request of 4 tokens, nothing more.
+    assert len(script["REQUESTS"]) == 1 and script["SAMPLING"]["max_tokens"] == 4
+    assert deviating_knobs(script["ENGINE_ARGS"], knob_targets(on_gpu=False)) == []
+    # The CLI's own fresh-process runs (emit.run_isolated, as assert_standalone_repro runs them).
+    report = (out / "REPORT.md").read_text()
     assert "\nREPRODUCED: RuntimeError: planted engine_crash" in report
     assert "- planted fault off (--no-fault): clean 1/1" in report
-
+    fresh = re.search(r"repro\.py in a fresh process: REPRODUCED: .*, exit 1 in (\d+) s", done.stdout)
+    assert fresh and int(fresh.group(1)) < 60, done.stdout[-3000:]

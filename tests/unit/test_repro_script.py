@@ -122,3 +122,19 @@ def test_a_crash_repro_reproduces_only_on_its_exception_in_its_vllm_function(tmp
     # Not -I: the stand-in vllm beside the script must win over the installed one.
     done = subprocess.run([sys.executable, str(script), "--model", "m"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert (done.stdout.strip().splitlines()[-1], done.returncode) == (verdict, status), done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_prompts_sharing_a_long_prefix_carry_it_once_and_evaluate_to_the_same_token_ids():
+    shared = list(range(2000, 2240))
+    prompts = [shared + [7, 8, 9], shared + [10], shared + list(range(300, 340))]
+    s = spec("mismatch", "smollm2")
+    s.case.requests = [Request(p, 5 + i, i, 0) for i, p in enumerate(prompts)]
+    s.prompt_texts = ["What is 1 + 2?"] * 3
+    source = repro_source(s)
+    assert source.count("2000, 2001") == 1 and "PREFIX + [7, 8, 9]" in source
+    block = source[source.index("PREFIX = "):source.index("REQUESTS = ")]
+    namespace: dict = {}
+    exec(block, namespace)
+    assert namespace["PROMPTS"] == prompts
+    # Without a long common prefix nothing is factored out.
+    assert "PREFIX" not in repro_source(spec("mismatch", "smollm2"))

@@ -31,7 +31,8 @@ def test_a_bad_engine_argument_fails_at_start_with_one_line(tmp_path, override, 
 def test_a_sweep_over_an_engine_argument_runs_and_is_analyzed_under_its_name(tmp_path):
     # long_prefill_token_threshold caps a prefill's tokens per engine step: 16 splits every prompt.
     sweep_dir = tmp_path / "sweep"
-    tiny = ["workload.num_prompts=4", "workload.samples_per_prompt=2", "workload.max_tokens=16", "loop.steps=1",
+    # Two requests of 8 tokens are enough: every prompt (~40 tokens) is longer than 16.
+    tiny = ["workload.num_prompts=2", "workload.samples_per_prompt=1", "workload.max_tokens=8", "loop.steps=1",
             "loop.check_weight_sync=false", "engine.kv_cache_memory_bytes=64000000"]
     result = subprocess.run([sys.executable, "-m", "rollout_lab", "-m", *tiny, "+engine.args.long_prefill_token_threshold=0,16",
                              f"hydra.sweep.dir={sweep_dir}"], cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"},

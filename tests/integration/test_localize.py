@@ -2,6 +2,7 @@
 planted faults, whose ground truth says where inside the model each goes wrong; the clean control is
 the same step replayed without its fault (`--no-fault`)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 from rollout_lab.localize import report
 from rollout_lab.loop import run
+from rollout_lab.records import read_records
+from rollout_lab.wandb_log import read_offline_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,3 +70,31 @@ def test_logit_noise_leaves_every_hidden_state_clean(tmp_path, ray_session, comp
         above = [p.label() for p, d, level in zip(result.points, token.divergences, result.clean_levels) if d > level]
         assert above == ["logits"]
 
+
+
+def test_foreign_ssm_state_diverges_first_at_a_mamba_mixer_on_resumed_requests(tmp_path, ray_session, compose):
+    # state_tight as shipped (its 240-token completions are what grow requests into preemptions);
+    # half the prompts; W&B offline, the default, so the localization's W&B run can be read back.
+    cfg = compose("model=hybrid-tiny", "+pressure=state_tight", "fault=foreign_ssm_state", "loop.steps=1",
+                  "loop.check_weight_sync=false", "workload.num_prompts=4")
+    cfg.run_dir = str(tmp_path)
+    result = run(cfg)
+    assert result.status == "ok" and result.preemptions > 0, (result.status, result.crash, result.preemptions)
+    table = read_records(tmp_path).to_pandas()
+    flagged = table[table.abs_diff > result.spike_threshold]
+    # The lab's own mismatch check flags it, on requests after their resume only.
+    assert len(flagged) > 0 and (flagged.preemptions_before >= 1).all()
+
+    localized, stdout = localize(tmp_path)
+    tokens = [t for t in localized.tokens if t.flagged]
+    assert tokens, localized.tokens
+    for token in tokens:
+        assert localized.points[token.first].kind == "mamba", (token.request, token.position, localized.points[token.first])
+        assert token.facts.resumed, token.facts
+    assert "Mamba mixer output" in stdout and "resumed after preemption" in stdout
+    # Its W&B run holds one divergence-by-layer chart per token and the summary lines.
+    wandb_run = read_offline_run(Path(re.search(r"the W&B run (\S+)", stdout).group(1)))
+    # A line_series chart is logged as a table: its keys are "<title>_table/<field>".
+    charted = {key.split("_table/")[0] for row in wandb_run["history"] for key in row if key.startswith("localize/")}
+    assert charted == {f"localize/request {t.request} position {t.position}" for t in localized.tokens}
+    assert wandb_run["summary"]["summary"] == "\n".join(localized.summary())

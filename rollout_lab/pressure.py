@@ -7,7 +7,7 @@ needs a high one (a 32-bit `index * stride` passing 2^31) is never reached. A pr
 to id 1 after the top), before each RL step's and each hunt trial's requests: they are then handed
 the ids from there up. KV blocks and Mamba state slots come from the same pool, so both move.
 
-It rebuilds the queue with vLLM's own FreeKVCacheBlockQueue (as minimize.trials.reset_engine does):
+It rebuilds the queue with vLLM's own FreeKVCacheBlockQueue (as engine.reset does):
 no request, no kernel, whatever the cache size. Throwaway requests would not do: a pool that frees
 uncached blocks to the head of the queue (vLLM 0.32) hands the same low ids out again, and on a
 Mamba model a request holds one slot, so reaching slot 62k would take 62k requests held at once.

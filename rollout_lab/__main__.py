@@ -13,7 +13,7 @@ from rollout_lab.config import ConfigError, RunConfig, apply_pressure_by_model, 
 register()
 
 
-def print_summary(result, pressure=None) -> None:
+def print_summary(result, pressure=None, block_pool_head=None) -> None:
     """The closing lines a person reads: status, size, worst difference, where it all went."""
     console = Console()
     colour = "green" if result.status == "ok" else "red"
@@ -28,7 +28,10 @@ def print_summary(result, pressure=None) -> None:
         f"weight sync max diff: {result.weight_sync_max_diff}  policy change: {result.policy_change}"
     )
     if pressure is not None:
-        if result.preemptions > 0:
+        if block_pool_head is not None:  # this preset's regime is high block ids, not preemption
+            console.print(f"pressure {pressure}: blocks handed out from {block_pool_head:.0%} of the pool up "
+                          "(block_pool_head; the records' kv_block and state_slot say which were used)")
+        elif result.preemptions > 0:
             console.print(f"pressure {pressure}: vLLM counted {result.preemptions:.0f} preemptions")
         else:
             console.print(f"[yellow]pressure {pressure}: vLLM counted no preemption; the rare regime was not reached[/]")
@@ -52,7 +55,7 @@ def main(dict_cfg: DictConfig):
     except (ConfigError, ModelError) as exc:
         print(f"rollout_lab: {exc}", file=sys.stderr)
         sys.exit(2)
-    print_summary(result, cfg.pressure)
+    print_summary(result, cfg.pressure, cfg.block_pool_head)
     return result.status
 
 

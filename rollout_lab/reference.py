@@ -46,7 +46,7 @@ def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batc
     out: dict[int, list[float]] = {}
     for batch in batches:
         chunk = [sequences[i] for i in batch]
-        input_ids, attention_mask = pad_sequences(chunk)
+        input_ids, attention_mask = (t.to(model.device) for t in pad_sequences(chunk))
         # Logits at position t predict token t+1; only the completions' positions need the lm_head
         # (a [tokens x vocab] float32 tensor for the whole batch costs more than the model).
         first = min(len(p) for p, _ in chunk) - 1
@@ -55,7 +55,7 @@ def reference_logprobs(model, sequences: list[tuple[list[int], list[int]]], batc
         for row, (i, (prompt, completion)) in enumerate(zip(batch, chunk)):
             start = len(prompt) - 1 - first
             rows = torch.log_softmax(logits[row, start : start + len(completion)].float(), dim=-1)
-            out[i] = rows.gather(-1, torch.tensor(completion, dtype=torch.long)[:, None])[:, 0].tolist()
+            out[i] = rows.gather(-1, torch.tensor(completion, dtype=torch.long, device=rows.device)[:, None])[:, 0].tolist()
         if on_batch is not None:
             on_batch()
     return [out[i] for i in range(len(sequences))]

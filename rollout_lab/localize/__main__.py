@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token", type=parse_token, action="append", default=[],
                         help="REQUEST:POSITION (request index in the step, completion position); repeatable; replaces --tokens")
     parser.add_argument("--no-fault", action="store_true", help="replay without the planted fault: the clean control")
+    parser.add_argument("--against", choices=("float32", "trainer"), default="float32",
+                        help="float32: the float32 reference, clean levels from a fault-off replay (default); trainer: the "
+                             "on-policy check, the trainer's own dtype and kernels (trainer.dtype, trainer.batch_invariant), "
+                             "every token not bitwise equal is a failure and any difference at a point counts")
     parser.add_argument("--out", type=Path, help="output dir (default <run_dir>/localize, with --no-fault <run_dir>/localize_no_fault)")
     return parser.parse_args(argv)
 
@@ -57,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.tokens < 1:
             raise ValueError(f"--tokens={args.tokens} must be at least 1")
-        run = load_case(args.run_dir) if args.run_dir.is_file() else load_run(args.run_dir)
+        if args.against == "trainer" and args.run_dir.is_file():
+            raise ValueError("--against trainer needs a run dir (its trainer's dtype and kernels), not a case file")
+        run = (load_case(args.run_dir) if args.run_dir.is_file() else
+               load_run(args.run_dir, threshold=0.0 if args.against == "trainer" else None))
         if run.expected.kind != "mismatch":
             raise ValueError(f"{args.run_dir} failed by a crash ({run.expected.crash_key}); localize explains silent mismatches")
     except (RunDirError, ConfigError, ModelError, ValueError) as exc:
         print(f"rollout_lab.localize: {exc}", file=sys.stderr)
         return 2
-    out_dir = args.out or (run.run_dir / ("localize_no_fault" if args.no_fault else report.DIR_NAME))
+    default_dir = "localize_on_policy" if args.against == "trainer" else "localize_no_fault" if args.no_fault else report.DIR_NAME
+    out_dir = args.out or (run.run_dir / default_dir)
     try:
         result = localize(run, args, out_dir)
     except ValueError as exc:
@@ -105,9 +113,13 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
     case = replace(run.case, fault=fault, engine_args={
         **run.case.engine_args, "enforce_eager": True, "scheduler_cls": "rollout_lab.engine_hooks.RecordingScheduler"})
     threshold = run.expected.spike_threshold
+    on_policy = args.against == "trainer"
+    if on_policy:
+        # The sampler's batch-invariant mode is read when vLLM is imported (sampler.py sets it the same way).
+        os.environ["VLLM_BATCH_INVARIANT"] = "1" if run.config.engine.batch_invariant else "0"
     with Progress(transient=True) as progress:
         task = progress.add_task("starting the engine and the reference", total=6)
-        reference = load_reference(case.model)
+        reference = trainer_model(run.config, case.model) if on_policy else load_reference(case.model)
         points = points_of(reference)
         llm = start_engine(case, with_fault=False)
         engine.remember_clean(llm)
@@ -139,13 +151,17 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
                                                     refs[v.request, v.input_position]["logits"]) for v in whole}
 
         try:
-            progress.update(task, advance=1, description="fault-off replay: clean levels")
-            spread = sorted({i * len(case.requests) // CLEAN_REQUESTS for i in range(CLEAN_REQUESTS)})
-            clean_wanted = [(i, len(case.requests[i].prompt_token_ids) - 1 + k) for i in spread for k in CLEAN_POSITIONS]
-            clean_outputs, clean_tokens, _ = captured_replay(clean_wanted, with_fault=False)
-            progress.update(task, advance=1, description="reference on the clean tokens")
-            clean = [values for values, _ in divergences(clean_tokens, clean_outputs).values()]
-            levels = clean_levels(clean, len(points))
+            if on_policy:  # bitwise: the clean level of every point is 0, no fault-off replay needed
+                clean, levels = [], [0.0] * len(points)
+                progress.update(task, advance=2)
+            else:
+                progress.update(task, advance=1, description="fault-off replay: clean levels")
+                spread = sorted({i * len(case.requests) // CLEAN_REQUESTS for i in range(CLEAN_REQUESTS)})
+                clean_wanted = [(i, len(case.requests[i].prompt_token_ids) - 1 + k) for i in spread for k in CLEAN_POSITIONS]
+                clean_outputs, clean_tokens, _ = captured_replay(clean_wanted, with_fault=False)
+                progress.update(task, advance=1, description="reference on the clean tokens")
+                clean = [values for values, _ in divergences(clean_tokens, clean_outputs).values()]
+                levels = clean_levels(clean, len(points))
 
             progress.update(task, advance=1, description="replay: the worst tokens")
             engine.reset(llm)
@@ -187,6 +203,24 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
                                                        values, facts), levels))
     return Localization(str(run.run_dir), case.model, fault, run.description, points, levels, len(clean), tokens,
                         round(time.perf_counter() - started, 1), warnings)
+
+
+def trainer_model(cfg, model_path: str):
+    """The transformers model as the run's trainer builds it (its dtype, its batch-invariant
+    overrides), in eval mode on the CPU or the trainer's device: the on-policy check's other side."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rollout_lab.trainer import resolve_device
+
+    device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.batch_invariant:
+        if device.type != "cuda":
+            raise ValueError(f"trainer.batch_invariant needs a CUDA device (vLLM's batch-invariant kernels are Triton), not {device}")
+        from rollout_lab import compat
+
+        compat.enable_batch_invariant_mode()
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.trainer.dtype)).to(device).eval()
 
 
 def choose(diffs, pairs: list[tuple[int, int]], count: int, threshold: float):

@@ -28,7 +28,7 @@ def reference_tokens(model, points: list[Point], sequences: dict[int, list[int]]
     for request, positions in sorted(by_request.items()):
         if max(positions) >= len(sequences[request]):
             raise ValueError(f"request {request} has {len(sequences[request])} tokens; position {max(positions)} was asked for")
-        index = torch.tensor(sorted(positions))
+        index = torch.tensor(sorted(positions), device=model.device)
         rows: dict[str, torch.Tensor] = {}
         handles = []
         for point in points:
@@ -37,17 +37,17 @@ def reference_tokens(model, points: list[Point], sequences: dict[int, list[int]]
 
             def hook(module, args, output, name=row_key(point)):
                 hidden = output[0] if isinstance(output, (tuple, list)) else output
-                rows[name] = hidden[0].index_select(0, index).float().clone()
+                rows[name] = hidden[0].index_select(0, index).float().cpu().clone()
 
             handles.append(modules[point.module].register_forward_hook(hook))
         try:
-            ids = torch.tensor([sequences[request][: int(index.max()) + 1]])
+            ids = torch.tensor([sequences[request][: int(index.max()) + 1]], device=model.device)
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0]
         finally:
             for handle in handles:
                 handle.remove()
-        rows["logits"] = logits.index_select(0, index).float()
+        rows["logits"] = logits.index_select(0, index).float().cpu()
         for i, position in enumerate(index.tolist()):
             out.append(CapturedToken(request, position, {name: tensor[i] for name, tensor in rows.items()}))
     return out

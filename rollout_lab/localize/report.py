@@ -78,7 +78,7 @@ def plot(result: Localization, token: TokenLocalization, path: Path) -> None:
     for kind, idx in _by_kind(result).items():
         x = [_x(result.points[i], result.points) for i in idx]
         (line,) = ax.plot(x, [max(token.divergences[i], 1e-12) for i in idx], marker="o", markersize=3, label=kind)
-        ax.plot(x, [result.clean_levels[i] for i in idx], linestyle="--", linewidth=0.8, color=line.get_color())
+        ax.plot(x, [max(result.clean_levels[i], 1e-12) for i in idx], linestyle="--", linewidth=0.8, color=line.get_color())
     if token.first is not None:
         first = result.points[token.first]
         ax.axvline(_x(first, result.points), color="red", linewidth=0.8)
@@ -96,10 +96,12 @@ def plot(result: Localization, token: TokenLocalization, path: Path) -> None:
 
 def markdown(result: Localization, images: list[str]) -> str:
     """LOCALIZE.md: the summary lines, then per token where it first goes wrong and how that grows."""
+    levels = (f"clean level of each point: {CLEAN_MARGIN:g}x the largest divergence of {result.num_clean_tokens} "
+              "tokens of a fault-off replay" if result.num_clean_tokens else
+              "clean level 0 at every point: the on-policy check (--against trainer), bitwise against the trainer's own dtype and kernels")
     lines = [f"# Where it fails inside the model: {result.source}", "",
-             f"{result.description}. Model `{result.model}`, fault `{result.fault or 'none'}`; "
-             f"clean level of each point: {CLEAN_MARGIN:g}x the largest divergence of {result.num_clean_tokens} "
-             f"tokens of a fault-off replay ({result.seconds:.0f} s).", "", *[f"- {line}" for line in result.summary()], ""]
+             f"{result.description}. Model `{result.model}`, fault `{result.fault or 'none'}`; {levels} "
+             f"({result.seconds:.0f} s).", "", *[f"- {line}" for line in result.summary()], ""]
     lines += [f"- warning: {w}" for w in result.warnings]
     for token, image in zip(result.tokens, images):
         lines += [f"## Request {token.request}, position {token.position} (token {token.token_id})", "",

@@ -152,8 +152,9 @@ def replay_case(cfg: RunConfig, model_path: str, recorded: list[SampledRequest])
     )
 
 
-def load_run(run_dir: Path | str) -> FailingRun:
-    """Read a failed run dir; raises RunDirError when it is missing, did not fail, or cannot be replayed."""
+def load_run(run_dir: Path | str, threshold: float | None = None) -> FailingRun:
+    """Read a failed run dir; raises RunDirError when it is missing, did not fail, or cannot be replayed.
+    `threshold` replaces the run's spike threshold (0: any token not bitwise equal failed, the on-policy sense)."""
     from rollout_lab.models import resolve_model
 
     run_dir = Path(run_dir)
@@ -164,7 +165,8 @@ def load_run(run_dir: Path | str) -> FailingRun:
     except RecordsError as exc:
         raise RunDirError(str(exc)) from None
     # The threshold that flagged the run's tokens; runs written before it was recorded use today's.
-    threshold = summary.spike_threshold if summary.spike_threshold is not None else threshold_for(cfg)[0]
+    if threshold is None:
+        threshold = summary.spike_threshold if summary.spike_threshold is not None else threshold_for(cfg)[0]
     model_path = resolve_model(cfg.model.name)
     where = ""
     if summary.status == "crash":

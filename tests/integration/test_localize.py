@@ -98,3 +98,17 @@ def test_foreign_ssm_state_diverges_first_at_a_mamba_mixer_on_resumed_requests(t
     charted = {key.split("_table/")[0] for row in wandb_run["history"] for key in row if key.startswith("localize/")}
     assert charted == {f"localize/request {t.request} position {t.position}" for t in localized.tokens}
     assert wandb_run["summary"]["summary"] == "\n".join(localized.summary())
+
+
+def test_the_on_policy_check_names_where_a_clean_float32_step_stops_being_bitwise(tmp_path, ray_session, compose):
+    # Clean by the spike threshold, not bitwise: --against trainer fails it on any difference and
+    # names the first point that is not bitwise equal to the trainer's own model (float32 here).
+    run_dir = fault_run(tmp_path / "clean", compose)
+    table = read_records(run_dir).to_pandas()
+    assert table.abs_diff.max() < 1e-3 and (table.abs_diff > 0).any()
+    result, stdout = localize(run_dir, "--against", "trainer")
+    assert result.num_clean_tokens == 0 and set(result.clean_levels) == {0.0}
+    for token in result.tokens:
+        assert token.first is not None and token.divergences[token.first] > 0, token
+        assert result.points[token.first].kind != "embedding" and token.divergences[0] == 0.0, token
+    assert "first divergence: layer" in stdout

@@ -159,8 +159,10 @@ def test_the_wandb_run_of_a_localization_holds_one_curve_per_token(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["{tmp}/missing"], "run dir {tmp}/missing does not exist"),
     (["{tmp}", "--tokens", "0"], "--tokens=0 must be at least 1"),
+    (["{tmp}/case.json", "--against", "trainer"], "--against trainer needs a run dir (its trainer's dtype and kernels), not a case file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    (tmp_path / "case.json").write_text("{}")
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err == f"rollout_lab.localize: {message.format(tmp=tmp_path)}\n"

@@ -27,7 +27,7 @@ def sent(step, prompt_index, sample_index, seed, request_id=None):
                           n=1, max_tokens=3, temperature=1.0, top_p=1.0, top_k=-1, logprobs=0)
 
 
-def write_run(run_dir, status="ok", crash=None, flagged=(), fault=None, seed_policy="per_request", **engine):
+def write_run(run_dir, status="ok", crash=None, flagged=(), fault=None, seed_policy="per_request", offset=0.5, **engine):
     """A run dir as loop.run leaves it, through the same writers: config, requests and records of step 0, summary."""
     cfg = RunConfig(run_name="t", run_dir=str(run_dir))
     cfg.loop.steps = 2
@@ -50,7 +50,7 @@ def write_run(run_dir, status="ok", crash=None, flagged=(), fault=None, seed_pol
             requests.append(sent(0, prompt_index, sample_index, seed, request_id))
             samples.append(Sample(prompt_index, sample_index, request_id, PROMPTS[prompt_index],
                                   [5, 6, 7], [-1.0, -1.0, -1.0], cached, preempted, "length", "x"))
-    trainer = [[-1.0 - (0.5 if (s.prompt_index, s.sample_index, i) in flagged else 0.0) for i in range(3)] for s in samples]
+    trainer = [[-1.0 - (offset if (s.prompt_index, s.sample_index, i) in flagged else 0.0) for i in range(3)] for s in samples]
     write_step(run_dir, 0, token_table("t-1", RolloutBatch(0, 0, samples), trainer, [0.0] * 4))
     write_requests(run_dir, 0, requests)
     return cfg
@@ -170,3 +170,15 @@ def test_unknown_preemption_counts_give_the_class_any_not_prefix_cached(tmp_path
     assert load_run(tmp_path).expected.request_class == "any"
     assert request_class([(None, 32)]) == "prefix_cached" and request_class([(None, 0), (2, 32)]) == "any"
     assert request_class([(None, 32), (1, 0)]) == "preempted" and request_class([(1, 32)]) == "preempted"
+
+
+def test_the_on_policy_threshold_0_fails_a_run_on_any_token_not_bitwise_equal(tmp_path):
+    # Off by 1e-6: clean by the spike threshold, not on-policy (localize --against trainer reads it so).
+    write_run(tmp_path / "close", flagged={(1, 0, 1)}, offset=1e-6)
+    with pytest.raises(RunDirError, match="did not fail"):
+        load_run(tmp_path / "close")
+    run = load_run(tmp_path / "close", threshold=0.0)
+    assert run.expected.spike_threshold == 0.0 and run.description.startswith("1/12 tokens above 0 at step 0")
+    write_run(tmp_path / "bitwise")
+    with pytest.raises(RunDirError, match="above the spike threshold 0$"):
+        load_run(tmp_path / "bitwise", threshold=0.0)

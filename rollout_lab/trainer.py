@@ -20,6 +20,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def build_model(model_path: str, cfg: TrainerConfig):
+    """The trainer's model as the config says: its dtype, on its device, with vLLM's batch-invariant
+    overrides when asked (the localizer's on-policy check builds the same one)."""
+    device = resolve_device(cfg.device)
+    if cfg.batch_invariant:
+        if device.type != "cuda":
+            raise ValueError(f"trainer.batch_invariant needs a CUDA device (vLLM's batch-invariant kernels are Triton), not {device}")
+        from rollout_lab import compat
+
+        compat.enable_batch_invariant_mode()
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype)).to(device)
+
+
 class Trainer:
     """Policy model + optimizer. Sequences are (prompt_token_ids, completion_token_ids) pairs."""
 
@@ -28,14 +41,7 @@ class Trainer:
         torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        if cfg.batch_invariant:
-            if self.device.type != "cuda":
-                raise ValueError(f"trainer.batch_invariant needs a CUDA device (vLLM's batch-invariant kernels are Triton), not {self.device}")
-            from rollout_lab import compat
-
-            compat.enable_batch_invariant_mode()
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
-        self.model.to(self.device)
+        self.model = build_model(model_path, cfg)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, foreach=True)
 
     def _completion_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:

@@ -101,6 +101,7 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
     from rollout_lab.localize.report import Localization
     from rollout_lab.minimize.standalone import run_case, sample, start_engine
     from rollout_lab.reference import load_reference
+    from rollout_lab.trainer import build_model
     from rollout_lab import engine
 
     started = time.perf_counter()
@@ -119,7 +120,7 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
         os.environ["VLLM_BATCH_INVARIANT"] = "1" if run.config.engine.batch_invariant else "0"
     with Progress(transient=True) as progress:
         task = progress.add_task("starting the engine and the reference", total=6)
-        reference = trainer_model(run.config, case.model) if on_policy else load_reference(case.model)
+        reference = build_model(case.model, run.config.trainer).eval() if on_policy else load_reference(case.model)
         points = points_of(reference)
         llm = start_engine(case, with_fault=False)
         engine.remember_clean(llm)
@@ -203,24 +204,6 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
                                                        values, facts), levels))
     return Localization(str(run.run_dir), case.model, fault, run.description, points, levels, len(clean), tokens,
                         round(time.perf_counter() - started, 1), warnings)
-
-
-def trainer_model(cfg, model_path: str):
-    """The transformers model as the run's trainer builds it (its dtype, its batch-invariant
-    overrides), in eval mode on the CPU or the trainer's device: the on-policy check's other side."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rollout_lab.trainer import resolve_device
-
-    device = resolve_device(cfg.trainer.device)
-    if cfg.trainer.batch_invariant:
-        if device.type != "cuda":
-            raise ValueError(f"trainer.batch_invariant needs a CUDA device (vLLM's batch-invariant kernels are Triton), not {device}")
-        from rollout_lab import compat
-
-        compat.enable_batch_invariant_mode()
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.trainer.dtype)).to(device).eval()
 
 
 def choose(diffs, pairs: list[tuple[int, int]], count: int, threshold: float):

@@ -7,6 +7,8 @@ share, so what every engine needs (compat.py) is applied in one place:
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +19,10 @@ def start(**kwargs):
     """`vllm.LLM(**kwargs)`, with the config overrides the installed vLLM needs for this checkpoint."""
     from vllm import LLM
 
+    if kwargs.get("dtype") == "float32":
+        # Triton's tl.dot rounds float32 inputs to TF32 unless told otherwise (CUDA attention in
+        # float32 is Triton's): read when kernels compile, so any engine this process starts honours it.
+        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     overrides = compat.hf_overrides(kwargs["model"])
     if overrides:
         kwargs["hf_overrides"] = {**overrides, **(kwargs.get("hf_overrides") or {})}

@@ -4,12 +4,15 @@ vLLM's logprobs against it; the trainer pads its batches the same way."""
 from __future__ import annotations
 
 
-def load_reference(model_path: str):
-    """The transformers model in float32: the reference that the trainer would be."""
+def load_reference(model_path: str, device: str = "cpu"):
+    """The transformers model in float32 on `device`: the reference that the trainer would be."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    if device.startswith("cuda"):
+        # float32 means float32: cuDNN convolutions (Mamba's conv1d) default to TF32 on CUDA.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
 
 
 def pad_sequences(sequences: list[tuple[list[int], list[int]]]):

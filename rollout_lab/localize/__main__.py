@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def localize(run, args: argparse.Namespace, out_dir: Path):
     """The three replays and the reference; a report.Localization."""
+    import torch
     from rich.progress import Progress
 
     from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader
@@ -120,7 +121,10 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
         os.environ["VLLM_BATCH_INVARIANT"] = "1" if run.config.engine.batch_invariant else "0"
     with Progress(transient=True) as progress:
         task = progress.add_task("starting the engine and the reference", total=6)
-        reference = build_model(case.model, run.config.trainer).eval() if on_policy else load_reference(case.model)
+        # The float32 reference on the GPU when there is one: its per-layer hooks run one request at a
+        # time, and a Mamba model without mamba_ssm's kernels scans in PyTorch, minutes per token on CPU.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        reference = build_model(case.model, run.config.trainer).eval() if on_policy else load_reference(case.model, device)
         points = points_of(reference)
         llm = start_engine(case, with_fault=False)
         engine.remember_clean(llm)
@@ -181,8 +185,6 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
         finally:
             llm.llm_engine.engine_core.shutdown()
         progress.update(task, advance=1)
-
-    import torch
 
     warnings, tokens = [], []
     for d in chosen:

@@ -1,0 +1,93 @@
+"""[Bug]: generate raises ValueError: slice step cannot be zero in conv_ssm_forward with kv_cache_memory_bytes=2000000000, gpu_memory_utilization=0.1, max_num_seqs=64, max_model_len=512, enable_prefix_caching=True, enable_chunked_prefill=True, enforce_eager=True (GPU)
+
+With kv_cache_memory_bytes=2000000000, gpu_memory_utilization=0.1, max_num_seqs=64,
+max_model_len=512, enable_prefix_caching=True, enable_chunked_prefill=True, enforce_eager=True and
+32 request(s) on 8 prompt(s) of up to 46 tokens, max_tokens=32, each with its own seed, llm.generate
+raises ValueError (slice step cannot be zero).
+Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
+"""
+import argparse, os, platform, sys, tempfile, traceback
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its exceptions reach us
+
+# The model: rollout_lab's mamba2-tiny, rebuilt here: seeded random weights, the head widened to spread logits.
+MODEL_CONFIG = {'num_heads': 8, 'vocab_size': 49152, 'hidden_size': 256, 'state_size': 64,
+    'num_hidden_layers': 4, 'pad_token_id': 2, 'bos_token_id': 1, 'n_groups': 1,
+    'initializer_range': 0.02, 'time_step_rank': 16}
+
+def build_model() -> str:
+    import torch, transformers
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Mamba2Config(**MODEL_CONFIG))  # float32
+    model.get_output_embeddings().weight.data.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)
+    model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
+    return path
+
+ENGINE_ARGS = {'dtype': 'float32', 'max_model_len': 512, 'max_num_seqs': 64,
+    'enable_prefix_caching': True, 'enable_chunked_prefill': True, 'enforce_eager': True, 'seed': 0,
+    'logprobs_mode': 'raw_logprobs', 'disable_log_stats': False, 'gpu_memory_utilization': 0.1,
+    'kv_cache_memory_bytes': 2000000000}
+PROMPTS = [
+    # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 38, 1232, 216, 35, 32, 47, 19842, 351,
+    915, 260, 1230, 30, 2, 198, 1, 520, 9531, 198],
+    # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 35, 1232, 216, 33, 32, 47, 19842, 351, 915,
+    260, 1230, 30, 2, 198, 1, 520, 9531, 198],
+    # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 33, 39, 731, 216, 33, 36, 47, 19842, 351,
+    915, 260, 1230, 30, 2, 198, 1, 520, 9531, 198],
+    # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 33, 39, 1232, 216, 33, 35, 47, 19842, 351,
+    915, 260, 1230, 30, 2, 198, 1, 520, 9531, 198],
+    # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 35, 32, 731, 216, 40, 47, 19842, 351, 915,
+    260, 1230, 30, 2, 198, 1, 520, 9531, 198],
+    # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 38, 731, 216, 33, 33, 47, 19842, 351, 915,
+    260, 1230, 30, 2, 198, 1, 520, 9531, 198],
+    # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 38, 1672, 216, 37, 47, 19842, 351, 915,
+    260, 1230, 30, 2, 198, 1, 520, 9531, 198],
+    # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 39, 731, 216, 33, 32, 47, 19842, 351,
+    915, 260, 1230, 30, 2, 198, 1, 520, 9531, 198],
+]
+REQUESTS = [(0, 1427104158), (0, 1427104159), (0, 1427104160), (0, 1427104161), (1, 1428104161), (1,
+    1428104162), (1, 1428104163), (1, 1428104164), (2, 1429104164), (2, 1429104165), (2,
+    1429104166), (2, 1429104167), (3, 1430104167), (3, 1430104168), (3, 1430104169), (3,
+    1430104170), (4, 1431104170), (4, 1431104171), (4, 1431104172), (4, 1431104173), (5,
+    1432104173), (5, 1432104174), (5, 1432104175), (5, 1432104176), (6, 1433104176), (6,
+    1433104177), (6, 1433104178), (6, 1433104179), (7, 1434104179), (7, 1434104180), (7,
+    1434104181), (7, 1434104182)]  # (prompt, seed) of each request, sampled in one generate call
+SAMPLING = {'max_tokens': 32, 'temperature': 1.0, 'top_p': 1.0, 'top_k': -1}
+
+CRASH = ('ValueError', 'conv_ssm_forward')  # the failure: this exception, raised in this vLLM function
+
+def reproduce(args) -> tuple[str, str]:
+    import torch, transformers, vllm
+    print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
+    llm = vllm.LLM(model=args.model or build_model(), skip_tokenizer_init=True, **ENGINE_ARGS)
+    params = [vllm.SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
+    llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in REQUESTS], params, use_tqdm=False)
+    return "NOT REPRODUCED", f"generate returned {len(REQUESTS)} completion(s) without an error"
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model directory or hub id (default: the model above)")
+    try:
+        verdict, why = reproduce(parser.parse_args())
+    except Exception as exc:  # the crash, or anything unexpected
+        print(trace := "".join(traceback.format_exception(exc)), end="")  # chained exceptions included
+        crashed = type(exc).__name__ == CRASH[0] and (CRASH[1] is None or f", in {CRASH[1]}\n" in trace)
+        verdict, why = ("REPRODUCED" if crashed else "CANNOT RUN"), f"{type(exc).__name__}: {exc}"
+    print(f"{verdict}: {why}".splitlines()[0], flush=True)
+    sys.exit({"REPRODUCED": 1, "NOT REPRODUCED": 0, "CANNOT RUN": 2}[verdict])

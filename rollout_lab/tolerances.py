@@ -1,10 +1,11 @@
 """Per-dtype tolerances: how far two logprobs of the same token may differ before the lab calls it a bug.
 
-One row per engine dtype; every check reads its bound here (the run's spike threshold, calibrate.py's
-floor, the weight-sync check, the hunt's oracles), and the wording of "clean agrees to" in the
-minimizer's report and repro.py comes from the measured clean maxima. A run's spike threshold is, in
-order: loop.spike_threshold, the calibration matching its device, engine and loosest dtype
-(`python -m rollout_lab.calibrate`), the table's default.
+One row per engine dtype, and one for an fp8 KV cache whatever the dtype; every check reads its bound
+through `tolerance(dtype, kv_cache_dtype)` (the run's spike threshold, calibrate.py's floor, the
+weight-sync check, the hunt's oracles, the minimizer's predicate through the run's threshold), and the
+wording of "clean agrees to" in the minimizer's report and repro.py comes from the measured clean
+maxima. A run's spike threshold is, in order: loop.spike_threshold, the calibration matching its
+device, engine and loosest row (`python -m rollout_lab.calibrate`), the table's default.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import importlib.metadata
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from rollout_lab.config import RunConfig
 from rollout_lab.models import cache_dir
@@ -53,16 +55,23 @@ TOLERANCES = {
 }
 
 
-def oracle_row(dtype: str, kv_cache_dtype) -> str:
-    """The TOLERANCES row a hunt oracle reads for an engine of `dtype` whose KV cache is `kv_cache_dtype`."""
+def oracle_row(dtype: str, kv_cache_dtype: Optional[str] = None) -> str:
+    """The TOLERANCES row of an engine of `dtype` whose KV cache is `kv_cache_dtype` (None, 'auto': the
+    engine's dtype): an fp8 KV cache has a row of its own. The hunt's per-row oracle bounds are keyed by it."""
     return "fp8_kv" if str(kv_cache_dtype or "auto").startswith("fp8") else dtype
 
 
-def tolerance(dtype: str) -> Tolerance:
-    """The row for `dtype`; an unknown dtype raises ValueError naming the valid ones."""
-    if dtype not in TOLERANCES:
-        raise ValueError(f"no tolerances for dtype {dtype!r}; known: {', '.join(TOLERANCES)}")
-    return TOLERANCES[dtype]
+def tolerance(dtype: str, kv_cache_dtype: Optional[str] = None) -> Tolerance:
+    """The row for an engine of `dtype` with that KV cache; an unknown dtype raises ValueError naming the valid ones."""
+    row = oracle_row(dtype, kv_cache_dtype)
+    if row not in TOLERANCES:
+        raise ValueError(f"no tolerances for dtype {row!r}; known: {', '.join(TOLERANCES)}")
+    return TOLERANCES[row]
+
+
+def engine_row(cfg: RunConfig) -> str:
+    """The TOLERANCES row of the run's engine: its dtype's, or fp8_kv's under +engine.args.kv_cache_dtype=fp8*."""
+    return oracle_row(cfg.engine.dtype, cfg.engine.args.get("kv_cache_dtype"))
 
 
 def _short(value: float) -> str:
@@ -71,14 +80,15 @@ def _short(value: float) -> str:
     return f"{mantissa}e{int(exponent)}" if exponent else mantissa
 
 
-def clean_agreement(dtype: str) -> str:
+def clean_agreement(dtype: str, kv_cache_dtype: Optional[str] = None) -> str:
     """'clean float32 runs agree to ~6.6e-5 on CPU, ~6e-5 on GPU': the measurements behind a tolerance.
 
-    A dtype measured nowhere (or vLLM's 'auto') gets float32's sentence, the reference's dtype."""
-    if dtype not in TOLERANCES or not TOLERANCES[dtype].clean_max:
-        dtype = "float32"
-    measured = ", ".join(f"~{_short(value)} on {device.upper()}" for device, value in TOLERANCES[dtype].clean_max.items())
-    return f"clean {dtype} runs agree to {measured}"
+    A row measured nowhere (or vLLM's 'auto') gets float32's sentence, the reference's dtype."""
+    row = oracle_row(dtype, kv_cache_dtype)
+    if row not in TOLERANCES or not TOLERANCES[row].clean_max:
+        row = "float32"
+    measured = ", ".join(f"~{_short(value)} on {device.upper()}" for device, value in TOLERANCES[row].clean_max.items())
+    return f"clean {row} runs agree to {measured}"
 
 
 def engine_version() -> str:
@@ -109,11 +119,12 @@ def threshold_for(cfg: RunConfig) -> tuple[float, str]:
     """The spike threshold for this run and where it came from (config, calibration or default)."""
     if cfg.loop.spike_threshold is not None:
         return cfg.loop.spike_threshold, "config loop.spike_threshold"
-    dtype = max(cfg.engine.dtype, cfg.trainer.dtype, key=lambda d: tolerance(d).spike_threshold)
-    key = calibration_key(dtype)
+    # The loosest of the sampler's row (fp8_kv for an fp8 KV cache) and the trainer's.
+    row = max(engine_row(cfg), cfg.trainer.dtype, key=lambda r: tolerance(r).spike_threshold)
+    key = calibration_key(row)
     path = calibration_path()
     if path.exists():
         entry = json.loads(path.read_text()).get(key)
         if entry is not None:
             return float(entry["threshold"]), f"calibration {path} [{key}]"
-    return tolerance(dtype).spike_threshold, f"built-in default for {dtype} (no calibration for {key})"
+    return tolerance(row).spike_threshold, f"built-in default for {row} (no calibration for {key})"

@@ -36,10 +36,12 @@ def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: st
     """The finding's smallest failing trial as the minimizer's case (with the planted fault, or None)."""
     from rollout_lab.hunt.space import engine_args, engine_env
     from rollout_lab.minimize.standalone import Case, Request
+    from rollout_lab.tolerances import oracle_row
 
     result, model = finding.result, finding.model
     dtype = result.dtype or finding.engine.get("engine.dtype", "float32")
-    tolerance = float(reference_tolerance[dtype])
+    # The row the trial's reference oracle judged by (fp8_kv for an fp8 KV cache, runner.run_trial).
+    tolerance = float(reference_tolerance[oracle_row(dtype, finding.engine.get("engine.kv_cache_dtype"))])
     if finding.kind == "crash":
         expected = Expected("crash", tolerance, crash_key=finding.signature.crash_key)
     elif finding.signature.oracle == "batch_invariance":
@@ -52,6 +54,8 @@ def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: st
                                [Request([1, 2, 3], 0)], max_tokens=4)
     case.fault, case.fault_params = fault, dict(fault_params) if fault else {}
     case.env = engine_env(finding.engine)
+    # The pressure preset's head, moved before the trial (runner.run_group): the minimizer moves it too.
+    case.block_pool_head = finding.engine.get("block_pool_head")
     return CaseFile(model, case, expected, f"hunt trial {finding.first_trial}: {finding.signature}")
 
 

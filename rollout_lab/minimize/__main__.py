@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from rollout_lab.minimize import emit
     from rollout_lab.minimize.handoff import MinimizedResult
     from rollout_lab.minimize.predicate import RunDirError, load_case, load_run
-    from rollout_lab.minimize.reduce import Size, deviating_knobs, knob_targets, minimize
+    from rollout_lab.minimize.reduce import Size, case_knobs, knob_targets, minimize
     from rollout_lab.minimize.trials import Rule, TrialRunner
     from rollout_lab.models import ModelError
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     case = confirmation.case if confirmation is not None else reduction.case
     MinimizedResult(
         engine_args=case.engine_args,
-        knobs=deviating_knobs(case.engine_args, targets),
+        knobs=case_knobs(case, targets),
         before=reduction.before.describe(),
         after=Size.of(case, targets).describe(),
         runs=len(reduction.records),
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         steps_back=confirmation.steps_back if confirmation is not None else None,
         verify_args=list(emit.lab_args(reduction, case)),
         env=case.env,
+        block_pool_head=case.block_pool_head,
     ).write(out_dir)
     console.print(f"[bold]wrote[/] {out_dir / 'repro.py'}, {out_dir / 'REPORT.md'} and {out_dir / emit.LOG_NAME}")
     ok = True

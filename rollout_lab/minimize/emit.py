@@ -22,7 +22,8 @@ from rich.markup import escape
 
 from rollout_lab.localize.report import where_inside
 from rollout_lab.minimize import standalone
-from rollout_lab.minimize.reduce import KNOB_ARGS, Reduction, Size, deviating_knobs, knob_args, with_knobs
+from rollout_lab.minimize.reduce import (KNOB_ARGS, POOL_HEAD, Reduction, Size, case_knobs, knob_args, knob_text,
+                                         with_knobs)
 from rollout_lab.minimize.script import RANDOM_MODELS, ReproSpec, distinct_prompts, repro_source
 from rollout_lab.minimize.standalone import Case
 from rollout_lab.tolerances import clean_agreement
@@ -82,14 +83,10 @@ def env_assignments(env: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
 
 
-def _knob_text(engine_args: dict, knobs: list[str]) -> str:
-    return ", ".join(f"{n}={engine_args[n]}" for k in knobs for n in knob_args(k) if n in engine_args)
-
-
 def title(reduction: Reduction, case: Case, device: str) -> str:
     """A title a person would write: what goes wrong, under which settings, on which device."""
     expected, outcome = reduction.run.expected, reduction.final_outcome()
-    knobs = _knob_text(case.engine_args, deviating_knobs(case.engine_args, reduction.targets))
+    knobs = knob_text(case, case_knobs(case, reduction.targets))
     under = f" with {knobs}" if knobs else ""
     if expected.kind == "crash":
         exc_type = expected.crash_key.split("@", 1)[0]
@@ -109,7 +106,7 @@ def description(reduction: Reduction, case: Case) -> str:
     """Two or three plain sentences: the minimal workload, and what goes wrong with it."""
     expected, outcome = reduction.run.expected, reduction.final_outcome()
     size = Size.of(case, reduction.targets)
-    knobs = _knob_text(case.engine_args, size.knobs) or "vLLM's defaults for the engine knobs"
+    knobs = knob_text(case, size.knobs) or "vLLM's defaults for the engine knobs"
     workload = (f"{size.requests} request(s) on {size.prompts} prompt(s) of up to {size.prompt_tokens} tokens, "
                 f"max_tokens={case.max_tokens}, " + ("sampled from the engine's seeded RNG" if any(
                     r.seed is None for r in case.requests) else "each with its own seed"))
@@ -127,7 +124,8 @@ def description(reduction: Reduction, case: Case) -> str:
     else:
         happened = ("the logprob vLLM returns for some sampled tokens differs from transformers' float32 "
                     f"teacher-forced logprob by more than {expected.spike_threshold:g} "
-                    f"({clean_agreement(str(case.engine_args.get('dtype')))}), on {WHERE[expected.request_class]}")
+                    f"({clean_agreement(str(case.engine_args.get('dtype')), case.engine_args.get('kv_cache_dtype'))}), "
+                    f"on {WHERE[expected.request_class]}")
         if outcome is not None:
             happened += f": {outcome.num_flagged}/{outcome.num_tokens} tokens, max difference {outcome.max_abs_diff:.3g}"
     return f"With {knobs} and {workload}, {happened}."
@@ -281,9 +279,12 @@ class Emitter:
         """Each knob of the trigger back to its default (a boolean one flipped), and the planted fault off."""
         runs = self.reduction.rule.tries
         flips = []
-        for knob in deviating_knobs(case.engine_args, self.reduction.targets):
-            keep = [k for k in deviating_knobs(case.engine_args, self.reduction.targets) if k != knob]
-            args = with_knobs(case.engine_args, keep, self.reduction.targets)
+        knobs = case_knobs(case, self.reduction.targets)
+        for knob in knobs:
+            if knob == POOL_HEAD:  # the free queue left as a fresh engine's: the lowest ids first
+                flips.append(Flip(f"{POOL_HEAD}=None", [self.run(replace(case, block_pool_head=None)).verdict for _ in range(runs)]))
+                continue
+            args = with_knobs(case.engine_args, [k for k in knobs if k != knob], self.reduction.targets)
             for name in knob_args(knob):
                 if isinstance(case.engine_args.get(name), bool):
                     args[name] = not case.engine_args[name]
@@ -360,7 +361,8 @@ def minimization_log(reduction: Reduction, confirmation: Optional[Confirmation])
         "weights), rollout_lab's scheduler hook and worker extension.",
         f"- Before: {reduction.before.describe()}.",
         f"- After: {reduction.after.describe()}.",
-        "- Knob defaults: " + "; ".join(f"{knob} -> {reduction.targets[knob] or 'vLLM default'}" for knob in KNOB_ARGS) + ".",
+        "- Knob defaults: " + "; ".join([f"{knob} -> {reduction.targets[knob] or 'vLLM default'}" for knob in KNOB_ARGS] + (
+            [f"{POOL_HEAD} -> None (the free block queue as a fresh engine's)"] if run.case.block_pool_head is not None else [])) + ".",
         f"- Runs: {len(reduction.records)} ({reduction.new_trials} in the last session), "
         f"{sum(r.seconds for r in reduction.records):.0f} s of trials; last session {reduction.seconds:.0f} s wall.",
         "", *_log_summary(reduction),

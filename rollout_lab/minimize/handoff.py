@@ -63,6 +63,8 @@ class MinimizedResult:
     verify_args: list[str] = field(default_factory=list)
     # The vLLM environment variables of the emitted case (the reduction keeps them as they were).
     env: dict[str, str] = field(default_factory=dict)
+    # Where the emitted case starts the free block queue (Case.block_pool_head; None: a fresh engine's order).
+    block_pool_head: Optional[float] = None
 
     FILE = "minimized.json"
 

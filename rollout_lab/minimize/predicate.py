@@ -133,7 +133,8 @@ def recorded_requests(run_dir: Path, step: int, worker: int | None) -> list[Samp
 
 
 def replay_case(cfg: RunConfig, model_path: str, recorded: list[SampledRequest]) -> Case:
-    """The recorded requests on a direct engine built like the run's (its seed included), with its planted fault."""
+    """The recorded requests on a direct engine built like the run's (its seed included), with its planted
+    fault and its block pool's head (the run moved it before every step)."""
     params = {(r.n, r.max_tokens, r.temperature, r.top_p, r.top_k, r.logprobs) for r in recorded}
     if len(params) != 1 or next(iter(params))[0] != 1:
         raise RunDirError(f"the recorded requests were sent with sampling params {sorted(params)}; a case replays "
@@ -149,6 +150,7 @@ def replay_case(cfg: RunConfig, model_path: str, recorded: list[SampledRequest])
         top_k=top_k,
         fault=cfg.fault.name,
         fault_params=fault_params(cfg.fault.name, dict(cfg.fault.params)) if cfg.fault.name else {},
+        block_pool_head=cfg.block_pool_head,
     )
 
 

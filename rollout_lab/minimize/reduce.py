@@ -1,8 +1,9 @@
 """The reduction: shrink every dimension of a failing case while it keeps failing the same way.
 
     FailingRun -> calibrate (run the original case; choose the k-of-n rule)
-      -> engine knobs back to vLLM's defaults, on the original workload: all at once first, else
-         one knob at a time, sweeping until no kept knob can go (each candidate starts an engine)
+      -> engine knobs back to vLLM's defaults, and a block_pool_head back to a fresh engine's order,
+         on the original workload: all at once first, else one knob at a time, sweeping until no
+         kept knob can go (each candidate with other engine arguments starts an engine)
       -> workload, on the final engine: prompts (first merged into one, then two, concatenated
          prompts, for failures that need many tokens in the cache but not many requests; then
          all requests on one prompt, for failures that need many requests but not many different
@@ -99,6 +100,28 @@ def with_knobs(engine_args: dict, keep: list[str], targets: dict[str, dict]) -> 
     return args
 
 
+# The case's one knob that is no engine argument: where the free block queue starts (Case.block_pool_head),
+# back to a fresh engine's order (None). Trials with and without it share one engine.
+POOL_HEAD = "block_pool_head"
+
+
+def case_knobs(case: Case, targets: dict[str, dict]) -> list[str]:
+    """The case's knobs off their targets: the engine's (deviating_knobs), then block_pool_head when set."""
+    return deviating_knobs(case.engine_args, targets) + ([POOL_HEAD] if case.block_pool_head is not None else [])
+
+
+def with_case_knobs(case: Case, keep: list[str], targets: dict[str, dict]) -> Case:
+    """The case with every knob outside `keep` back to its target (block_pool_head: to None)."""
+    return replace(case, engine_args=with_knobs(case.engine_args, keep, targets),
+                   block_pool_head=case.block_pool_head if POOL_HEAD in keep else None)
+
+
+def knob_text(case: Case, knobs: list[str]) -> str:
+    """'block_size=16, block_pool_head=0.8': the case's values of the arguments `knobs` cover."""
+    values = {POOL_HEAD: case.block_pool_head, **case.engine_args}
+    return ", ".join(f"{n}={values[n]}" for k in knobs for n in knob_args(k) if n in values)
+
+
 def prompt_indices(case: Case) -> list[int]:
     """The case's prompts, in request order."""
     return list(dict.fromkeys(r.prompt_index for r in case.requests))
@@ -168,7 +191,7 @@ class Size:
             requests=len(case.requests),
             max_tokens=case.max_tokens,
             prompt_tokens=max(len(r.prompt_token_ids) for r in case.requests),
-            knobs=deviating_knobs(case.engine_args, targets),
+            knobs=case_knobs(case, targets),
         )
 
     def describe(self) -> str:
@@ -276,14 +299,14 @@ class Reducer:
         needed beside the others (a knob kept early was tried beside knobs that went back later).
         A candidate tried before (the last knob alone: the all-at-once trial) is read from the cache.
         """
-        knobs = deviating_knobs(case.engine_args, self.targets)
+        knobs = case_knobs(case, self.targets)
         if not knobs:
             return case
 
         def fails(keep: list[str]) -> bool:
             reset = [k for k in knobs if k not in keep]
             change = f"to default: {', '.join(reset)}" + (f"; kept: {', '.join(keep)}" if keep else "")
-            return self.fails(replace(case, engine_args=with_knobs(case.engine_args, keep, self.targets)), "knobs", change)
+            return self.fails(with_case_knobs(case, keep, self.targets), "knobs", change)
 
         keep = [] if fails([]) else list(knobs)
         swept = False
@@ -293,7 +316,7 @@ class Reducer:
                 rest = [k for k in keep if k != knob]
                 if fails(rest):
                     keep, swept = rest, False
-        return replace(case, engine_args=with_knobs(case.engine_args, keep, self.targets))
+        return with_case_knobs(case, keep, self.targets)
 
 
 def knobs_fit(trials: TrialRunner, knobs: int) -> bool:
@@ -321,7 +344,7 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
         )
     trials.rule = rule or calibrated_rule(failures, calibration_runs)
     console.print(f"[bold]rule[/]: {trials.rule.describe()} (original case failed {failures}/{calibration_runs})")
-    if knobs_fit(trials, len(deviating_knobs(case.engine_args, targets))):
+    if knobs_fit(trials, len(case_knobs(case, targets))):
         case = reducer.workload(reducer.knobs(case))
     else:
         console.print("[bold]order[/]: the budget left holds fewer engine starts than the knob pass may need: "

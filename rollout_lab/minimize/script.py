@@ -29,6 +29,8 @@ from rollout_lab.tolerances import clean_agreement
 # crash takes ~50 on a hub model and ~60 rebuilding an embedded random model, a one-prompt batch-
 # invariance case ~65 and ~83; the budget leaves room for a few more prompts and requests.
 LINE_BUDGET = {"crash": 70, "mismatch": 100, "batch_invariance": 90}
+# What a case's block_pool_head adds: the value, the free-queue restart (move_pool_head) and its call.
+POOL_HEAD_LINES = 12
 # The planted fault's section of a repro.py begins and ends with these lines.
 FAULT_BEGIN, FAULT_END = "# ---- PLANTED FAULT", "# ---- end of the planted fault"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -133,6 +135,23 @@ def install_fault(llm, no_fault: bool) -> None:
 '''
 
 
+def _pool_head_block(spec: ReproSpec) -> str:
+    """move_pool_head(llm): rollout_lab/pressure.py's restart of the free block queue, on the engine object."""
+    if spec.case.block_pool_head is None:
+        return ""
+    return '''
+
+def move_pool_head(llm) -> None:
+    # Hand out blocks from id N = BLOCK_POOL_HEAD x num_blocks up, as a big cache would: a fresh engine hands
+    # out the lowest ids first, and this small workload alone never reaches the high ids the failure needs.
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool  # KV blocks and state slots
+    head = min(max(int(BLOCK_POOL_HEAD * pool.num_gpu_blocks), 1), pool.num_gpu_blocks - 1)  # 0: vLLM's null block
+    pool.free_block_queue = FreeKVCacheBlockQueue(pool.blocks[head:] + pool.blocks[1:head])  # then wrap to id 1
+    print(f"free block queue starts at block {head} of {pool.num_gpu_blocks}")
+'''
+
+
 def _case_block(spec: ReproSpec) -> str:
     case = spec.case
     prompts = distinct_prompts(case)
@@ -157,6 +176,8 @@ def _case_block(spec: ReproSpec) -> str:
         *lines,
         _assign("REQUESTS", requests) + "  # (prompt, seed) of each request, sampled in one generate call",
         _assign("SAMPLING", sampling),
+        *([f"BLOCK_POOL_HEAD = {case.block_pool_head!r}  # where the free block queue starts, as a fraction of the pool"]
+          if case.block_pool_head is not None else []),
     ])
 
 
@@ -195,8 +216,8 @@ def _mismatch_run(spec: ReproSpec, model: str, install: str) -> str:
     from rollout_lab.minimize.standalone import SAME_CLASS
 
     return f'''{_comment("The failure: sampled tokens whose vLLM logprob is off transformers' float32 one by > TOLERANCE "
-           f"({clean_agreement(str(spec.case.engine_args.get('dtype')))}), on requests of CLASSES: "
-           f"{CLASS_TEXT[spec.expected.request_class]}.")}
+           f"({clean_agreement(str(spec.case.engine_args.get('dtype')), spec.case.engine_args.get('kv_cache_dtype'))}), "
+           f"on requests of CLASSES: {CLASS_TEXT[spec.expected.request_class]}.")}
 TOLERANCE, CLASSES = {spec.expected.spike_threshold!r}, {SAME_CLASS[spec.expected.request_class]!r}
 
 def reproduce(args) -> tuple[str, str]:
@@ -235,6 +256,7 @@ def reproduce(args) -> tuple[str, str]:
 
 def _batch_run(spec: ReproSpec, model: str, install: str) -> str:
     targets = min(spec.expected.targets, len(spec.case.requests))
+    head = "\n        move_pool_head(llm)" if spec.case.block_pool_head is not None else ""
     return f'''{_comment("The failure: one of the first TARGETS requests, run again alone on the same engine after the "
                          "batch, gives other sampled tokens or sampled-token logprobs than in the batch (bitwise).")}
 TARGETS = {targets!r}
@@ -245,7 +267,7 @@ def reproduce(args) -> tuple[str, str]:
     llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){install}
 
     def run(requests):  # (sampled tokens, their logprobs) of each request, the requests in one generate call
-        params = [vllm.SamplingParams(seed=seed, logprobs=0, detokenize=False, **SAMPLING) for _, seed in requests]
+        params = [vllm.SamplingParams(seed=seed, logprobs=0, detokenize=False, **SAMPLING) for _, seed in requests]{head}
         outputs = llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in requests], params, use_tqdm=False)
         return [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in (o.outputs[0] for o in outputs)]
 
@@ -285,6 +307,9 @@ def repro_source(spec: ReproSpec) -> str:
     case, kind = spec.case, spec.expected.kind
     model_block, model = _model_block(spec)
     install = "\n    install_fault(llm, args.no_fault)" if case.fault else ""
+    # Before the requests, as the minimizer's trials (standalone.sample) move it; a batch repro moves it per run.
+    if case.block_pool_head is not None and kind != "batch_invariance":
+        install += "\n    move_pool_head(llm)"
     run = {"crash": _crash_run, "mismatch": _mismatch_run, "batch_invariance": _batch_run}[kind](spec, model, install)
     usage = "python repro.py [--model DIR_OR_HUB_ID]" + (" [--no-fault]" if case.fault else "")
     fault_note = f" Needs rollout_lab's planted fault {case.fault} (labelled below; --no-fault: without it)." if case.fault else ""
@@ -307,7 +332,7 @@ import {", ".join(imports)}
 
 {model_block}
 {_case_block(spec)}
-{_fault_block(spec)}
+{_pool_head_block(spec)}{_fault_block(spec)}
 {run}
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

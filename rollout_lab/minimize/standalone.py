@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from rollout_lab import compat, engine
+from rollout_lab import compat, engine, pressure
 from rollout_lab.reference import reference_logprobs
 
 
@@ -46,6 +46,10 @@ class Case:
     # vLLM environment variables (VLLM_BATCH_INVARIANT, ...), set before vLLM is imported: vLLM
     # reads some at import and caches them all once an engine runs, so one process has one env.
     env: dict[str, str] = field(default_factory=dict)
+    # Where the engine's free block queue starts before the requests, as a fraction of its blocks (a
+    # pressure preset's block_pool_head, rollout_lab/pressure.py): they get the top block ids and
+    # state slots first, as on a big cache. None: a fresh engine's order, lowest ids first.
+    block_pool_head: Optional[float] = None
 
 
 @dataclass
@@ -183,9 +187,11 @@ def start_engine(case: Case, with_fault: bool):
 
 
 def sample(llm, case: Case) -> list[engine.SampledOutput]:
-    """vLLM's completions for the case's requests, in request order, with sampled-token logprobs."""
+    """vLLM's completions for the case's requests, in request order, with sampled-token logprobs; the
+    free block queue first moved to the case's block_pool_head, as the RL job moves it before a step."""
     params = [engine.sampling_params(request.seed, n=1, max_tokens=case.max_tokens, temperature=case.temperature,
                                      top_p=case.top_p, top_k=case.top_k, logprobs=0) for request in case.requests]
+    pressure.move_pool_head(llm, case.block_pool_head)
     return engine.generate(llm, [request.prompt_token_ids for request in case.requests], params)
 
 

@@ -197,3 +197,18 @@ def test_flips_undo_each_trigger_knob_alone_and_switch_the_fault_off():
     # One knob undone at a time: the others stay as the minimal case has them.
     assert tried[1][0] == {"dtype": "float32", "enable_prefix_caching": False}
     assert tried[4] == (red.case.engine_args, ("--no-fault",))
+
+
+def test_a_kept_block_pool_head_is_named_in_the_title_and_flipped_off_on_its_own():
+    red = reduction(fault="index_overflow")
+    red = replace(red, case=replace(red.case, block_pool_head=0.8))
+    assert "with block_size=32, block_pool_head=0.8 (CPU)" in title(red, red.case, "CPU")
+    emitter = ScriptedEmitter(red, {})
+    tried = []
+    emitter.run = lambda case, args=(): tried.append(case) or Verification(list(args), 0, 1.0, "", "NOT REPRODUCED: clean")
+    flips = emitter.flips(red.case)
+    assert [f.describe() for f in flips][-2:] == ["block_pool_head=None: clean 1/1", "planted fault off (--no-fault): clean 1/1"]
+    # The head alone goes: the engine arguments stay the minimal case's; every other flip keeps the head.
+    assert tried[-2] == replace(red.case, block_pool_head=None)
+    assert all(case.block_pool_head == 0.8 for case in tried[:-2] + tried[-1:])
+    assert "block_pool_head -> None" in minimization_log(replace(red, run=replace(red.run, case=red.case)), None)

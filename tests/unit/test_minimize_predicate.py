@@ -1,4 +1,5 @@
 """Reading a failed run dir: which step, which recorded requests, which predicate; and the refusals."""
+import json
 import shutil
 
 import pytest
@@ -182,3 +183,34 @@ def test_the_on_policy_threshold_0_fails_a_run_on_any_token_not_bitwise_equal(tm
     write_run(tmp_path / "bitwise")
     with pytest.raises(RunDirError, match="above the spike threshold 0$"):
         load_run(tmp_path / "bitwise", threshold=0.0)
+
+
+def test_a_run_under_a_block_pool_head_replays_with_the_head_from_its_config(tmp_path):
+    cfg = write_run(tmp_path, flagged={(0, 0, 1)}, fault="index_overflow")
+    assert load_run(tmp_path).case.block_pool_head is None
+    cfg.block_pool_head = 0.8  # +pressure=high_ids
+    write_config(tmp_path, cfg)
+    assert load_run(tmp_path).case.block_pool_head == 0.8
+
+
+def test_a_hunt_case_json_hands_the_minimizer_the_trials_block_pool_head(tmp_path):
+    from rollout_lab.hunt.protocol import Finding, OracleVerdict, Signature, TrialResult
+    from rollout_lab.hunt.repros import case_file
+    from rollout_lab.minimize.handoff import CaseFile
+    from rollout_lab.minimize.predicate import load_case
+    from rollout_lab.minimize.standalone import Case, Request
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    case = Case(str(model_dir), {"block_size": 32}, [Request([1, 2, 3], 11, 0, 0)], max_tokens=8)
+    result = TrialResult("fail", dtype="float32", oracles={"reference": OracleVerdict(8, 1, 2.5, "any")}, case=case)
+    # The hunt point of a trial under high_ids (hunt.space.with_pressure) carries the preset's head.
+    engine = {"model": str(model_dir), "engine.dtype": "float32", "engine.block_size": 32, "block_pool_head": 0.8}
+    finding = Finding(Signature.parse("mismatch/reference:smollm2:float32:any"), "t1", 5.0, 1, 1, engine, {}, result)
+    path = case_file(finding, {"float32": 1e-3}, "index_overflow", {"threshold": 160, "stride": 1}).write(tmp_path / "case.json")
+    assert load_case(path).case.block_pool_head == 0.8
+    # A case.json written before the head was carried reads as no head.
+    data = json.loads(path.read_text())
+    del data["case"]["block_pool_head"]
+    path.write_text(json.dumps(data))
+    assert CaseFile.read(path).case.block_pool_head is None

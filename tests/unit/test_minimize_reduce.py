@@ -1,9 +1,11 @@
 """Candidate construction and the knob table, checked by hand."""
 from rollout_lab.minimize.reduce import (
     Size,
+    case_knobs,
     deviating_knobs,
     knob_targets,
     prompt_indices,
+    with_case_knobs,
     with_knobs,
     with_merged_prompts,
     with_one_prompt,
@@ -188,3 +190,33 @@ def test_knobs_sweep_until_each_kept_knob_is_needed_beside_the_others(tmp_path):
     # All at once, each of the 7 knobs once, then cache_size again beside block_size alone.
     assert runner.new_trials == 9
     assert not next(r for r in runner.records if r.size["knobs"] == []).failed
+
+
+HIGH_IDS = {"dtype": "float32", "block_size": 32, "kv_cache_memory_bytes": 330_000_000, "max_model_len": 256,
+            "max_num_seqs": 16, "enforce_eager": True}
+
+
+def test_the_block_pool_head_is_a_knob_of_the_case_that_goes_back_to_none():
+    targets = knob_targets(on_gpu=False)
+    case = Case("m", HIGH_IDS, [Request([1, 2, 3], 0)], 4, block_pool_head=0.8)
+    assert case_knobs(case, targets) == ["cache_size", "block_size", "max_num_seqs", "max_model_len", "block_pool_head"]
+    assert Size.of(case, targets).knobs[-1] == "block_pool_head"
+    kept = with_case_knobs(case, ["block_size", "block_pool_head"], targets)
+    assert (kept.block_pool_head, kept.engine_args) == (0.8, {"dtype": "float32", "block_size": 32, "enforce_eager": True,
+                                                              "gpu_memory_utilization": 0.3})
+    assert with_case_knobs(case, ["block_size"], targets).block_pool_head is None
+
+
+def test_the_reducer_keeps_the_head_only_when_the_failure_needs_it(tmp_path):
+    targets = knob_targets(on_gpu=False)
+    case = Case("m", HIGH_IDS, [Request([1, 2, 3], 0)], 4, block_pool_head=0.8)
+    # An overflow past a high block id: on the default (big) cache too, but only with the head moved.
+    reducer, runner = _reducer(tmp_path / "needs", lambda c: c.block_pool_head is not None)
+    reduced = reducer.knobs(case)
+    assert case_knobs(reduced, targets) == ["block_pool_head"] and reduced.block_pool_head == 0.8
+    # All at once (the head too) passed; each engine knob went back alone with the head kept.
+    assert [r.failed for r in runner.records] == [False, True, True, True, True]
+    # A failure the head does not matter to: it goes back with the other knobs.
+    reducer, _ = _reducer(tmp_path / "indifferent", lambda c: "block_size" in deviating_knobs(c.engine_args, targets))
+    reduced = reducer.knobs(case)
+    assert case_knobs(reduced, targets) == ["block_size"] and reduced.block_pool_head is None

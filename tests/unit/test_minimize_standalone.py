@@ -1,4 +1,5 @@
-"""One trial's outcome from vLLM's outputs: a preemption count vLLM does not keep stays unknown."""
+"""One trial: its requests sampled after the free queue moves to the case's head; its outcome from
+vLLM's outputs (a preemption count vLLM does not keep stays unknown)."""
 from types import SimpleNamespace
 
 from rollout_lab import compat, engine
@@ -36,3 +37,14 @@ def test_known_counts_say_how_many_requests_were_preempted(monkeypatch):
     outcome = run(monkeypatch, [output([5, 6], -2.0, 0, 1), output([7, 8], -1.0, 16, 0)], keeps_counts=True)
     assert outcome.request_class == "preempted" and outcome.num_unknown_preemptions == 0
     assert outcome.describe().endswith("(1/2 requests preempted)")
+
+
+
+def test_a_case_is_sampled_after_its_free_queue_is_moved_to_its_block_pool_head(monkeypatch):
+    calls = []
+    monkeypatch.setattr(standalone.pressure, "move_pool_head", lambda llm, fraction: calls.append(("head", fraction)))
+    monkeypatch.setattr(engine, "generate", lambda llm, prompts, params: calls.append(("generate", len(prompts))) or [])
+    standalone.sample(None, Case("m", {}, [Request([1, 2], 0)] * 3, max_tokens=2, block_pool_head=0.8))
+    standalone.sample(None, Case("m", {}, [Request([1, 2], 0)], max_tokens=2))
+    # pressure.move_pool_head, the RL job's own, leaves the queue as it is for None.
+    assert calls == [("head", 0.8), ("generate", 3), ("head", None), ("generate", 1)]

@@ -90,3 +90,18 @@ def test_many_slots_gpu_puts_the_head_past_the_32_bit_crossing(model, tensors, p
     gpu = preset("many_slots_gpu")
     slots = gpu["pressure_by_model"][model]["engine"]["kv_cache_memory_bytes"] // (tensors * page_bytes)
     assert head_block(gpu["block_pool_head"], slots) > crossing
+
+
+@pytest.mark.parametrize("fraction, num_blocks", [(0.8, 223), (0.0, 10), (0.99, 10)])
+def test_an_emitted_repro_moves_the_head_where_the_rl_job_and_the_minimizer_do(fraction, num_blocks):
+    from rollout_lab.minimize.script import ReproSpec, repro_source
+    from rollout_lab.minimize.standalone import Case, Expected, Request
+
+    case = Case("m", {"dtype": "float32"}, [Request([1, 2, 3], 0)], 4, block_pool_head=fraction)
+    namespace = {}
+    exec(repro_source(ReproSpec("[Bug]: t", "d.", "m", case, Expected("mismatch", 1e-3, request_class="any"))), namespace)
+    ours, ours_pool = engine_with_pool(num_blocks)
+    theirs, theirs_pool = engine_with_pool(num_blocks)
+    move_pool_head(ours, fraction)
+    namespace["move_pool_head"](theirs)
+    assert ids(theirs_pool.get_new_blocks(num_blocks - 1)) == ids(ours_pool.get_new_blocks(num_blocks - 1))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rollout_lab import faults, models
-from rollout_lab.minimize.script import LINE_BUDGET, RANDOM_MODELS, ReproSpec, budget_lines, repro_source
+from rollout_lab.minimize.script import LINE_BUDGET, POOL_HEAD_LINES, RANDOM_MODELS, ReproSpec, budget_lines, repro_source
 from rollout_lab.minimize.standalone import Case, Expected, Request
 
 ALLOWED = {"vllm", "torch", "transformers"}
@@ -138,3 +138,23 @@ def test_prompts_sharing_a_long_prefix_carry_it_once_and_evaluate_to_the_same_to
     assert namespace["PROMPTS"] == prompts
     # Without a long common prefix nothing is factored out.
     assert "PREFIX" not in repro_source(spec("mismatch", "smollm2"))
+
+
+@pytest.mark.parametrize("kind", ["crash", "mismatch", "batch_invariance"])
+def test_a_block_pool_head_is_moved_before_each_generate_call_within_the_budget(kind):
+    s = spec("mismatch" if kind == "batch_invariance" else kind, "hybrid-tiny", "stale_state")
+    if kind == "batch_invariance":
+        s.expected = Expected("batch_invariance", 0.0, targets=4)
+    s.case.block_pool_head = 0.8
+    source = repro_source(s)
+    compile(source, "repro.py", "exec")
+    s.case.block_pool_head = None
+    without = repro_source(s)
+    assert budget_lines(source) - budget_lines(without) <= POOL_HEAD_LINES
+    assert budget_lines(source) <= LINE_BUDGET[kind] + POOL_HEAD_LINES, budget_lines(source)
+    assert "BLOCK_POOL_HEAD = 0.8" in source and "as a big cache would" in source
+    body = source[source.index("def reproduce"):]
+    # Every generate call of the script (the batch, each request alone) comes right after a move.
+    assert body.count("move_pool_head(llm)") == body.count("llm.generate(") == 1
+    assert body.index("move_pool_head(llm)") < body.index("llm.generate(")
+    assert "move_pool_head" not in without and "BLOCK_POOL_HEAD" not in without

@@ -9,7 +9,8 @@ number and never from a try/except around the call that needs it. What differs, 
 - per-request preemption counts (`RequestOutput.metrics.num_preemptions`): kept from vLLM 0.30
   on; before that the count is unknown (None), never 0;
 - engine metric names (`LLM.get_metrics()`), mapped to the lab's names;
-- the in-place weight reload entry point (`model_runner.reload_weights(weights_iterator=...)`);
+- the in-place weight reload entry point (`model_runner.reload_weights(weights_iterator=...)`), and
+  vLLM CPU's MoE experts, which that reload leaves unpacked (vLLM CPU 0.32; 0.25 has no such experts);
 - where the batch-invariant kernels live;
 - the layer names a GraniteMoeHybrid config must carry: vLLM 0.25 reads `mamba`/`attention`
   while transformers 5.x (which it requires) writes `linear_attention`/`full_attention`.
@@ -132,6 +133,26 @@ def reload_weights(model_runner, weights: Iterable) -> None:
             "is_checkpoint_format=...) is missing; in-place weight sync needs a vLLM that has it (0.25 or later)"
         )
     model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    _repack_cpu_moe_experts(model_runner.get_model())
+
+
+@functools.cache
+def _cpu_prepacked_experts() -> tuple[type, ...]:
+    """vLLM CPU's unquantized MoE experts, which prepack w13/w2 into their grouped-gemm layout after
+    the first load only; none where the installed vLLM has no such class (0.25)."""
+    cpu_moe = _optional_module("vllm.model_executor.layers.fused_moe.experts.cpu_moe")
+    experts = getattr(cpu_moe, "CPUUnquantizedExperts", None)
+    return (experts,) if isinstance(experts, type) else ()
+
+
+def _repack_cpu_moe_experts(model) -> None:
+    """Prepack CPU MoE experts again after an in-place reload. vLLM's reload treats it as a weight
+    update and skips the experts' own post-load step, so the checkpoint layout lands in the packed
+    storage: logprobs off by 2-3 after reloading unchanged weights (Qwen3-MoE, Mixtral tiny models)."""
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if isinstance(getattr(kernel, "fused_experts", None), _cpu_prepacked_experts()):
+            kernel.fused_experts.process_weights_after_loading(module)
 
 
 # Where vLLM keeps its batch-invariant kernels and the aten overrides that switch them on.

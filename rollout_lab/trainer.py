@@ -6,6 +6,7 @@ import os
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
 from trl.trainer.utils import selective_log_softmax
 
 from rollout_lab import weight_sync
@@ -31,6 +32,23 @@ def build_model(model_path: str, cfg: TrainerConfig):
 
         compat.enable_batch_invariant_mode()
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype)).to(device)
+
+
+def checkpoint_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """The model's weights as its checkpoint on disk holds them, which is what vLLM loads: transformers'
+    own conversion mapping reverted (transformers 5 fuses MoE experts into `mlp.experts.gate_up_proj`,
+    Mixtral's checkpoint has `block_sparse_moe.experts.N.w1`); models without a mapping keep their names.
+
+    A tied output embedding is sent again under its own name: vLLM CPU 0.32 repacks lm_head
+    into a oneDNN handle of its own, and `reload_weights` leaves that handle stale when only
+    the input embedding arrives (repro/tied_lm_head_reload/repro.py).
+    """
+    named = {name: p.detach() for name, p in model.named_parameters()}
+    output = model.get_output_embeddings()
+    if output is not None and model.config.get_text_config().tie_word_embeddings:
+        head_name = next(name for name, module in model.named_modules() if module is output)
+        named[f"{head_name}.weight"] = output.weight.detach()
+    return list(revert_weight_conversion(model, named).items())
 
 
 class Trainer:
@@ -99,19 +117,9 @@ class Trainer:
         return recomputed, {"loss": total_loss, "grad_norm": float(grad_norm)}
 
     def named_weights(self, dtype: str) -> list:
-        """Weights under their checkpoint names in the engine's dtype, encoded for transport.
-
-        A tied output embedding is sent again under its own name: vLLM CPU 0.32 repacks lm_head
-        into a oneDNN handle of its own, and `reload_weights` leaves that handle stale when only
-        the input embedding arrives (repro/tied_lm_head_reload/repro.py).
-        """
+        """Weights under their checkpoint names in the engine's dtype, encoded for transport."""
         target = getattr(torch, dtype)
-        named = [(name, p.detach().to("cpu", target)) for name, p in self.model.named_parameters()]
-        output = self.model.get_output_embeddings()
-        if output is not None and self.model.config.get_text_config().tie_word_embeddings:
-            head_name = next(name for name, module in self.model.named_modules() if module is output)
-            named.append((f"{head_name}.weight", output.weight.detach().to("cpu", target)))
-        return weight_sync.encode(named)
+        return weight_sync.encode([(name, w.to("cpu", target)) for name, w in checkpoint_weights(self.model)])
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:

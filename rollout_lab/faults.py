@@ -24,7 +24,10 @@ parameters and their defaults: config.fault_params and the conf/fault/<name>.yam
                  was, so only the resumed request goes wrong, from its first Mamba layer on.
   index_overflow Emulates a 32-bit offset overflow: a block id b with b * `stride` >= `threshold`
                  (stride in blocks: at stride 1 the threshold is in blocks) is read from
-                 b mod threshold. Writes are unaffected. Only requests holding blocks past the
+                 b mod (threshold / stride). Writes are unaffected. Attention layers read KV
+                 through the wrapped block table; a Mamba layer whose state slot b is past the
+                 threshold starts each step from the state in slot b mod (threshold / stride) and
+                 writes to b, so pure Mamba models fail too. Only requests holding blocks past the
                  threshold go wrong, so failures track cache size and the number of blocks in use.
   logit_noise    Gaussian noise of std `scale` on every logit of every request: a magnitude-only
                  perturbation whose structure depends on nothing (the negative control).
@@ -36,6 +39,10 @@ parameters and their defaults: config.fault_params and the conf/fault/<name>.yam
                  together (and as long as enough requests are in flight).
   engine_crash   Raises RuntimeError in the forward pass at engine step `at_step`: a real
                  exception inside the engine, for crash capture and crash minimization.
+
+An engine step is a call of the model runner's execute_model that schedules tokens. The Mamba
+state faults read the slot at column 0 of a request's Mamba block row, the one vLLM's kernels use
+with mamba_cache_mode 'none' (prefix caching off); install refuses other modes.
 """
 from __future__ import annotations
 
@@ -81,11 +88,29 @@ class _FaultState:
         self.block_rows: dict[str, tuple[list[int], ...]] = {}  # req -> blocks per group, this life
         self.stale_rows: dict[str, tuple[list[int], ...]] = {}  # req -> blocks before its preemption
         self.last_batch: list[str] = []  # the requests the step before scheduled
-        # foreign_ssm_state: per Mamba cache group, its id and its layers' state tensors (dim 0: the
-        # slot); per resumed request, the state it will read at its next step.
+        # foreign_ssm_state and index_overflow: per Mamba cache group, its id and its layers' state
+        # tensors (dim 0: the slot); foreign_ssm_state: per resumed request, the state it will read
+        # at its next step.
         self.ssm_states: list[tuple[int, list[torch.Tensor]]] = []
         self.foreign_reads: dict[str, _ForeignRead] = {}
         self.generator = torch.Generator(device="cpu").manual_seed(int(params.get("seed", 0)))
+
+    def begin_step(self, scheduler_output) -> None:
+        """Before the runner's execute_model: track the step and make the planted reads it starts from."""
+        if not scheduler_output.num_scheduled_tokens:
+            # No forward pass, so not a step. CUDA vLLM (async scheduling) queues two batches; with
+            # the lab's RecordingScheduler (no AsyncScheduler) every other one is empty, and counting
+            # it made "the step before" a resume an empty batch: foreign_ssm_state never fired there.
+            return
+        self.observe(scheduler_output)
+        if self.name == "foreign_ssm_state":
+            self.read_foreign_states(scheduler_output)
+        if self.name == "index_overflow":
+            self.read_wrapped_states(scheduler_output)
+        self.batch_size = len(scheduler_output.num_scheduled_tokens)
+        if self.name == "engine_crash" and self.step == int(self.params["at_step"]):
+            raise RuntimeError(f"planted engine_crash at engine step {self.step}")
+        self.step += 1
 
     def observe(self, scheduler_output) -> None:
         """Track each request's block ids; on resume, remember the pre-preemption ones."""
@@ -120,8 +145,7 @@ class _FaultState:
         if not owners:
             return
         owner = owners[int(_chance(int(self.params["seed"]), f"{reader}/owner") * len(owners))]
-        # Column 0 of a request's Mamba block row is the slot the kernels read (no speculative decoding).
-        states = [[t[self.block_rows[owner][group][0]].clone() for t in tensors] for group, tensors in self.ssm_states]
+        states = [[t[self._state_slot(owner, group)].clone() for t in tensors] for group, tensors in self.ssm_states]
         self.foreign_reads[reader] = _ForeignRead(owner, self.step, states)
 
     def read_foreign_states(self, scheduler_output) -> list[tuple[str, str]]:
@@ -131,17 +155,42 @@ class _FaultState:
         for reader, read in list(self.foreign_reads.items()):
             if read.step < self.step and reader in scheduler_output.num_scheduled_tokens:
                 for (group, tensors), states in zip(self.ssm_states, read.states):
-                    slot = self.block_rows[reader][group][0]
+                    slot = self._state_slot(reader, group)
                     for tensor, state in zip(tensors, states):
                         tensor[slot].copy_(state)
                 del self.foreign_reads[reader]
                 pairs.append((reader, read.owner))
         return pairs
 
+    def _state_slot(self, req_id: str, group: int) -> int:
+        """The state slot `req_id` reads in Mamba cache group `group`: column 0 of its block row (mode 'none')."""
+        return self.block_rows[req_id][group][0]
+
+    def _overflow_blocks(self) -> int:
+        """index_overflow's threshold in blocks: ids from here on are read from id mod this."""
+        return max(int(self.params["threshold"]) // int(self.params["stride"]), 1)
+
+    def read_wrapped_states(self, scheduler_output) -> list[tuple[str, int, int]]:
+        """Before a step runs: each scheduled request whose state slot b is past the threshold reads the
+        state in slot b mod threshold (copied into b; its writes then go to b); (request, b, source) triples."""
+        threshold, reads = self._overflow_blocks(), []
+        for group, tensors in self.ssm_states:
+            wrapped = [(req_id, self._state_slot(req_id, group)) for req_id in scheduler_output.num_scheduled_tokens
+                       if req_id in self.block_rows and self.block_rows[req_id][group]]
+            wrapped = [(req_id, slot, slot % threshold) for req_id, slot in wrapped if slot >= threshold]
+            if wrapped:
+                _, slots, sources = zip(*wrapped)
+                for tensor in tensors:
+                    tensor[torch.tensor(slots, device=tensor.device)] = tensor[torch.tensor(sources, device=tensor.device)]
+                reads.extend(wrapped)
+        return reads
+
     def remap_block_table(self, group_id: int, block_table: torch.Tensor, num_reqs: int) -> torch.Tensor:
         """The block table the corrupted kernel would read."""
         if self.name == "index_overflow":
-            threshold = max(int(self.params["threshold"]) // int(self.params["stride"]), 1)
+            if any(group_id == group for group, _ in self.ssm_states):
+                return block_table  # a state slot is both read and written through it: read_wrapped_states
+            threshold = self._overflow_blocks()
             return torch.where(block_table >= threshold, block_table % threshold, block_table)
         if self.name == "stale_state" and self.stale_rows:
             table = block_table.clone()
@@ -178,10 +227,14 @@ class _FaultState:
 
 
 def _wrap_builders(runner, state: _FaultState) -> None:
+    # Both model runners (v1, and v2 through attn_utils.build_attn_metadata) build every group's
+    # metadata with these builders. v1 builds a second group of the same spec by update_block_table.
     for groups in runner.attn_groups:
         for attn_group in groups:
             for builder in attn_group.metadata_builders:
                 builder.build = _remapping_build(builder.build, attn_group.kv_cache_group_id, state)
+                if getattr(builder, "supports_update_block_table", False):
+                    builder.update_block_table = _remapping_update(builder.update_block_table, attn_group.kv_cache_group_id, state)
 
 
 def _remapping_build(build, group_id: int, state: _FaultState):
@@ -194,12 +247,19 @@ def _remapping_build(build, group_id: int, state: _FaultState):
     return wrapped
 
 
+def _remapping_update(update_block_table, group_id: int, state: _FaultState):
+    def wrapped(metadata, block_table, slot_mapping):
+        return update_block_table(metadata, state.remap_block_table(group_id, block_table, block_table.shape[0]), slot_mapping)
+
+    return wrapped
+
+
 def _ssm_states(runner) -> list[tuple[int, list[torch.Tensor]]]:
-    """Per Mamba cache group: (its id, every state tensor of its layers); raises on a model without one."""
+    """Per Mamba cache group: (its id, every state tensor of its layers); none for an attention-only model."""
     groups = [g for groups in runner.attn_groups for g in groups if "Mamba" in type(g.kv_cache_spec).__name__]
-    if not groups:
-        raise ValueError("fault foreign_ssm_state needs a model with Mamba layers (hybrid-tiny, mamba2-tiny, ...); "
-                         "this one has only attention layers")
+    if groups and runner.cache_config.mamba_cache_mode != "none":
+        raise ValueError(f"the planted Mamba state read reads a request's one state slot (mamba_cache_mode 'none'); this "
+                         f"engine runs mamba_cache_mode {runner.cache_config.mamba_cache_mode!r}: set engine.enable_prefix_caching=false")
     context = runner.compilation_config.static_forward_context
     states = []
     for group in groups:
@@ -219,18 +279,16 @@ def install(worker, name: str, params: dict) -> str:
     """Plant fault `name` (params already complete) in `worker`'s model runner; returns a description."""
     runner = worker.model_runner
     state = _FaultState(runner, name, params)
-    if name == "foreign_ssm_state":
+    if name in ("foreign_ssm_state", "index_overflow"):
         state.ssm_states = _ssm_states(runner)
+        if name == "foreign_ssm_state" and not state.ssm_states:
+            raise ValueError("fault foreign_ssm_state needs a model with Mamba layers (hybrid-tiny, mamba2-tiny, ...); "
+                             "this one has only attention layers")
+    # v1 and v2 model runners alike: the worker calls model_runner.execute_model (then sample_tokens).
     execute_model = runner.execute_model
 
     def observed_execute_model(scheduler_output, *args, **kwargs):
-        state.observe(scheduler_output)
-        if name == "foreign_ssm_state":
-            state.read_foreign_states(scheduler_output)
-        state.batch_size = len(scheduler_output.num_scheduled_tokens)
-        if name == "engine_crash" and state.step == int(params["at_step"]):
-            raise RuntimeError(f"planted engine_crash at engine step {state.step}")
-        state.step += 1
+        state.begin_step(scheduler_output)
         return execute_model(scheduler_output, *args, **kwargs)
 
     runner.execute_model = observed_execute_model

@@ -114,10 +114,13 @@ class RayConfig:
     address: Optional[str] = None
     sampler_num_cpus: float = 1.0
     trainer_num_cpus: float = 1.0
-    # GPUs per actor. null: from the cluster: none without GPUs; with fewer GPUs than actors,
-    # every actor gets an equal share of one GPU (fractions); else one GPU each.
+    # GPUs per sampler rank and for the trainer. null: rollout_lab/placement.py's share: a whole GPU
+    # each where there are enough, else an equal share among the actors on a GPU.
     sampler_num_gpus: Optional[float] = None
     trainer_num_gpus: Optional[float] = None
+    # The trainer's GPU: separate (one no sampler rank uses), shared (a share of sampler 0's first
+    # GPU), or auto: separate when the machine has a GPU to spare. rollout_lab/placement.py plans it.
+    trainer_gpu: str = "auto"
 
 
 @dataclass
@@ -215,15 +218,6 @@ def apply_pressure_by_model(cfg, overrides: list[str]):
             raise ConfigError(f"pressure_by_model.{cfg.model.name}.{path}: no such key in the run config")
         OmegaConf.update(cfg, path, value, merge=False)
     return cfg
-
-
-def gpu_shares(cfg: RunConfig, cluster_gpus: float) -> tuple[float, float]:
-    """(GPUs per sampler worker, GPUs for the trainer) for a cluster with `cluster_gpus` GPUs."""
-    actors = cfg.loop.num_workers + 1
-    share = 0.0 if cluster_gpus < 1 else (1.0 if cluster_gpus >= actors else round(1.0 / actors, 3))
-    sampler = cfg.ray.sampler_num_gpus if cfg.ray.sampler_num_gpus is not None else share
-    trainer = cfg.ray.trainer_num_gpus if cfg.ray.trainer_num_gpus is not None else share
-    return sampler, trainer
 
 
 def _choice(key: str, value: Any, valid: tuple) -> None:

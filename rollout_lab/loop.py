@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from rollout_lab.config import RunConfig, gpu_shares, validate
+from rollout_lab.config import RunConfig, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics
+from rollout_lab.placement import plan, reserve
 from rollout_lab.records import RolloutBatch, RunResult, token_table, write_config, write_requests, write_step, write_summary
 from rollout_lab.sampler import PromptRequest
 from rollout_lab.tolerances import device_name, engine_version, threshold_for, tolerance
@@ -96,14 +97,14 @@ def run(cfg: RunConfig) -> RunResult:
     probe_ids = tokenizer(PROBE_TEXT)["input_ids"]
 
     _init_ray(cfg)
-    sampler_gpus, trainer_gpus = gpu_shares(cfg, ray.cluster_resources().get("GPU", 0.0))
-    SamplerActor = ray.remote(SamplerWorker)
-    TrainerActor = ray.remote(Trainer)
+    placement = plan(cfg, int(ray.cluster_resources().get("GPU", 0)), os.cpu_count() or 1)
+    print(placement.describe(), flush=True)
+    group = reserve(placement)
     samplers = [
-        SamplerActor.options(num_cpus=cfg.ray.sampler_num_cpus, num_gpus=sampler_gpus).remote(cfg, i, model_path)
-        for i in range(cfg.loop.num_workers)
+        ray.remote(SamplerWorker).options(**s.actor_options(group)).remote(cfg, s.worker, model_path, s)
+        for s in placement.samplers
     ]
-    trainer = TrainerActor.options(num_cpus=cfg.ray.trainer_num_cpus, num_gpus=trainer_gpus).remote(
+    trainer = ray.remote(Trainer).options(**placement.trainer.actor_options(group)).remote(
         model_path, cfg.trainer, cfg.engine.seed
     )
     logger = RunLogger(cfg, run_dir, run_id, config_dict)
@@ -197,6 +198,7 @@ def run(cfg: RunConfig) -> RunResult:
         write_summary(run_dir, result)
         for actor in samplers + [trainer]:
             ray.kill(actor)
+        ray.util.remove_placement_group(group)
     return result
 
 

@@ -98,6 +98,9 @@ class SampledRequest:
     top_p: float
     top_k: int
     logprobs: int
+    # The tensor-parallel size of the engine that served it (rollout_lab/placement.py); 1 in run
+    # dirs written before it was recorded.
+    tp_size: int = 1
 
 
 REQUEST_SCHEMA = pa.schema(
@@ -115,6 +118,7 @@ REQUEST_SCHEMA = pa.schema(
         ("top_p", pa.float64()),
         ("top_k", pa.int32()),
         ("logprobs", pa.int32()),
+        ("tp_size", pa.int32()),
     ],
     metadata={"rollout_lab.schema_version": SCHEMA_VERSION},
 )

@@ -6,11 +6,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from rollout_lab import compat, engine, pressure
 from rollout_lab.config import RunConfig, fault_params
 from rollout_lab.crash import EngineCrash, crash_signature
 from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, token_facts
+from rollout_lab.placement import SamplerPlacement, tp_size
 from rollout_lab.records import RolloutBatch, Sample, SampledRequest
 
 
@@ -71,7 +73,8 @@ def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
 class SamplerWorker:
     """Owns one vLLM engine. Engine failures are raised as EngineCrash carrying a signature."""
 
-    def __init__(self, cfg: RunConfig, worker_index: int, model_path: str):
+    def __init__(self, cfg: RunConfig, worker_index: int, model_path: str, placement: Optional[SamplerPlacement] = None):
+        """placement: where its ranks run (rollout_lab.placement); None: one engine as vLLM places it."""
         # Set before vLLM is imported: its env vars are read at import.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.engine.multiprocessing else "0"
         os.environ["VLLM_BATCH_INVARIANT"] = "1" if cfg.engine.batch_invariant else "0"
@@ -83,6 +86,8 @@ class SamplerWorker:
         if cfg.engine.multiprocessing:
             # faults.install crosses into the engine process as a pickled callable.
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        for name, value in (placement.engine_env() if placement is not None else {}).items():
+            os.environ.setdefault(name, value)
         self.schedule = None
         if cfg.engine.record_schedule:
             path = Path(cfg.run_dir or tempfile.mkdtemp(prefix="rollout_lab-")) / "schedule" / f"worker_{worker_index}.jsonl"
@@ -93,12 +98,13 @@ class SamplerWorker:
         self.fault = None
         self.cfg = cfg
         self.worker_index = worker_index
+        self.tp_size = placement.tp_size if placement is not None else tp_size(cfg)
         self.start_crash = None
         self.start_seconds = 0.0
         self.counters_before: dict[str, float] = {}
         started = time.perf_counter()
         try:
-            self.llm = engine.start(**engine_kwargs(cfg, model_path))
+            self.llm = engine.start(**engine_kwargs(cfg, model_path), **(placement.engine_kwargs() if placement is not None else {}))
             if cfg.fault.name is not None:
                 params = fault_params(cfg.fault.name, dict(cfg.fault.params))
                 self.fault = engine.install_fault(self.llm, cfg.fault.name, params)
@@ -122,6 +128,7 @@ class SamplerWorker:
             SampledRequest(
                 step=step,
                 worker=self.worker_index,
+                tp_size=self.tp_size,
                 request_id=None,
                 prompt_index=prompt.prompt_index,
                 sample_index=sample_index,

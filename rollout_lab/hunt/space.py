@@ -107,10 +107,11 @@ class Space:
     env: dict[str, list] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: SpaceConfig) -> "Space":
+    def from_config(cls, cfg: SpaceConfig, gpus: Optional[int] = None) -> "Space":
+        """The space of cfg on a machine with `gpus` GPUs (None: the GPUs this process sees)."""
         from rollout_lab.hunt.workloads import GENERATORS
 
-        engine = {k: list(v) for k, v in dict(cfg.engine).items()}
+        engine = fit_gpus({k: list(v) for k, v in dict(cfg.engine).items()}, visible_gpus() if gpus is None else gpus)
         sampling = {k: list(v) for k, v in dict(cfg.sampling).items()}
         env = {k: [str(int(x)) if isinstance(x, bool) else str(x) for x in v] for k, v in dict(cfg.env).items()}
         for name in env:
@@ -149,6 +150,28 @@ class Space:
 
     def dims(self) -> dict[str, list]:
         return self.engine_dims() | self.workload_dims()
+
+
+# Engine knobs that need two or more GPUs: kept, with the tensor-parallel sizes that fit, only where
+# the machine has them; elsewhere the engine runs at vLLM's default (one rank).
+MULTI_GPU_KNOBS = ("tensor_parallel_size", "disable_custom_all_reduce")
+
+
+def fit_gpus(engine: dict[str, list], gpus: int) -> dict[str, list]:
+    """The engine knobs a machine with `gpus` GPUs can run: no multi-GPU knob below two GPUs, and no
+    tensor_parallel_size above the GPU count."""
+    if gpus < 2:
+        return {k: v for k, v in engine.items() if k not in MULTI_GPU_KNOBS}
+    if "tensor_parallel_size" in engine:
+        engine = engine | {"tensor_parallel_size": [v for v in engine["tensor_parallel_size"] if v is None or v <= gpus]}
+    return engine
+
+
+def visible_gpus() -> int:
+    """The CUDA devices this process sees (0 on a CPU machine)."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def sampling_knobs() -> set[str]:

@@ -78,19 +78,6 @@ def test_loop_does_not_import_calibrate():
     assert not {m for m in imported("loop") | imported("tolerances") if m.startswith("rollout_lab.calibrate")}
 
 
-def test_gpu_shares_fit_the_cluster():
-    from rollout_lab.config import gpu_shares
-
-    cfg = RunConfig()
-    assert gpu_shares(cfg, 0) == (0.0, 0.0)
-    assert gpu_shares(cfg, 1) == (0.5, 0.5)
-    assert gpu_shares(cfg, 2) == (1.0, 1.0)
-    cfg.loop.num_workers = 3
-    assert gpu_shares(cfg, 2) == (0.25, 0.25)
-    cfg.ray.trainer_num_gpus = 1.0
-    assert gpu_shares(cfg, 2) == (0.25, 1.0)
-
-
 def test_a_pressure_preset_uses_its_values_for_the_model_that_runs(compose):
     attention = compose("+pressure=kv_tight")
     hybrid = compose("+pressure=kv_tight", "model=hybrid-tiny")

@@ -12,12 +12,19 @@
 #              or why it did not run (an architecture this vLLM cannot load is one line, not a stop)
 #   localize   the localizer on a planted stale_state (kv_tight, float32) and its --no-fault control;
 #              prints each first divergence and the seconds per token
+#   faults_v2  the Mamba state faults on both CUDA model runners (v1: hybrids' default on 0.25; v2:
+#              VLLM_USE_V2_MODEL_RUNNER=1) and index_overflow's remap on v2 (smollm2's default); one line
+#              per run: FIRED (a spike fraction above 0) or NOT FIRED, with preemptions and max |diff|
+#   multi_gpu  needs 2 GPUs, so only when named (docs/multi_gpu.md): llama-tiny with a TP=2 sampler (a
+#              rank per GPU) and the trainer sharing GPU 0, 3 steps; the default job with
+#              loop.num_workers=2 (a sampler per GPU); tests/integration/test_tp.py (a sync that
+#              misses rank 1 must be a sync_mismatch); hunt=gpu for GPU_CHECK_MULTI_GPU_HUNT_S (300) s
 # GPU_CHECK_ARGS: extra overrides for the architectures step (e.g. engine.enforce_eager=true: no
 # CUDA-graph capture and compile per model, a minute less per engine start).
 # Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
 # and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
 # another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
-#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures] [localize]   (no argument: all)
+#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures] [localize] [faults_v2]   (no argument: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu_check}
@@ -38,7 +45,7 @@ job() {  # job NAME ARGS...: one logged command, its summary lines echoed
   return $rc
 }
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default architectures localize)
+[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default architectures localize faults_v2)
 say "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 for step in "${steps[@]}"; do
   case $step in
@@ -69,6 +76,51 @@ PY
       job localize "$py" -m rollout_lab.localize "$out/localize_run" --tokens 3
       job localize_clean "$py" -m rollout_lab.localize "$out/localize_run" --tokens 3 --no-fault
       grep -h "^first divergence\|^no divergence\|^localized\|^warning" "$out"/localize.log "$out"/localize_clean.log ;;
+    faults_v2)
+      # name, runner (VLLM_USE_V2_MODEL_RUNNER; unset: vLLM's choice), overrides. One eager step each.
+      runs=("foreign_hybrid_v1|0|model=hybrid-tiny +pressure=state_tight fault=foreign_ssm_state"
+            "foreign_hybrid_v2|1|model=hybrid-tiny +pressure=state_tight fault=foreign_ssm_state"
+            "overflow_mamba2_v1|0|model=mamba2-tiny +pressure=high_ids fault=index_overflow fault.params.threshold=160"
+            "overflow_mamba2_v2|1|model=mamba2-tiny +pressure=high_ids fault=index_overflow fault.params.threshold=160"
+            "overflow_smollm2_default||model=smollm2 +pressure=high_ids fault=index_overflow fault.params.threshold=160")
+      for run in "${runs[@]}"; do
+        IFS='|' read -r name runner overrides <<<"$run"
+        # shellcheck disable=SC2086
+        job "faults_v2_$name" env ${runner:+VLLM_USE_V2_MODEL_RUNNER=$runner} "$py" -m rollout_lab $overrides \
+          engine.dtype=float32 engine.enforce_eager=true loop.steps=1 run_name="gpu-$name" hydra.run.dir="$out/faults_v2_$name"
+      done
+      "$py" - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for job in sorted(out.glob("faults_v2_*/summary.json")):
+    s, log = json.loads(job.read_text()), (out / f"{job.parent.name}.log").read_text()
+    runner = "v2" if "Using V2 Model Runner" in log else "v1"
+    fired = s["status"] == "ok" and s["spike_fraction"] > 0
+    print(f"{job.parent.name[len('faults_v2_'):]:24s} runner {runner} {'FIRED' if fired else 'NOT FIRED'} status={s['status']} "
+          f"preemptions={s['preemptions']} max|diff|={s['abs_diff_max']:.3g} spike fraction={s['spike_fraction']:.3f}")
+PY
+      ;;
+    multi_gpu)
+      # smollm2's 9 attention heads do not split over 2 ranks: the TP job runs llama-tiny (4 heads).
+      job multi_gpu_tp2 "$py" -m rollout_lab model=llama-tiny +engine.args.tensor_parallel_size=2 run_name=gpu-tp2 \
+        hydra.run.dir="$out/multi_gpu_tp2"
+      job multi_gpu_workers2 "$py" -m rollout_lab loop.num_workers=2 run_name=gpu-workers2 hydra.run.dir="$out/multi_gpu_workers2"
+      grep -h -A4 "^placement" "$out"/multi_gpu_tp2.log "$out"/multi_gpu_workers2.log
+      job multi_gpu_tests "$py" -m pytest -q -m integration tests/integration/test_tp.py
+      job multi_gpu_hunt "$py" -m rollout_lab.hunt hunt=gpu "hunt.space.models=[llama-tiny,hybrid-tiny]" \
+        hunt.budget_s=${GPU_CHECK_MULTI_GPU_HUNT_S:-300} hunt.minimize=false hydra.run.dir="$out/multi_gpu_hunt"
+      "$py" - "$out/multi_gpu_hunt" <<'PY'
+import collections, sys
+from pathlib import Path
+from rollout_lab.hunt.store import Store
+trials = Store(Path(sys.argv[1]) / "hunt.db").trials()
+by_tp = collections.defaultdict(collections.Counter)
+for t in trials:
+    by_tp[t.engine.get("engine.tensor_parallel_size")][t.status] += 1
+print(f"multi_gpu_hunt: {len(trials)} trials; status by tensor_parallel_size: {({k: dict(v) for k, v in by_tp.items()})}")
+PY
+      ;;
     architectures)
       tiny=$("$py" -c "from rollout_lab.models import TINY_CONFIGS; print(','.join(TINY_CONFIGS))")
       job architectures "$py" -m rollout_lab -m "model=$tiny" engine.dtype=float32 run_name=gpu-arch "${share[@]}" \
@@ -94,7 +146,7 @@ for job in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / ".hydra").is_di
           f"(threshold {s['spike_threshold']:g}) sync={sync} policy_change={moved} tokens={s['num_tokens']} {s['seconds']:.0f}s")
 PY
       ;;
-    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default architectures)" >&2; exit 2 ;;
+    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default architectures localize faults_v2)" >&2; exit 2 ;;
   esac
 done
 "$py" - "$out" <<'EOF'

@@ -59,14 +59,11 @@ class ModelRunnerV2:
         self.attn_groups = [[AttentionGroup(FullAttentionSpec(), ["model.layers.1.self_attn"], ATTENTION)],
                             [AttentionGroup(MambaSpec(), ["model.layers.0.mamba"], MAMBA)]]
         self.compilation_config = SimpleNamespace(static_forward_context={
-            "model.layers.0.mamba": SimpleNamespace(kv_cache=[self.conv, self.ssm_state_view()])})
+            "model.layers.0.mamba": SimpleNamespace(kv_cache=[self.conv, self.state])})
         self.cache_config = SimpleNamespace(mamba_cache_mode="none")
         self.model = SimpleNamespace(compute_logits=lambda hidden: hidden)
         self.block_rows, self.computed = {}, {}  # req -> blocks per group; req -> tokens computed
         self.attention_reads = {}  # req -> the attention blocks its step read
-
-    def ssm_state_view(self):
-        return self.state
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         for new in scheduler_output.scheduled_new_reqs:  # add_requests: a resumed request is a new one
@@ -82,11 +79,12 @@ class ModelRunnerV2:
         metadata = {}
         for groups in self.attn_groups:
             for group in groups:
-                width = max(len(self.block_rows[r][group.kv_cache_group_id]) for r in req_ids)
-                table = torch.tensor([self.block_rows[r][group.kv_cache_group_id] + [0] * (width - len(self.block_rows[r][group.kv_cache_group_id]))
-                                      for r in req_ids])
+                rows = [self.block_rows[r][group.kv_cache_group_id] for r in req_ids]
+                width = max(len(row) for row in rows)
+                table = torch.tensor([row + [0] * (width - len(row)) for row in rows])  # gather_block_tables
                 common = CommonAttentionMetadata(block_table_tensor=table, num_reqs=len(req_ids))
-                metadata[group.kv_cache_group_id] = group.get_metadata_builder(0).build(common_prefix_len=0, common_attn_metadata=common)
+                builder = group.get_metadata_builder(0)
+                metadata[group.kv_cache_group_id] = builder.build(common_prefix_len=0, common_attn_metadata=common)
         for row, req_id in enumerate(req_ids):  # the forward
             self.attention_reads[req_id] = metadata[ATTENTION][row].tolist()
             slot = int(metadata[MAMBA][row, 0])

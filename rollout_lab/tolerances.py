@@ -48,10 +48,13 @@ TOLERANCES = {
     # An fp8 KV cache (kv_cache_dtype fp8*), whatever the engine dtype: K and V are stored in fp8 e4m3,
     # 3 mantissa bits, a relative rounding error up to 2^-4 per element against bfloat16's 2^-8. The
     # H200 hunt (vLLM 0.25, bfloat16 engines) measured clean trials up to 1.65 against the float32
-    # reference. Provisional, until calibrated on GPU: ~3x that, as bfloat16's 1.5 is ~3x its clean
-    # GPU maximum, and still under what the planted KV faults produce (10-25).
-    "fp8_kv": Tolerance(spike_threshold=5.0, calibration_floor=0.5, weight_sync=1.5, metamorphic=5.0,
-                        clean_max={"gpu": 1.65}),
+    # reference; vLLM CPU 0.32 (AVX-512, smollm2 float32, one RL step of 625 tokens) 1.71, and 1.72-1.80
+    # on the weight-sync probe. Provisional, until calibrated on GPU: ~3x that, as bfloat16's 1.5 is
+    # ~3x its clean GPU maximum, and still under what the planted KV faults produce (10-25). The probe
+    # is scored by the same two sides, so its bound is the same: a missed sync (the policy moved
+    # 0.065 in that step) hides under fp8 noise, which no bound on this comparison can change.
+    "fp8_kv": Tolerance(spike_threshold=5.0, calibration_floor=0.5, weight_sync=5.0, metamorphic=5.0,
+                        clean_max={"cpu": 1.71, "gpu": 1.65}),
 }
 
 

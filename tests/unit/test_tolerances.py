@@ -20,10 +20,12 @@ def test_an_fp8_kv_cache_reads_its_own_row(dtype, kv_cache_dtype, row):
 
 def test_the_fp8_row_is_looser_than_bfloat16_and_above_its_measured_clean_maximum():
     fp8, bf16 = TOLERANCES["fp8_kv"], TOLERANCES["bfloat16"]
-    assert fp8.spike_threshold > fp8.clean_max["gpu"] > bf16.spike_threshold
+    assert fp8.spike_threshold > max(fp8.clean_max.values()) and fp8.clean_max["gpu"] > bf16.spike_threshold
     assert OracleConfig().reference_tolerance["fp8_kv"] == fp8.spike_threshold
     assert "1.6 on GPU" in clean_agreement("fp8_kv")
-    assert clean_agreement("bfloat16", "fp8_e5m2") == "clean fp8_kv runs agree to ~1.6 on GPU"
+    assert clean_agreement("bfloat16", "fp8_e5m2") == "clean fp8_kv runs agree to ~1.7 on CPU, ~1.6 on GPU"
+    # The weight-sync probe of a clean CPU run with fp8 KV reached 1.8: its bound sits above it.
+    assert fp8.weight_sync > 1.8
 
 
 def run_config(*overrides: str) -> RunConfig:

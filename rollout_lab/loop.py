@@ -22,7 +22,7 @@ from rollout_lab.mismatch import group_advantages, token_metrics
 from rollout_lab.placement import plan, reserve
 from rollout_lab.records import RolloutBatch, RunResult, token_table, write_config, write_requests, write_step, write_summary
 from rollout_lab.sampler import PromptRequest
-from rollout_lab.tolerances import device_name, engine_version, threshold_for, tolerance
+from rollout_lab.tolerances import device_name, engine_row, engine_version, threshold_for, tolerance
 from rollout_lab.wandb_log import RunLogger
 from rollout_lab.workload import encode_prompt, make_problems, reward
 
@@ -109,7 +109,7 @@ def run(cfg: RunConfig) -> RunResult:
     )
     logger = RunLogger(cfg, run_dir, run_id, config_dict)
     all_diffs, all_rewards = [], []
-    sync_tolerance = cfg.loop.weight_sync_tolerance or tolerance(cfg.engine.dtype).weight_sync
+    sync_tolerance = cfg.loop.weight_sync_tolerance or tolerance(engine_row(cfg)).weight_sync
     initial_probe = None
     try:
         result.engine_start_seconds = ray.get([s.ready.remote() for s in samplers])

@@ -344,7 +344,8 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
         )
     trials.rule = rule or calibrated_rule(failures, calibration_runs)
     console.print(f"[bold]rule[/]: {trials.rule.describe()} (original case failed {failures}/{calibration_runs})")
-    if knobs_fit(trials, len(case_knobs(case, targets))):
+    # The engine knobs: trials with and without the pool head share an engine.
+    if knobs_fit(trials, len(deviating_knobs(case.engine_args, targets))):
         case = reducer.workload(reducer.knobs(case))
     else:
         console.print("[bold]order[/]: the budget left holds fewer engine starts than the knob pass may need: "

@@ -149,3 +149,24 @@ def test_engine_crash_shrinks_to_its_triggering_call_with_the_cli_defaults_from_
     assert "- planted fault off (--no-fault): clean 1/1" in report
     fresh = re.search(r"repro\.py in a fresh process: REPRODUCED: .*, exit 1 in (\d+) s", done.stdout)
     assert fresh and int(fresh.group(1)) < 60, done.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_an_overflow_that_needs_high_block_ids_keeps_the_block_pool_head_into_its_repro(tmp_path, ray_session):
+    """`python -m rollout_lab +pressure=high_ids fault=index_overflow fault.params.threshold=160` (the
+    preset as shipped, 2 prompts x 2 samples x 8 tokens): only the pool head puts the requests past
+    block 160, so the minimizer keeps it and the repro moves the head itself (270 s alone here, the CLI's
+    fresh-process checks included: the cache goes back to the lab's default, 30% of the host)."""
+    run_dir = loop_run(tmp_path / "run", "+pressure=high_ids", "fault=index_overflow", "fault.params.threshold=160",
+                       "workload.num_prompts=2", "workload.samples_per_prompt=2", "workload.max_tokens=8")
+    assert load_run(run_dir).case.block_pool_head == 0.8
+    done = subprocess.run(
+        [sys.executable, "-m", "rollout_lab.minimize", str(run_dir), "--out", str(tmp_path), "--name", "high_ids",
+         "--calibration-runs", "1"], cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=1800)
+    # Exit 0: the CLI's fresh repro.py reproduced, and was clean with --no-fault.
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (tmp_path / "high_ids" / "REPORT.md").read_text()
+    assert "- block_pool_head=None: clean 1/1" in report and "- planted fault off (--no-fault): clean 1/1" in report
+    script = emitted_case(tmp_path / "high_ids" / "repro.py")
+    assert script["BLOCK_POOL_HEAD"] == 0.8 and callable(script["move_pool_head"])

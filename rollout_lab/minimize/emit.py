@@ -335,13 +335,15 @@ def where_it_fails(reduction: Reduction, case: Case) -> list[str]:
 
 
 def _log_summary(reduction: Reduction) -> list[str]:
-    rows = ["| stage | runs | failed | seconds | last change |", "| --- | --- | --- | --- | --- |"]
+    # "did not run": the candidate's engine did not start (kept out like a pass, but no evidence either way).
+    rows = ["| stage | runs | failed | did not run | seconds | last change |", "| --- | --- | --- | --- | --- | --- |"]
     stages: dict[str, list] = {}
     for record in reduction.records:
         stages.setdefault(record.stage, []).append(record)
     for stage, records in stages.items():
+        not_run = sum(not r.failed and r.result().at_start for r in records)
         rows.append(
-            f"| {stage} | {len(records)} | {sum(r.failed for r in records)} | "
+            f"| {stage} | {len(records)} | {sum(r.failed for r in records)} | {not_run} | "
             f"{sum(r.seconds for r in records):.0f} | {records[-1].change} |"
         )
     return rows

@@ -115,8 +115,13 @@ class Outcome:
     targets: int = 0
     differing: list[int] = field(default_factory=list)
     first_token_diff: Optional[int] = None
+    # The crash came from starting the engine (out of memory beside another job, a refused
+    # configuration): unless it is the expected failure, the candidate did not run at all.
+    at_start: bool = False
 
     def describe(self) -> str:
+        if self.crash_key is not None and self.at_start:
+            return f"the engine did not start: {self.crash_key}: {self.crash_message}"
         if self.crash_key is not None:
             return f"crash {self.crash_key}: {self.crash_message}"
         if self.targets:

@@ -14,7 +14,7 @@ import gc
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -203,7 +203,7 @@ class TrialRunner:
         try:
             engine_seconds = self._engine(case)
         except Exception as exc:  # an engine that cannot start is an outcome
-            return crash_outcome(exc), time.perf_counter() - started
+            return replace(crash_outcome(exc), at_start=True), time.perf_counter() - started
         if case.fault is not None:
             engine.install_fault(self.llm, case.fault, case.fault_params)
         outcome = run_case(self.llm, reference, case, self.expected)
@@ -224,7 +224,9 @@ class TrialRunner:
         gc.collect()
 
     def _print(self, record: TrialRecord, cached: bool) -> None:
-        verdict = "[red]FAIL[/]" if record.failed else "[green]pass[/]"
+        # A candidate whose engine did not start is rejected like a pass (the change is not kept),
+        # but it showed nothing about the failure: say so rather than "pass".
+        verdict = "[red]FAIL[/]" if record.failed else "[yellow]did not run[/]" if record.result().at_start else "[green]pass[/]"
         when = "cached" if cached else f"{record.seconds:6.1f}s"
         start_note = f" (engine start {record.engine_start_seconds:.0f}s)" if record.engine_start_seconds and not cached else ""
         self.console.print(

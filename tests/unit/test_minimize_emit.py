@@ -88,7 +88,7 @@ def test_a_walked_back_case_says_the_failure_depends_on_the_engines_history():
     text = report(red, "", "env", confirmation, [], "CPU", "repro/x/repro.py")
     assert "The failure depends on the engine's history" in text and "2 reduction(s) before the minimal one" in text
     log = minimization_log(red, confirmation)
-    assert "- Before: 4 prompts x 2 samples (8 requests)" in log and "| calibrate | 1 | 1 | 30 |" in log
+    assert "- Before: 4 prompts x 2 samples (8 requests)" in log and "| calibrate | 1 | 1 | 0 | 30 |" in log
     assert "- small: NOT REPRODUCED" in log
 
 

@@ -99,3 +99,30 @@ def test_once_the_budget_is_spent_no_candidate_runs_and_each_counts_as_passing(t
     case = Case("m", {}, [Request([1, 2], 0)], 4)
     assert runner.fails(case, "prompts", "x", {}) is False
     assert runner.fails(case, "knobs", "y", {}) is False and runner.records == []
+
+
+def test_a_candidate_whose_engine_does_not_start_did_not_run_unless_that_is_the_failure(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from rollout_lab.minimize.standalone import crash_outcome
+    from rollout_lab.minimize.trials import TrialRunner
+
+    def out_of_memory(case):
+        raise ValueError("Free memory on device cuda:0 (2.4/139.8 GiB) is less than desired GPU memory utilization")
+
+    try:
+        out_of_memory(None)
+    except ValueError as exc:
+        start_key = crash_outcome(exc).crash_key
+    case = Case("m", {}, [Request([1, 2], 0)], 4)
+    for expected_key, failed in (("E@vllm/a.py:f", False), (start_key, True)):
+        console = Console(file=io.StringIO(), width=200)
+        runner = TrialRunner(Expected("crash", 1e-3, crash_key=expected_key), tmp_path / f"{failed}.jsonl", Rule(), console)
+        runner._engine = out_of_memory
+        assert runner.fails(case, "knobs", "to default: cache_size", {}) is failed
+        [record] = runner.records
+        assert record.result().at_start and record.result().describe().startswith("the engine did not start")
+        printed = console.file.getvalue()
+        assert ("did not run" in printed) is not failed and ("FAIL" in printed) is failed

@@ -24,7 +24,7 @@
 # Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
 # and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
 # another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
-#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures] [localize] [faults_v2]   (no argument: all)
+#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures] [localize] [faults_v2] [multi_gpu]   (no argument: all but multi_gpu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu_check}
@@ -146,7 +146,7 @@ for job in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / ".hydra").is_di
           f"(threshold {s['spike_threshold']:g}) sync={sync} policy_change={moved} tokens={s['num_tokens']} {s['seconds']:.0f}s")
 PY
       ;;
-    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default architectures localize faults_v2)" >&2; exit 2 ;;
+    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default architectures localize faults_v2 multi_gpu)" >&2; exit 2 ;;
   esac
 done
 "$py" - "$out" <<'EOF'

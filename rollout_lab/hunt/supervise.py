@@ -74,10 +74,12 @@ class Supervisor:
         path = lines_path(self.dir, group.index)
         path.unlink(missing_ok=True)
         # max_calls=1: the process exits after its group, and the engine's memory with it.
-        # On a GPU node each engine in flight takes an equal share of the node's GPUs.
+        # On a GPU node each engine in flight takes an equal share of the node's GPUs, and a
+        # tensor-parallel one a whole GPU per rank (Ray's CUDA_VISIBLE_DEVICES is what its ranks see).
         gpus = ray.cluster_resources().get("GPU", 0) / hunt.parallel
+        tp = int(engine_args(group.engine).get("tensor_parallel_size") or 1)
         task = ray.remote(max_calls=1, max_retries=0)(run_group).options(
-            num_cpus=max(cores // hunt.parallel, 1), num_gpus=min(gpus, 1.0))
+            num_cpus=max(cores // hunt.parallel, 1), num_gpus=tp if tp > 1 else min(gpus, 1.0))
         ref = task.remote(spec, str(path.resolve()))  # the task's process may start in another directory
         by_key = dict(spec.trials)
         self.console.print(

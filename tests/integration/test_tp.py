@@ -50,6 +50,7 @@ def test_a_tp2_sampler_runs_clean_and_follows_the_trainers_weights(tmp_path):
     assert {r.tp_size for r in read_requests(tmp_path / "run")} == {2}
 
 
+@pytest.mark.slow  # ~115 s beside the clean TP job; run with -m slow
 def test_a_sync_that_misses_a_rank_is_a_sync_mismatch(tmp_path):
     (tmp_path / "break").mkdir()
     (tmp_path / "break" / "sitecustomize.py").write_text(BREAK_SYNC)

@@ -20,7 +20,7 @@ def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding
     minimal case (dtype is no part of it unless the minimizer kept it), and the same vLLM environment
     variables. Crash signatures are already specific (exception type and vLLM frames); they are left alone."""
     from rollout_lab.hunt.space import engine_args, engine_env
-    from rollout_lab.minimize.reduce import knob_args
+    from rollout_lab.minimize.reduce import POOL_HEAD, knob_args
 
     if finding.kind != "mismatch":
         return None
@@ -31,9 +31,11 @@ def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding
         o = other.signature
         if (o.oracle, o.model, o.request_class) != (sig.oracle, sig.model, sig.request_class):
             continue
-        names = [n for knob in other.minimized.knobs for n in knob_args(knob)]
+        names = [n for knob in other.minimized.knobs for n in knob_args(knob) if knob != POOL_HEAD]
+        # A minimal case that kept the pool head needs blocks from there up: a finding from a fresh pool is another one.
+        head_matches = POOL_HEAD not in other.minimized.knobs or finding.engine.get(POOL_HEAD) == other.minimized.block_pool_head
         # vLLM's environment variables are not reduced (one process, one env): all of them must match.
-        if all(args.get(n) == other.minimized.engine_args.get(n) for n in names) and env == other.minimized.env:
+        if all(args.get(n) == other.minimized.engine_args.get(n) for n in names) and env == other.minimized.env and head_matches:
             return other
     return None
 

@@ -214,6 +214,11 @@ def test_a_mismatch_whose_engine_holds_a_minimized_findings_trigger_is_its_dupli
     # Crashes keep their signatures; an unminimized finding explains nothing.
     assert duplicate_of(finding("RuntimeError@vllm/a.py:f", engine), [first]) is None
     assert duplicate_of(bf16, [finding(str(first.signature), engine)]) is None
+    # A minimal case that kept the pool head explains only findings from the same head.
+    high = finding("mismatch/reference:smollm2:float32:any", engine | {"block_pool_head": 0.8},
+                   MinimizedResult({"block_size": 32}, ["block_size", "block_pool_head"], "", "", 1, 1.0, block_pool_head=0.8))
+    assert duplicate_of(finding(str(high.signature), engine | {"block_pool_head": 0.8}), [high]) is high
+    assert duplicate_of(finding(str(high.signature), engine), [high]) is None
 
 
 def test_after_a_crash_in_a_trial_the_groups_untried_workloads_go_on_a_fresh_engine():

@@ -194,6 +194,23 @@ def plan(cfg: RunConfig, num_gpus: int, num_cores: int) -> Placement:
 
 
 
+def standalone(engine_args: dict, num_gpus: int, num_cores: int) -> tuple[dict, dict[str, str]]:
+    """(extra vllm.LLM kwargs, environment) for a tensor-parallel engine started in this process,
+    outside Ray (the minimizer's and localizer's replays): vLLM's multiprocessing executor, on CPU
+    with the cores split among the ranks as the RL job splits them; nothing for one rank."""
+    tp = int(engine_args.get("tensor_parallel_size") or 1)
+    if tp == 1:
+        return {}, {}
+    # The replays hand plain functions (faults, capture) to every rank through collective_rpc.
+    env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    if num_gpus == 0:
+        if tp > num_cores:
+            raise ConfigError(f"tensor_parallel_size={tp} needs a core per rank; the machine has {num_cores}")
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(_cores_per_rank(tp, num_cores))
+    elif tp > num_gpus:
+        raise ConfigError(f"tensor_parallel_size={tp} needs {tp} GPUs (one per rank); the machine has {num_gpus}")
+    return {"distributed_executor_backend": "mp"}, env
+
 def reserve(where: Placement, timeout_s: float = 120.0):
     """The job's Ray placement group, on one node and ready; ConfigError when the cluster cannot hold it."""
     import ray

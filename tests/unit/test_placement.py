@@ -121,3 +121,15 @@ def test_the_hunt_space_keeps_multi_gpu_knobs_only_where_the_gpus_are():
     two = multi_gpu_space(2).engine
     assert two["tensor_parallel_size"] == [1, 2] and two["disable_custom_all_reduce"] == [False, True]
     assert multi_gpu_space(4).engine["tensor_parallel_size"] == [1, 2, 4]
+
+
+def test_a_standalone_tp_engine_gets_the_multiprocessing_executor_and_on_cpu_the_cores_split():
+    from rollout_lab.placement import standalone
+
+    assert standalone({"dtype": "float32"}, 0, 2) == ({}, {})
+    kwargs, env = standalone({"tensor_parallel_size": 2}, 0, 4)
+    assert kwargs == {"distributed_executor_backend": "mp"} and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1|2-3"
+    kwargs, env = standalone({"tensor_parallel_size": 2}, 2, 16)
+    assert kwargs == {"distributed_executor_backend": "mp"} and "VLLM_CPU_OMP_THREADS_BIND" not in env
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        standalone({"tensor_parallel_size": 2}, 1, 16)

@@ -12,6 +12,7 @@
 #              or why it did not run (an architecture this vLLM cannot load is one line, not a stop)
 #   localize   the localizer on a planted stale_state (kv_tight, float32) and its --no-fault control;
 #              prints each first divergence and the seconds per token
+#   repros     every repro/gpu_*/repro*.py in a fresh interpreter in an empty directory: its verdict line
 #   faults_v2  the Mamba state faults on both CUDA model runners (v1: hybrids' default on 0.25; v2:
 #              VLLM_USE_V2_MODEL_RUNNER=1) and index_overflow's remap on v2 (smollm2's default); one line
 #              per run: FIRED (a spike fraction above 0) or NOT FIRED, with preemptions and max |diff|
@@ -24,7 +25,7 @@
 # Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
 # and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
 # another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
-#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures] [localize] [faults_v2] [multi_gpu]   (no argument: all but multi_gpu)
+#   bash scripts/gpu_check.sh [calibrate] [fault] [clean] [sweep] [hunt] [hunt_default] [architectures] [localize] [faults_v2] [repros] [multi_gpu]   (no argument: all but multi_gpu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu_check}
@@ -45,7 +46,7 @@ job() {  # job NAME ARGS...: one logged command, its summary lines echoed
   return $rc
 }
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default architectures localize faults_v2)
+[ ${#steps[@]} -gt 0 ] || steps=(calibrate fault clean sweep hunt hunt_default architectures localize faults_v2 repros)
 say "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 for step in "${steps[@]}"; do
   case $step in
@@ -69,6 +70,20 @@ for t in trials:
         print(f"  {t.status} {t.signature}: {t.result.crash.message if t.result.crash else t.result.phase}")
 PY
       ;;
+    repros)
+      # Every GPU repro in repro/ (repro.py and any repro_*.py) as a maintainer runs it: in an empty
+      # directory, nothing of rollout_lab importable; the SmolLM2 ones get the lab's copy (--model).
+      smollm2=$("$py" -c "from rollout_lab.models import resolve_model; print(resolve_model('smollm2'))")
+      # PYTHONPATH keeps a --target install of vLLM (scripts/gpu_lease.sh), not the checkout.
+      keep=$(tr ':' '\n' <<<"${PYTHONPATH:-}" | while read -r d; do [ -n "$d" ] && [ ! -d "$d/rollout_lab" ] && echo "$d"; done | paste -sd:)
+      for script in repro/gpu_*/repro*.py; do
+        args=(); grep -q "HuggingFaceTB/SmolLM2" "$script" && args=(--model "$smollm2")
+        name=$(basename "$(dirname "$script")")_$(basename "$script" .py)
+        dir=$(mktemp -d) path=$PWD/$script
+        ( cd "$dir" && PYTHONPATH="$keep" timeout "${GPU_CHECK_REPRO_S:-400}" "$py" -s "$path" "${args[@]}" ) \
+          >"$out/repro_$name.log" 2>&1
+        say "repro $name: exit $? $(grep -E "^(REPRODUCED|NOT REPRODUCED|CANNOT RUN)" "$out/repro_$name.log" | tail -1)"
+      done ;;
     localize)
       # The localizer on a planted stale_state under kv_tight, then its clean control (--no-fault).
       job localize_run "$py" -m rollout_lab +pressure=kv_tight fault=stale_state engine.dtype=float32 loop.steps=1 \
@@ -146,7 +161,7 @@ for job in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / ".hydra").is_di
           f"(threshold {s['spike_threshold']:g}) sync={sync} policy_change={moved} tokens={s['num_tokens']} {s['seconds']:.0f}s")
 PY
       ;;
-    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default architectures localize faults_v2 multi_gpu)" >&2; exit 2 ;;
+    *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default architectures localize faults_v2 repros multi_gpu)" >&2; exit 2 ;;
   esac
 done
 "$py" - "$out" <<'EOF'

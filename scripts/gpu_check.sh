@@ -31,6 +31,7 @@ cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu_check}
 parallel=${GPU_CHECK_PARALLEL:-5}
 py=${PYTHON:-python3}
+case $py in */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") ;; esac  # a path that works from any directory
 mkdir -p "$out"
 t0=$(date +%s)
 say() { echo "[gpu_check +$(($(date +%s) - t0))s] $*"; }

@@ -16,13 +16,24 @@ from rollout_lab import compat
 
 
 def start(**kwargs):
-    """`vllm.LLM(**kwargs)`, with the config overrides the installed vLLM needs for this checkpoint."""
+    """`vllm.LLM(**kwargs)`, with the config overrides the installed vLLM needs for this checkpoint, and
+    for a tensor-parallel engine that no placement gave an executor (the minimizer's, localizer's,
+    hunt's and invariance replays) vLLM's multiprocessing one (rollout_lab/placement.py)."""
+    import torch
     from vllm import LLM
 
+    from rollout_lab import placement
+
     if kwargs.get("dtype") == "float32":
-        # Triton's tl.dot rounds float32 inputs to TF32 unless told otherwise (CUDA attention in
-        # float32 is Triton's): read when kernels compile, so any engine this process starts honours it.
+        # vLLM's float32 attention on CUDA is Triton's (TRITON_ATTN), and Triton's tl.dot rounds float32
+        # inputs to TF32 unless told otherwise: |sampler - trainer| ~2e-3 per token instead of ~6e-6
+        # (H100), and the weight-sync check fails. Read when kernels compile, so set before the engine.
         os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+    if "distributed_executor_backend" not in kwargs:
+        extra, env = placement.standalone(kwargs, torch.cuda.device_count(), os.cpu_count() or 1)
+        for name, value in env.items():
+            os.environ.setdefault(name, value)
+        kwargs.update(extra)
     overrides = compat.hf_overrides(kwargs["model"])
     if overrides:
         kwargs["hf_overrides"] = {**overrides, **(kwargs.get("hf_overrides") or {})}

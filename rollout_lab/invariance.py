@@ -255,8 +255,6 @@ def measure(run: InvarianceRunConfig, batch_invariant: bool) -> SettingResult:
     run.engine.batch_invariant = batch_invariant
     os.environ["VLLM_BATCH_INVARIANT"] = "1" if batch_invariant else "0"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    if run.engine.dtype == "float32":
-        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # as the sampler does (sampler.py)
     import vllm
     from vllm.platforms import current_platform
 

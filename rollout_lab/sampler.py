@@ -78,11 +78,6 @@ class SamplerWorker:
         # Set before vLLM is imported: its env vars are read at import.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.engine.multiprocessing else "0"
         os.environ["VLLM_BATCH_INVARIANT"] = "1" if cfg.engine.batch_invariant else "0"
-        if cfg.engine.dtype == "float32":
-            # vLLM's float32 attention on CUDA is Triton's (TRITON_ATTN), and Triton's tl.dot rounds
-            # float32 inputs to TF32 unless told otherwise: |sampler - trainer| ~2e-3 per token
-            # instead of ~6e-6 (H100), and the weight-sync check fails. Read when kernels compile.
-            os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
         if cfg.engine.multiprocessing:
             # faults.install crosses into the engine process as a pickled callable.
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"

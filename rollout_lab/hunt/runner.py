@@ -333,17 +333,13 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     from rollout_lab.crash import crash_signature
     from rollout_lab.reference import load_reference
 
-    from rollout_lab import placement
-
     lines = Lines(Path(lines_path))
     args = engine_args(spec.engine) | {"disable_log_stats": False}
     lines.emit(EngineStarting(spec.group_key, args))
     started = time.perf_counter()
     try:
-        # A tensor-parallel group: vLLM's multiprocessing executor over the GPUs this Ray task holds.
-        extra, env = placement.standalone(args, torch.cuda.device_count(), os.cpu_count() or 1)
-        os.environ.update(env)
-        llm = engine.start(model=spec.model_path, **args, **extra)
+        # A tensor-parallel group: engine.start gives vLLM's multiprocessing executor over this task's GPUs.
+        llm = engine.start(model=spec.model_path, **args)
     except Exception as exc:
         lines.emit(EngineStarted(spec.group_key, "rejected" if compat.is_rejection(exc) else "crash",
                                  time.perf_counter() - started, crash=crash_signature(exc, phase="engine_start"),

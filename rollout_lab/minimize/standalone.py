@@ -185,14 +185,7 @@ def start_engine(case: Case, with_fault: bool):
     # Read when vLLM is imported and when the engine starts: keep the engine core in-process, so
     # collective_rpc can hand it a plain function.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import torch
-
-    from rollout_lab import placement
-
-    extra, env = placement.standalone(case.engine_args, torch.cuda.device_count(), os.cpu_count() or 1)
-    for name, value in env.items():
-        os.environ.setdefault(name, value)
-    llm = engine.start(model=case.model, **case.engine_args, **extra)
+    llm = engine.start(model=case.model, **case.engine_args)
     if with_fault and case.fault is not None:
         engine.install_fault(llm, case.fault, case.fault_params)
     return llm

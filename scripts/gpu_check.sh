@@ -21,7 +21,8 @@
 #              loop.num_workers=2 (a sampler per GPU); tests/integration/test_tp.py (a sync that
 #              misses rank 1 must be a sync_mismatch); hunt=gpu for GPU_CHECK_MULTI_GPU_HUNT_S (300) s
 # GPU_CHECK_ARGS: extra overrides for the architectures step (e.g. engine.enforce_eager=true: no
-# CUDA-graph capture and compile per model, a minute less per engine start).
+# CUDA-graph capture and compile per model, a minute less per engine start); GPU_CHECK_MODELS: its
+# models, comma-separated (default: every tiny model); GPU_CHECK_REPROS: the repros step's scripts (a glob).
 # Several jobs share one GPU at once (GPU_CHECK_PARALLEL, default 5): each takes a tenth of it
 # and an explicit 2 GB KV cache, so engines starting together do not size themselves from one
 # another's memory. Logs and a summary of every run go to GPU_CHECK_OUT (default gpu_check/).
@@ -77,7 +78,7 @@ PY
       smollm2=$("$py" -c "from rollout_lab.models import resolve_model; print(resolve_model('smollm2'))")
       # PYTHONPATH keeps a --target install of vLLM (scripts/gpu_lease.sh), not the checkout.
       keep=$(tr ':' '\n' <<<"${PYTHONPATH:-}" | while read -r d; do [ -n "$d" ] && [ ! -d "$d/rollout_lab" ] && echo "$d"; done | paste -sd:)
-      for script in repro/gpu_*/repro*.py; do
+      for script in ${GPU_CHECK_REPROS:-repro/gpu_*/repro*.py}; do
         args=(); grep -q "HuggingFaceTB/SmolLM2" "$script" && args=(--model "$smollm2")
         name=$(basename "$(dirname "$script")")_$(basename "$script" .py)
         dir=$(mktemp -d) path=$PWD/$script
@@ -103,7 +104,8 @@ PY
         IFS='|' read -r name runner overrides <<<"$run"
         # shellcheck disable=SC2086
         job "faults_v2_$name" env ${runner:+VLLM_USE_V2_MODEL_RUNNER=$runner} "$py" -m rollout_lab $overrides \
-          engine.dtype=float32 engine.enforce_eager=true loop.steps=1 run_name="gpu-$name" hydra.run.dir="$out/faults_v2_$name"
+          engine.dtype=float32 engine.enforce_eager=true engine.gpu_memory_utilization=0.1 loop.steps=1 \
+          run_name="gpu-$name" hydra.run.dir="$out/faults_v2_$name"
       done
       "$py" - "$out" <<'PY'
 import json, sys
@@ -138,7 +140,7 @@ print(f"multi_gpu_hunt: {len(trials)} trials; status by tensor_parallel_size: {(
 PY
       ;;
     architectures)
-      tiny=$("$py" -c "from rollout_lab.models import TINY_CONFIGS; print(','.join(TINY_CONFIGS))")
+      tiny=${GPU_CHECK_MODELS:-$("$py" -c "from rollout_lab.models import TINY_CONFIGS; print(','.join(TINY_CONFIGS))")}
       job architectures "$py" -m rollout_lab -m "model=$tiny" engine.dtype=float32 run_name=gpu-arch "${share[@]}" \
         engine.kv_cache_memory_bytes=2000000000 hydra.sweep.dir="$out/architectures" ${GPU_CHECK_ARGS:-}
       "$py" - "$out/architectures" <<'PY'

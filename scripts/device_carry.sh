@@ -7,10 +7,11 @@
 # Wheels are zip-deflated already, so the tar is not compressed unless --xz (xz -6 gains ~20%,
 # at minutes of CPU). Trimmed (TRIM, one "wheel-glob member..." per line; set TRIM= to keep all):
 # vLLM's FlashAttention-2 kernels (Hopper runs FA3, float32 runs Triton), its vllm-rs serving
-# binary and its MoE kernels (optional in vLLM; dense models never call them), and xgrammar's
-# static C++ library (for builds only).
+# binary, and xgrammar's static C++ library (for builds only). vLLM's MoE kernels stay: vLLM
+# imports them under contextlib.suppress, so without them an MoE model fails at its first forward
+# with "'_moe_C' object has no attribute 'topk_softmax'" (measured on the H200, 2026-12-02).
 set -euo pipefail
-TRIM=${TRIM-"vllm-*.whl vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm-rs vllm/_moe_C_stable_libtorch.abi3.so
+TRIM=${TRIM-"vllm-*.whl vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm-rs
 xgrammar-*.whl xgrammar/lib/libxgrammar.a"}
 
 case ${1:-} in

@@ -64,9 +64,11 @@ def test_a_crash_with_the_signature_of_a_repro_in_the_repo_is_known_and_not_mini
     assert finding.state == "known" and finding.repro == str(folder / "repro.py")
 
 
-def test_the_repos_own_known_bugs_are_its_hunt_crash_repros_named_relative_to_the_repo(tmp_path):
+def test_the_repos_own_known_bugs_are_its_crash_repros_named_relative_to_the_repo(tmp_path):
     known = Hunt(hunt_cfg(), tmp_path).known
-    assert sorted(known.values()) == ["repro/hunt_mamba_prefix_caching/repro.py", "repro/hunt_seeded_chunked_prefill/repro.py"]
+    assert sorted(known.values()) == ["repro/gpu_granite_hybrid_layer_names/repro.py", "repro/gpu_mamba2_prefix_caching/repro.py",
+                                      "repro/gpu_mamba2_v2_runner_start/repro.py", "repro/hunt_mamba_prefix_caching/repro.py",
+                                      "repro/hunt_seeded_chunked_prefill/repro.py"]
     assert all(sig.kind == "crash" for sig in known)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,6 +28,9 @@ def print_summary(result, pressure=None, block_pool_head=None) -> None:
         f"reward mean: {result.reward_mean:.3f}  preemptions: {result.preemptions:.0f}  "
         f"weight sync max diff: {result.weight_sync_max_diff}  policy change: {result.policy_change}"
     )
+    note = vacuous_sync_note(result)
+    if note:
+        console.print(f"[yellow]{note}[/]")
     if pressure is not None:
         if block_pool_head is not None:  # this preset's regime is high block ids, not preemption
             console.print(f"pressure {pressure}: blocks handed out from {block_pool_head:.0%} of the pool up "
@@ -38,6 +42,19 @@ def print_summary(result, pressure=None, block_pool_head=None) -> None:
     if result.crash:
         console.print(f"[red]crash[/]: {result.crash.key}: {result.crash.message}")
     console.print(f"run dir: {result.run_dir}")
+
+
+def vacuous_sync_note(result) -> Optional[str]:
+    """One line when no weight-sync check saw the policy move (summary's weight_sync_exercised false): why, and the fix."""
+    if result.weight_sync_exercised is not False:
+        return None
+    if result.zero_advantage_steps >= result.steps_completed:
+        why = ("every reward was equal within each prompt's group, so every GRPO advantage was 0 and only weight decay "
+               "moved the weights; a model that cannot do the task moves under workload.reward=even_tokens")
+    else:
+        why = "the updates were too small to show (a larger trainer.learning_rate or more loop.steps moves it further)"
+    return (f"weight sync check compared unchanged weights: the probe never moved past the sync tolerance "
+            f"(policy change {result.policy_change:.2g}); {why}")
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

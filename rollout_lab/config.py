@@ -13,6 +13,8 @@ from typing import Any, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 
+from rollout_lab.workload import REWARDS
+
 DTYPES = ("float32", "bfloat16", "float16")
 SEED_POLICIES = ("per_request", "engine")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
@@ -76,6 +78,9 @@ class WorkloadConfig:
     prompt_seed: int = 0
     # Rotate through the prompt set step by step rather than reusing the same prompts.
     rotate_prompts: bool = True
+    # How a completion is scored (rollout_lab/workload.py, REWARDS): math, the task's own; even_tokens,
+    # a dense synthetic one for models that cannot do the task, so advantages and the policy move.
+    reward: str = "math"
 
 
 @dataclass
@@ -242,6 +247,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("engine.seed_policy", e.seed_policy, SEED_POLICIES)
     _choice("engine.logprobs_mode", e.logprobs_mode, LOGPROBS_MODES)
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+    _choice("workload.reward", w.reward, tuple(REWARDS))
     if not 0 < e.gpu_memory_utilization <= 1:
         raise ConfigError(f"engine.gpu_memory_utilization={e.gpu_memory_utilization} must lie in (0, 1]")
     for key, value in [

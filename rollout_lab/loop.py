@@ -18,13 +18,13 @@ from tqdm import tqdm
 
 from rollout_lab.config import RunConfig, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
-from rollout_lab.mismatch import group_advantages, token_metrics
+from rollout_lab.mismatch import group_advantages, token_metrics, weight_sync_exercised
 from rollout_lab.placement import plan, reserve
 from rollout_lab.records import RolloutBatch, RunResult, token_table, write_config, write_requests, write_step, write_summary
 from rollout_lab.sampler import PromptRequest
 from rollout_lab.tolerances import device_name, engine_row, engine_version, threshold_for, tolerance
 from rollout_lab.wandb_log import RunLogger
-from rollout_lab.workload import encode_prompt, make_problems, reward
+from rollout_lab.workload import REWARDS, encode_prompt, make_problems
 
 # A fixed sequence whose logprobs vLLM and the trainer must agree on after every weight sync.
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19, and 6 * 7 = 42."
@@ -108,11 +108,13 @@ def run(cfg: RunConfig) -> RunResult:
         model_path, cfg.trainer, cfg.engine.seed
     )
     logger = RunLogger(cfg, run_dir, run_id, config_dict)
-    all_diffs, all_rewards = [], []
+    all_diffs, all_rewards, policy_changes = [], [], []
     sync_tolerance = cfg.loop.weight_sync_tolerance or tolerance(engine_row(cfg)).weight_sync
     initial_probe = None
     try:
         result.engine_start_seconds = ray.get([s.ready.remote() for s in samplers])
+        # Which model runner and attention backends ran: worker 0's (the samplers share one engine config).
+        result.environment |= asdict(ray.get(samplers[0].execution_facts.remote()))
         if cfg.loop.check_weight_sync:
             initial_probe = np.asarray(ray.get(trainer.sequence_logprobs.remote(probe_ids)))
         for step in tqdm(range(cfg.loop.steps), desc="rl steps", unit="step"):
@@ -129,10 +131,11 @@ def run(cfg: RunConfig) -> RunResult:
                 raise
             write_requests(run_dir, step, [r for b in batches for r in b.requests])
             samples = [(b, s) for b in batches for s in b.samples]
-            rewards = [reward(s.text, problems[s.prompt_index]) for _, s in samples]
+            rewards = [REWARDS[w.reward](s.text, s.token_ids, problems[s.prompt_index]) for _, s in samples]
             sequences = [(s.prompt_token_ids, s.token_ids) for _, s in samples]
             timer.lap("sample")
             advantages = group_advantages(np.array(rewards), np.array([s.prompt_index for _, s in samples]))
+            result.zero_advantage_steps += int(not np.any(advantages))
             trainer_logprobs, train_stats = ray.get(trainer.update.remote(sequences, advantages))
             timer.lap("train")
 
@@ -163,6 +166,8 @@ def run(cfg: RunConfig) -> RunResult:
                 metrics["sync/policy_change"] = float(np.max(np.abs(trainer_probe - initial_probe)))
                 result.weight_sync_max_diff = max(result.weight_sync_max_diff or 0.0, sync_diff)
                 result.policy_change = metrics["sync/policy_change"]
+                policy_changes.append(result.policy_change)
+                result.weight_sync_exercised = weight_sync_exercised(policy_changes, sync_tolerance)
 
             timer.lap("sync_check")
             metrics |= timer.seconds

@@ -7,6 +7,8 @@ exp(log_ratio) is the importance ratio a truncated-IS correction (TIS, verl/TRL)
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 
@@ -60,3 +62,9 @@ def group_advantages(rewards: np.ndarray, group_id: np.ndarray, eps: float = 1e-
         if group.std() > 0:
             advantages[mask] = (group - group.mean()) / (group.std() + eps)
     return advantages
+
+
+def weight_sync_exercised(policy_changes: list[float], tolerance: float) -> Optional[bool]:
+    """Whether the probe moved past the weight-sync tolerance at some step (None: no step was checked);
+    if not, a sync that left vLLM on its old weights would have passed the check too."""
+    return max(policy_changes) > tolerance if policy_changes else None

@@ -279,6 +279,11 @@ class RunResult:
     preemptions: float = 0.0
     weight_sync_max_diff: Optional[float] = None
     policy_change: Optional[float] = None
+    # False: the probe never moved past the weight-sync tolerance, so every sync check compared vLLM with
+    # weights it already had (names and reload path checked, new weights not); None: no check ran.
+    weight_sync_exercised: Optional[bool] = None
+    # Steps whose GRPO advantages were all 0 (every reward equal within each prompt's group): no update.
+    zero_advantage_steps: int = 0
     # Why the run stopped: the engine's crash (status crash) or the failed weight-sync check (sync_mismatch).
     crash: Optional[CrashSignature] = None
     engine_start_seconds: list[float] = field(default_factory=list)

@@ -1,9 +1,10 @@
-"""The shipped prompt set: generated arithmetic problems with exact, verifiable answers."""
+"""The shipped prompt set (generated arithmetic problems with exact, verifiable answers) and the rewards a run can score it with."""
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _INTEGER = re.compile(r"-?\d+")
@@ -26,12 +27,25 @@ def make_problems(count: int, seed: int) -> list[Problem]:
     return problems
 
 
-def reward(completion: str, problem: Problem) -> float:
-    """1 when the first integer in the completion is the answer, 0.1 for a wrong integer, else 0."""
-    match = _INTEGER.search(completion)
+def math_answer(text: str, token_ids: list[int], problem: Problem) -> float:
+    """The task's reward: 1 when the first integer in the completion is the answer, 0.1 for a wrong integer, else 0."""
+    match = _INTEGER.search(text)
     if match is None:
         return 0.0
     return 1.0 if int(match.group()) == problem.answer else 0.1
+
+
+def even_tokens(text: str, token_ids: list[int], problem: Problem) -> float:
+    """The fraction of even token ids in the completion: a reward any model earns, for one that cannot do the task.
+
+    Random tiny models never write an integer, so `math` scores all their samples 0 and GRPO's advantages
+    vanish; this one is dense (~1/sqrt(4n) spread over n tokens), so samples of one prompt almost never tie,
+    and depends on the ids alone (any tokenizer, no decoding), so the policy moves every step."""
+    return sum(1 for t in token_ids if t % 2 == 0) / len(token_ids) if token_ids else 0.0
+
+
+# workload.reward: a completion's (text, token ids, problem) -> its reward, as TRL's and verl's reward functions.
+REWARDS: dict[str, Callable[[str, list[int], Problem], float]] = {"math": math_answer, "even_tokens": even_tokens}
 
 
 def encode_prompt(tokenizer, problem: Problem) -> list[int]:

@@ -1,5 +1,5 @@
 from rollout_lab.sampler import request_seed
-from rollout_lab.workload import Problem, make_problems, reward
+from rollout_lab.workload import Problem, make_problems, math_answer
 
 
 def test_problems_are_deterministic_and_correct():
@@ -13,10 +13,10 @@ def test_problems_are_deterministic_and_correct():
 
 def test_reward_reads_the_first_integer():
     p = Problem("What is 2 + 3?", 5)
-    assert reward(" 5, because 2+3", p) == 1.0
-    assert reward("It is 6 or 5", p) == 0.1
-    assert reward("five", p) == 0.0
-    assert reward("-5", Problem("What is 2 - 7?", -5)) == 1.0
+    assert math_answer(" 5, because 2+3", [], p) == 1.0
+    assert math_answer("It is 6 or 5", [], p) == 0.1
+    assert math_answer("five", [], p) == 0.0
+    assert math_answer("-5", [], Problem("What is 2 - 7?", -5)) == 1.0
 
 
 def test_request_seed_depends_only_on_coordinates():

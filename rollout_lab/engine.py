@@ -153,7 +153,46 @@ def install_fault(llm, name: str, params: dict):
     return llm.collective_rpc(faults.install, args=(name, dict(params)))[0]
 
 
+# The model runner modules of vLLM 0.25 and 0.32 and their short labels: the worker picks one per
+# engine (VLLM_USE_V2_MODEL_RUNNER and vLLM's per-model default), and the faults hook each differently.
+RUNNER_LABELS = {
+    "vllm.v1.worker.gpu_model_runner": "v1",
+    "vllm.v1.worker.gpu.model_runner": "v2",
+    "vllm.v1.worker.cpu_model_runner": "cpu",
+    "vllm.v1.worker.cpu.model_runner": "cpu-v2",
+}
+
+
+def runner_label(module: str) -> Optional[str]:
+    """v1, v2, cpu or cpu-v2 for a model runner class's module; None for a runner the lab does not know."""
+    return RUNNER_LABELS.get(module)
+
+
+@dataclass
+class ExecutionFacts:
+    """How an engine executes the model, as its rank-0 worker reports it (summary.json's environment)."""
+
+    model_runner: str  # module.Class of the worker's model runner
+    model_runner_label: Optional[str]  # runner_label of its module
+    # Per KV-cache group, the attention backends vLLM picked (their get_name()); None: the runner has no attn_groups.
+    attention_backends: Optional[list[list[str]]]
+
+
+def execution_facts(llm) -> ExecutionFacts:
+    """The engine's model runner and attention backends, read in its rank-0 worker."""
+    module, name, backends = llm.collective_rpc(_execution_facts)[0]
+    return ExecutionFacts(f"{module}.{name}", runner_label(module), backends)
+
+
 # Run inside vLLM's worker through collective_rpc (an in-process engine core takes plain functions).
+def _execution_facts(worker) -> tuple:
+    """Plain values (module, class name, backends): they cross a multiprocessing engine's reply as they are."""
+    runner = worker.model_runner
+    groups = getattr(runner, "attn_groups", None)  # list[list[AttentionGroup]] in both runners of 0.25 and 0.32
+    backends = None if groups is None else [list(dict.fromkeys(g.backend.get_name() for g in group)) for group in groups]
+    return type(runner).__module__, type(runner).__qualname__, backends
+
+
 def _fault_targets(worker) -> list:
     runner = worker.model_runner
     builders = [b for groups in runner.attn_groups for group in groups for b in group.metadata_builders]

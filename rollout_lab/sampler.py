@@ -96,10 +96,12 @@ class SamplerWorker:
         self.tp_size = placement.tp_size if placement is not None else tp_size(cfg)
         self.start_crash = None
         self.start_seconds = 0.0
+        self.execution: Optional[engine.ExecutionFacts] = None
         self.counters_before: dict[str, float] = {}
         started = time.perf_counter()
         try:
             self.llm = engine.start(**engine_kwargs(cfg, model_path), **(placement.engine_kwargs() if placement is not None else {}))
+            self.execution = engine.execution_facts(self.llm)
             if cfg.fault.name is not None:
                 params = fault_params(cfg.fault.name, dict(cfg.fault.params))
                 self.fault = engine.install_fault(self.llm, cfg.fault.name, params)
@@ -113,6 +115,10 @@ class SamplerWorker:
             raise EngineCrash(self.start_crash)
         self.counters_before = compat.engine_metrics(self.llm)
         return self.start_seconds
+
+    def execution_facts(self) -> engine.ExecutionFacts:
+        """The started engine's model runner and attention backends (read once, after it started)."""
+        return self.execution
 
     def generate(self, step: int, prompts: list[PromptRequest]) -> RolloutBatch:
         """Sample every prompt `samples_per_prompt` times with per-token logprobs; the batch carries

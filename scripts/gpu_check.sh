@@ -112,8 +112,9 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 for job in sorted(out.glob("faults_v2_*/summary.json")):
-    s, log = json.loads(job.read_text()), (out / f"{job.parent.name}.log").read_text()
-    runner = "v2" if "Using V2 Model Runner" in log else "v1"
+    s = json.loads(job.read_text())
+    # The runner the engine's worker reported (rollout_lab.engine.execution_facts); none if it never started.
+    runner = s["environment"].get("model_runner_label") or "unknown"
     fired = s["status"] == "ok" and s["spike_fraction"] > 0
     print(f"{job.parent.name[len('faults_v2_'):]:24s} runner {runner} {'FIRED' if fired else 'NOT FIRED'} status={s['status']} "
           f"preemptions={s['preemptions']} max|diff|={s['abs_diff_max']:.3g} spike fraction={s['spike_fraction']:.3f}")

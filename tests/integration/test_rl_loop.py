@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from rollout_lab.engine import runner_label
 from rollout_lab.loop import run
 from rollout_lab.records import read_records, read_summary
 from rollout_lab.tolerances import tolerance
@@ -50,7 +51,12 @@ def test_float32_run_records_every_token_and_agrees(tmp_path, ray_session, compo
     assert logged[0]["mismatch/abs_diff_max"] == pytest.approx(metrics[0]["abs_diff_max"])
     assert logged[0]["mismatch/worst_tokens/_type"] == "table-file"
     assert wandb["summary"]["status"] == "ok"
-    assert read_summary(tmp_path).status == "ok"
+    summary = read_summary(tmp_path)
+    assert summary.status == "ok"
+    # The model runner and attention backends the engine's worker reported, beside the versions.
+    module = summary.environment["model_runner"].rsplit(".", 1)[0]
+    assert summary.environment["model_runner_label"] == runner_label(module) is not None
+    assert summary.environment["attention_backends"] and all(summary.environment["attention_backends"])
 
 
 def test_engine_exception_during_a_step_is_a_crash_result(tmp_path, ray_session, compose):

@@ -43,3 +43,47 @@ def test_sampling_params_take_the_seed_and_the_knobs_as_given():
     with pytest.raises(Exception) as refused:
         engine.sampling_params(None, temperature=0.0, n=2)  # greedy with n > 1: vLLM refuses it
     assert compat.is_rejection(refused.value)
+
+
+@pytest.mark.parametrize("module, label", [
+    ("vllm.v1.worker.gpu_model_runner", "v1"),  # CUDA 0.25's default for most models
+    ("vllm.v1.worker.gpu.model_runner", "v2"),  # VLLM_USE_V2_MODEL_RUNNER=1
+    ("vllm.v1.worker.cpu_model_runner", "cpu"),
+    ("vllm.v1.worker.cpu.model_runner", "cpu-v2"),
+    ("vllm.v1.worker.xpu_model_runner", None),
+    ("vllm.v1.worker.gpu", None),
+])
+def test_the_runner_label_comes_from_the_runner_class_module(module, label):
+    assert engine.runner_label(module) == label
+
+
+def test_every_labelled_runner_module_is_a_model_runner_of_the_installed_vllm():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(importlib.util.find_spec("vllm").submodule_search_locations[0]).parent
+    for module in engine.RUNNER_LABELS:
+        source = (root / (module.replace(".", "/") + ".py")).read_text()
+        assert "ModelRunner(" in source, module
+
+
+def fake_llm(module, attn_groups):
+    """An LLM whose rank-0 worker holds a runner of class `module`.Runner (no attn_groups when None)."""
+    runner_class = type("Runner", (), {"__module__": module})
+    runner = runner_class()
+    if attn_groups is not None:
+        runner.attn_groups = [[SimpleNamespace(backend=SimpleNamespace(get_name=lambda n=name: n)) for name in group]
+                              for group in attn_groups]
+    worker = SimpleNamespace(model_runner=runner)
+    return SimpleNamespace(collective_rpc=lambda fn: [fn(worker), fn(worker)])
+
+
+def test_execution_facts_name_the_runner_and_each_kv_cache_groups_backends_once():
+    llm = fake_llm("vllm.v1.worker.gpu.model_runner", [["FLASH_ATTN", "FLASH_ATTN"], ["MAMBA2_ATTN"]])
+    assert engine.execution_facts(llm) == engine.ExecutionFacts(
+        "vllm.v1.worker.gpu.model_runner.Runner", "v2", [["FLASH_ATTN"], ["MAMBA2_ATTN"]])
+
+
+def test_a_runner_without_attention_groups_records_none_not_a_failure():
+    facts = engine.execution_facts(fake_llm("vllm.v1.worker.xpu_model_runner", None))
+    assert (facts.model_runner_label, facts.attention_backends) == (None, None)

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rollout_lab import models
 from rollout_lab.config import RunConfig
 from rollout_lab.loop import run
+from rollout_lab.tolerances import tolerance
 
 pytestmark = pytest.mark.integration
 
@@ -68,15 +69,15 @@ def test_tiny_model_has_informative_logits(prepared, name):
 
 
 def short_default_job(run_dir, model: str) -> RunConfig:
-    """The default job on `model`, shortened. A random tiny model rarely writes an integer, so
-    every advantage is 0 and only AdamW's decay moves the weights: lr 1e-3 makes that visible."""
+    """The default job on `model`, shortened, under workload.reward=even_tokens: a random tiny model never
+    writes an integer, so the math reward gives it no advantage and its weights would not move."""
     cfg = RunConfig(run_name=f"test-{model}", run_dir=str(run_dir))
     cfg.model.name = model
     cfg.loop.steps = 2
     cfg.workload.num_prompts = 4
     cfg.workload.samples_per_prompt = 2
     cfg.workload.max_tokens = 16
-    cfg.trainer.learning_rate = 1e-3
+    cfg.workload.reward = "even_tokens"
     return cfg
 
 
@@ -104,7 +105,9 @@ def _case(model: str):
 def test_default_job_is_clean_in_float32(tmp_path, ray_session, model):
     result = run(short_default_job(tmp_path, model))
     assert result.status == "ok", result.crash
-    assert result.num_tokens > 0 and result.abs_diff_max <= 1e-3
-    # The update is visible on the probe and vLLM follows it to a tenth of how far it moved: a
-    # sync that left vLLM on the old weights would be off by the whole policy change.
-    assert result.policy_change > 1e-4 and result.weight_sync_max_diff <= min(1e-3, result.policy_change / 10)
+    float32 = tolerance("float32")
+    assert result.num_tokens > 0 and result.abs_diff_max <= float32.spike_threshold
+    # The policy moved past the sync tolerance and vLLM follows it within that tolerance and to a tenth
+    # of how far it moved: a sync that left vLLM on the old weights would be off by the whole change.
+    assert result.weight_sync_exercised and result.policy_change > float32.weight_sync
+    assert result.weight_sync_max_diff <= min(float32.weight_sync, result.policy_change / 10)

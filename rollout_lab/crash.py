@@ -98,7 +98,9 @@ def crash_signature(exc: BaseException, phase: str = "generate", step: Optional[
             if name is not None:
                 frames.append(name)
         current = current.__cause__ or current.__context__
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = str(exc).strip()
+    # pydantic (vLLM's config classes) says "1 validation error for VllmConfig" first, the reason after.
+    message = " ".join(text.split()) if type(exc).__name__ == "ValidationError" else (text.splitlines() or [""])[0]
     return CrashSignature(
         exception_type=type(exc).__name__,
         message=message[:300],

@@ -1,5 +1,7 @@
 import pickle
 
+import pytest
+
 from rollout_lab.crash import EngineCrash, crash_signature
 
 
@@ -35,3 +37,16 @@ def test_engine_crash_survives_pickling():
     again = pickle.loads(pickle.dumps(crash))
     assert again.signature.key == crash.signature.key
     assert "IndexError" in str(again)
+
+
+def test_a_config_validation_error_keeps_vllms_reason_not_only_pydantics_header():
+    import pydantic
+
+    class Config(pydantic.BaseModel):
+        block_size: int
+
+    with pytest.raises(pydantic.ValidationError) as info:
+        Config(block_size="sixteen")
+    signature = crash_signature(info.value, phase="engine_start")
+    assert signature.message.startswith("1 validation error for Config block_size") and "integer" in signature.message
+    assert "\n" not in signature.message

@@ -49,12 +49,12 @@ def vacuous_sync_note(result) -> Optional[str]:
     if result.weight_sync_exercised is not False:
         return None
     if result.zero_advantage_steps >= result.steps_completed:
-        why = ("every reward was equal within each prompt's group, so every GRPO advantage was 0 and only weight decay "
-               "moved the weights; a model that cannot do the task moves under workload.reward=even_tokens")
+        why = ("every reward was equal within each prompt's group, so every GRPO advantage was 0; a model that "
+               "cannot do the task moves under workload.reward=even_tokens")
     else:
         why = "the updates were too small to show (a larger trainer.learning_rate or more loop.steps moves it further)"
-    return (f"weight sync check compared unchanged weights: the probe never moved past the sync tolerance "
-            f"(policy change {result.policy_change:.2g}); {why}")
+    return (f"weight sync check compared unchanged weights (policy change {result.policy_change:.2g}, "
+            f"within the sync tolerance): {why}")
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

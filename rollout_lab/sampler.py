@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rollout_lab import compat, engine, pressure
+from rollout_lab import compat, engine, pressure, weight_sync
 from rollout_lab.config import RunConfig, fault_params
 from rollout_lab.crash import EngineCrash, crash_signature
 from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, token_facts
@@ -186,7 +186,7 @@ class SamplerWorker:
     def load_weights(self, encoded_weights: list) -> int:
         """Push new weights into the engine and drop prefix-cache entries computed with the old ones."""
         try:
-            loaded = sum(self.llm.collective_rpc("rl_load_weights", args=(encoded_weights,)))
+            loaded = sum(self.llm.collective_rpc("rl_load_weights", args=(weight_sync.Shipment(encoded_weights),)))
         except Exception as exc:
             raise EngineCrash(crash_signature(exc, phase="weight_sync")) from None
         # Cached KV blocks hold activations of the old policy: reusing them would be a real bug.

@@ -37,10 +37,20 @@ def decode(encoded: list[tuple[str, str, np.ndarray]]):
         yield name, (tensor.view(dtype) if dtype in _BITCAST else tensor)
 
 
+class Shipment:
+    """`encode`'s triples as one plain object for `collective_rpc`. To an engine core in its own process
+    (engine.multiprocessing) vLLM sends the call through msgpack, which would deliver a bare list's arrays
+    as [dtype, shape, buffer index] lists; an object it cannot encode it pickles whole (the sampler sets
+    VLLM_ALLOW_INSECURE_SERIALIZATION for that engine)."""
+
+    def __init__(self, encoded: list[tuple[str, str, np.ndarray]]):
+        self.encoded = encoded
+
+
 class WeightSyncExtension:
     """Methods vLLM mixes into its worker; called through `LLM.collective_rpc`."""
 
-    def rl_load_weights(self, encoded: list) -> int:
-        """Load encoded (name, dtype, array) weights through vLLM's in-place reload."""
-        compat.reload_weights(self.model_runner, decode(encoded))
-        return len(encoded)
+    def rl_load_weights(self, shipment: Shipment) -> int:
+        """Load the shipment's (name, dtype, array) weights through vLLM's in-place reload."""
+        compat.reload_weights(self.model_runner, decode(shipment.encoded))
+        return len(shipment.encoded)

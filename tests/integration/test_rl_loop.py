@@ -59,6 +59,14 @@ def test_float32_run_records_every_token_and_agrees(tmp_path, ray_session, compo
     assert summary.environment["attention_backends"] and all(summary.environment["attention_backends"])
 
 
+def test_an_engine_core_in_its_own_process_takes_each_weight_sync(tmp_path, ray_session, compose):
+    """engine.multiprocessing=true: collective_rpc crosses into vLLM's engine-core process through msgpack."""
+    result = run(short_job(compose, tmp_path, "model=llama-tiny", "engine.multiprocessing=true", "workload.reward=even_tokens"))
+    assert result.status == "ok", result.crash
+    float32 = tolerance("float32")
+    assert result.weight_sync_exercised and result.weight_sync_max_diff <= float32.weight_sync < result.policy_change
+
+
 def test_engine_exception_during_a_step_is_a_crash_result(tmp_path, ray_session, compose):
     # The chat-formatted prompts are ~40 tokens: a 24-token context makes vLLM reject them.
     result = run(short_job(compose, tmp_path, "workload.max_tokens=4", "engine.max_model_len=24"))

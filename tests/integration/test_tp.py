@@ -27,7 +27,7 @@ BREAK_SYNC = '''
 from rollout_lab import weight_sync
 
 _load = weight_sync.WeightSyncExtension.rl_load_weights
-weight_sync.WeightSyncExtension.rl_load_weights = lambda self, encoded: _load(self, encoded) if self.rank == 0 else len(encoded)
+weight_sync.WeightSyncExtension.rl_load_weights = lambda self, shipment: _load(self, shipment) if self.rank == 0 else len(shipment.encoded)
 '''
 
 

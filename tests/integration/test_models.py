@@ -109,5 +109,5 @@ def test_default_job_is_clean_in_float32(tmp_path, ray_session, model):
     assert result.num_tokens > 0 and result.abs_diff_max <= float32.spike_threshold
     # The policy moved past the sync tolerance and vLLM follows it within that tolerance and to a tenth
     # of how far it moved: a sync that left vLLM on the old weights would be off by the whole change.
-    assert result.weight_sync_exercised and result.policy_change > float32.weight_sync
+    assert result.zero_advantage_steps == 0 and result.weight_sync_exercised and result.policy_change > float32.weight_sync
     assert result.weight_sync_max_diff <= min(float32.weight_sync, result.policy_change / 10)

@@ -28,6 +28,11 @@ def print_summary(result, pressure=None, block_pool_head=None) -> None:
         f"reward mean: {result.reward_mean:.3f}  preemptions: {result.preemptions:.0f}  "
         f"weight sync max diff: {result.weight_sync_max_diff}  policy change: {result.policy_change}"
     )
+    env = result.environment
+    if env.get("model_runner"):  # absent when no engine started
+        backends = " | ".join(", ".join(group) for group in env.get("attention_backends") or [])
+        console.print(f"engine: {env.get('engine')}, model runner {env.get('model_runner_label') or '?'} "
+                      f"({env['model_runner']}), attention {backends or '?'}")
     note = vacuous_sync_note(result)
     if note:
         console.print(f"[yellow]{note}[/]")

@@ -193,7 +193,6 @@ def plan(cfg: RunConfig, num_gpus: int, num_cores: int) -> Placement:
     return Placement(num_gpus, num_cores, samplers, trainer)
 
 
-
 def standalone(engine_args: dict, num_gpus: int, num_cores: int) -> tuple[dict, dict[str, str]]:
     """(extra vllm.LLM kwargs, environment) for a tensor-parallel engine started in this process,
     outside Ray (the minimizer's and localizer's replays): vLLM's multiprocessing executor, on CPU
@@ -210,6 +209,7 @@ def standalone(engine_args: dict, num_gpus: int, num_cores: int) -> tuple[dict, 
     elif tp > num_gpus:
         raise ConfigError(f"tensor_parallel_size={tp} needs {tp} GPUs (one per rank); the machine has {num_gpus}")
     return {"distributed_executor_backend": "mp"}, env
+
 
 def reserve(where: Placement, timeout_s: float = 120.0):
     """The job's Ray placement group, on one node and ready; ConfigError when the cluster cannot hold it."""

@@ -163,7 +163,8 @@ for job in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / ".hydra").is_di
     clean = s["status"] == "ok" and s["abs_diff_max"] <= s["spike_threshold"]
     sync, moved = (f"{v:.3g}" if v is not None else "none" for v in (s["weight_sync_max_diff"], s["policy_change"]))
     print(f"{model:16s} {'clean' if clean else 'NOT CLEAN'} status={s['status']} max|diff|={s['abs_diff_max']:.3g} "
-          f"(threshold {s['spike_threshold']:g}) sync={sync} policy_change={moved} tokens={s['num_tokens']} {s['seconds']:.0f}s")
+          f"(threshold {s['spike_threshold']:g}) sync={sync} policy_change={moved} "
+          f"sync_exercised={s.get('weight_sync_exercised')} tokens={s['num_tokens']} {s['seconds']:.0f}s")
 PY
       ;;
     *) echo "unknown step $step (calibrate fault clean sweep hunt hunt_default architectures localize faults_v2 repros multi_gpu)" >&2; exit 2 ;;

@@ -113,6 +113,7 @@ def token_pool(tokenizer) -> list[int]:
 
 
 def request_seed(workload: dict, index: int) -> Optional[int]:
+    """The seed request `index` of the workload is sent with; None: it samples from the engine's RNG."""
     if not workload.get("sampling.per_request_seed", True):
         return None
     return (int(workload["seed"]) * 1009 + index) % (2**31)
@@ -312,11 +313,21 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
                        "alone": round(t4 - t3, 2)},
     )
     if result.status == "fail":
-        # The requests that completed, all at once; n > 1 becomes n requests with seeds of their own.
-        result.case = trial_case(spec, workload, [
-            Request(s.prompt_token_ids, (s.seed if s.seed is not None else i) + s.completion, s.request, s.completion)
-            for i, s in enumerate(items)])
+        result.case = trial_case(spec, workload, failing_requests(items))
     return result
+
+
+def failing_requests(items: list[Scored]) -> list[Request]:
+    """The requests that completed, all at once; n > 1 becomes n requests with seeds of their own."""
+    # vLLM seeds the k-th of n completions with seed + k; a request without a seed drew from the
+    # engine's RNG, and so does its replay (the case's engine has the trial's engine seed).
+    return [Request(s.prompt_token_ids, None if s.seed is None else s.seed + s.completion, s.request, s.completion)
+            for s in items]
+
+
+def crash_requests(trace: list[TraceRequest], workload: dict) -> list[Request]:
+    """Every request of a trial that crashed, all at once, with the seed it was sent with."""
+    return [Request(r.prompt_token_ids, request_seed(workload, j), j, 0) for j, r in enumerate(trace)]
 
 
 def run_group(spec: GroupSpec, lines_path: str) -> None:
@@ -372,8 +383,8 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
                 engine.install_fault(llm, spec.fault, spec.fault_params)
             return run_trial(llm, reference, spec, workload, trace, trial, dtype, counter)
         except BaseException as exc:  # SystemExit too: vLLM ends a dead engine core that way
-            requests = [Request(r.prompt_token_ids, request_seed(workload, j) or j, j, 0) for j, r in enumerate(trace)]
-            return TrialResult("crash", dtype=dtype, crash=crash_signature(exc), case=trial_case(spec, workload, requests))
+            return TrialResult("crash", dtype=dtype, crash=crash_signature(exc),
+                               case=trial_case(spec, workload, crash_requests(trace, workload)))
 
     run_trials(spec, lines, run_one)
 

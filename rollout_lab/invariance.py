@@ -22,10 +22,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from queue import Empty
 from typing import Optional
 
 import hydra
@@ -299,7 +301,23 @@ def run_setting(run, batch_invariant: bool) -> SettingResult:
     queue = context.Queue()
     process = context.Process(target=_child, args=(run, batch_invariant, queue))
     process.start()
-    result = queue.get()
+    return child_result(process, queue, batch_invariant)
+
+
+def child_result(process, queue, batch_invariant: bool) -> SettingResult:
+    """The setting's result from its child process; a child that died without one (the OOM killer, a
+    segfault) is that setting's error, never a wait without end."""
+    result = None
+    while result is None:
+        alive = process.is_alive()
+        try:
+            result = queue.get(timeout=1.0)
+        except Empty:
+            if not alive:  # dead before this wait began, and nothing came during it
+                code = process.exitcode
+                how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                result = SettingResult(batch_invariant, False, "", "", [], 0.0, 0.0,
+                                       f"the measuring process died without a result: {how}")
     process.join()
     return result
 

@@ -90,3 +90,20 @@ def test_the_hunt_oracle_reruns_only_reproducible_requests_and_flags_only_where_
     assert 0 < floor.max_diff < 1e-8
     promised = batch_oracle(_AloneEngine({1: ([5, 6], [-0.5, -0.25 + 2**-30]), 2: ([7], [-1.0])}), sampled, promised=True)
     assert (promised.flagged, promised.request_class) == (1, "any")
+
+
+def test_a_setting_whose_process_dies_without_a_result_is_a_crash_not_a_hang():
+    """Defect: run_setting waited on the child's queue with no timeout: a child killed by the OOM
+    killer or a segfault (here: SIGABRT) left the command hanging forever."""
+    import multiprocessing
+    import os
+
+    from rollout_lab.invariance import child_result
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=os.abort)
+    process.start()
+    result = child_result(process, queue, True)
+    assert result.batch_invariant and not result.rows and not result.broken
+    assert result.error == "the measuring process died without a result: killed by SIGABRT"

@@ -98,17 +98,36 @@ def case_key(case: Case, expected: Expected) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def read_log(path: Path) -> list[TrialRecord]:
-    """The trials of an earlier (possibly interrupted) minimization; a torn last line is skipped."""
+def read_log(path: Path, console: Optional[Console] = None) -> list[TrialRecord]:
+    """The trials of an earlier (possibly interrupted) minimization. A torn last line is skipped; lines
+    that no longer fit TrialRecord (a log of another rollout_lab) are named in one line on `console`
+    and left in the file: their candidates run again."""
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    records, unfit, first = [], 0, ""
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(TrialRecord(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError):
+            record = TrialRecord(**json.loads(line))
+            record.result(), record.candidate()  # the outcome and case must fit their records too
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                continue
+            unfit, first = unfit + 1, first or f"line {number}: {exc}"
             continue
+        except TypeError as exc:
+            unfit, first = unfit + 1, first or f"line {number}: {unfit_reason(exc)}"
+            continue
+        records.append(record)
+    if unfit and console is not None:
+        console.print(f"[yellow]{path}: {unfit} of {len(records) + unfit} lines do not fit this rollout_lab's trial "
+                      f"record ({first}); they stay in the file, and their candidates run again[/]", highlight=False)
     return records
+
+
+def unfit_reason(exc: TypeError) -> str:
+    """A dataclass's TypeError in the log's words: "X.__init__() got an unexpected keyword argument 'k'" -> "unexpected key 'k'"."""
+    return str(exc).split(") ", 1)[-1].replace("got an unexpected keyword argument", "unexpected key")
 
 
 class TrialRunner:
@@ -120,7 +139,7 @@ class TrialRunner:
         # time.time() after which no candidate is tried: the reduction keeps the case it has.
         self.deadline = deadline
         self.said_spent = False
-        self.records = read_log(log_path)
+        self.records = read_log(log_path, console)
         self.cache = {(r.key, r.attempt): r for r in self.records}
         self.new_trials = 0
         self.llm = None

@@ -126,3 +126,26 @@ def test_a_candidate_whose_engine_does_not_start_did_not_run_unless_that_is_the_
         assert record.result().at_start and record.result().describe().startswith("the engine did not start")
         printed = console.file.getvalue()
         assert ("did not run" in printed) is not failed and ("FAIL" in printed) is failed
+
+
+def test_log_lines_that_no_longer_fit_a_trial_record_are_named_in_one_line_and_kept(tmp_path):
+    """Defect: lines of an older reduction.jsonl that no longer fit TrialRecord were dropped silently
+    (their candidates ran again with no word of why)."""
+    from rich.console import Console
+
+    record = TrialRecord(1, "abc", 0, "prompts", "prompts 8 -> 4", {"prompts": 4}, True, {"num_flagged": 2}, 1.5)
+    old = dict(record.__dict__, trial=2, key="def", verdict="fail")  # a key this TrialRecord lacks
+    stale_outcome = dict(record.__dict__, trial=3, key="ghi", outcome={"flagged_tokens": 2})  # an Outcome it lacks
+    path = tmp_path / "reduction.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in (record.__dict__, old, stale_outcome)) + '{"trial": 4, "key": "de'
+    path.write_text(text)
+    console = Console(record=True, width=300)
+    assert read_log(path, console) == [record]
+    said = console.export_text().strip()
+    assert said == (f"{path}: 2 of 3 lines do not fit this rollout_lab's trial record (line 2: unexpected key 'verdict'); "
+                    "they stay in the file, and their candidates run again")
+    assert path.read_text() == text
+    # A torn last line alone (an interrupted write) is no news.
+    path.write_text(json.dumps(record.__dict__) + "\n" + '{"trial": 2, "key": "de')
+    console = Console(record=True, width=300)
+    assert read_log(path, console) == [record] and console.export_text() == ""

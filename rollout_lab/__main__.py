@@ -24,8 +24,9 @@ def print_summary(result, pressure=None, block_pool_head=None) -> None:
         f"mean: {result.abs_diff_mean:.3g}  spike fraction (> {result.spike_threshold:g}): {result.spike_fraction:.4f}  "
         f"bitwise equal: {result.bitwise_equal_fraction:.1%}"
     )
+    preemptions = "not reported" if result.preemptions is None else f"{result.preemptions:.0f}"
     console.print(
-        f"reward mean: {result.reward_mean:.3f}  preemptions: {result.preemptions:.0f}  "
+        f"reward mean: {result.reward_mean:.3f}  preemptions: {preemptions}  "
         f"weight sync max diff: {result.weight_sync_max_diff}  policy change: {result.policy_change}"
     )
     env = result.environment
@@ -40,6 +41,9 @@ def print_summary(result, pressure=None, block_pool_head=None) -> None:
         if block_pool_head is not None:  # this preset's regime is high block ids, not preemption
             console.print(f"pressure {pressure}: blocks handed out from {block_pool_head:.0%} of the pool up "
                           "(block_pool_head; the records' kv_block and state_slot say which were used)")
+        elif result.preemptions is None:
+            console.print(f"[yellow]pressure {pressure}: this vLLM reports no preemption count; whether the rare regime "
+                          "was reached is unknown[/]")
         elif result.preemptions > 0:
             console.print(f"pressure {pressure}: vLLM counted {result.preemptions:.0f} preemptions")
         else:

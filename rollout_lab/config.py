@@ -109,7 +109,7 @@ class LoopConfig:
     spike_threshold: Optional[float] = None
     # After each weight sync, compare vLLM's and the trainer's logprobs on a fixed sequence.
     check_weight_sync: bool = True
-    # null: the engine dtype's weight_sync tolerance (rollout_lab/tolerances.py).
+    # null: the looser weight_sync tolerance of the engine's and the trainer's dtype (rollout_lab/tolerances.py).
     weight_sync_tolerance: Optional[float] = None
 
 
@@ -156,6 +156,10 @@ def fault_params(name: str, params: dict) -> dict:
     unknown = set(params) - set(PARAMS[name])
     if unknown:
         raise ConfigError(f"fault {name} has no parameter {', '.join(sorted(unknown))}; it takes {', '.join(PARAMS[name])}")
+    for key, value in params.items():
+        # Every parameter's default is a number: the value must be one too (an int stands for a float).
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"fault {name} parameter {key}={value!r} is not a number")
     return PARAMS[name] | dict(params)
 
 
@@ -238,7 +242,8 @@ def _positive(key: str, value: Any, allow_none: bool = False) -> None:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Fail at start, with one line naming the key, on any value the job cannot run with."""
+    """One line naming the key on any value no job can run with. engine.args are checked against the
+    installed vLLM only where an engine starts (check_engine_args): a run dir from another release reads."""
     e, w, t, lp = cfg.engine, cfg.workload, cfg.trainer, cfg.loop
     _choice("engine.dtype", e.dtype, DTYPES)
     _choice("trainer.dtype", t.dtype, DTYPES)
@@ -285,8 +290,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     if e.logprobs_mode == "processed_logprobs" and (w.temperature != 1.0 or w.top_p != 1.0 or w.top_k > 0):
         # The trainer recomputes the raw distribution; processed logprobs differ by design.
         raise ConfigError("engine.logprobs_mode=processed_logprobs needs temperature=1, top_p=1, top_k=-1")
-    if e.args:
-        check_engine_args(cfg)
     return cfg
 
 
@@ -326,6 +329,8 @@ def engine_arg_message(name: str) -> Optional[str]:
 def check_engine_args(cfg: RunConfig) -> None:
     """engine.args against the installed vLLM: every name, then the whole engine configuration
     through vLLM's own config validation (EngineArgs.create_engine_config; no engine starts)."""
+    if not cfg.engine.args:
+        return
     from rollout_lab import engine
     from rollout_lab.models import resolve_model
     from rollout_lab.sampler import engine_kwargs

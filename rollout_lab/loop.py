@@ -11,18 +11,19 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from rollout_lab.config import RunConfig, validate
+from rollout_lab.config import RunConfig, check_engine_args, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics, weight_sync_exercised
 from rollout_lab.placement import plan, reserve
 from rollout_lab.records import RolloutBatch, RunResult, token_table, write_config, write_requests, write_step, write_summary
 from rollout_lab.sampler import PromptRequest
-from rollout_lab.tolerances import device_name, engine_row, engine_version, threshold_for, tolerance
+from rollout_lab.tolerances import device_name, engine_version, threshold_for, weight_sync_tolerance
 from rollout_lab.wandb_log import RunLogger
 from rollout_lab.workload import REWARDS, encode_prompt, make_problems
 
@@ -79,6 +80,7 @@ def run(cfg: RunConfig) -> RunResult:
     from rollout_lab.trainer import Trainer
 
     validate(cfg)
+    check_engine_args(cfg)
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y-%m-%d/%H-%M-%S')}-{cfg.run_name}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ def run(cfg: RunConfig) -> RunResult:
     )
     logger = RunLogger(cfg, run_dir, run_id, config_dict)
     all_diffs, all_rewards, policy_changes = [], [], []
-    sync_tolerance = cfg.loop.weight_sync_tolerance or tolerance(engine_row(cfg)).weight_sync
+    sync_tolerance = weight_sync_tolerance(cfg)
     initial_probe = None
     try:
         result.engine_start_seconds = ray.get([s.ready.remote() for s in samplers])
@@ -152,8 +154,7 @@ def run(cfg: RunConfig) -> RunResult:
                 table.column("sampler_logprob").to_numpy(), table.column("trainer_logprob").to_numpy(), sequence_id, threshold
             )
             metrics["reward_mean"] = float(np.mean(rewards))
-            for name in batches[0].engine_stats:
-                metrics[f"engine/{name}"] = float(sum(b.engine_stats.get(name, 0.0) for b in batches))
+            metrics |= engine_metrics(batches)
             metrics |= {f"train/{k}": v for k, v in train_stats.items()}
             weights = trainer.named_weights.remote(cfg.engine.dtype)
             ray.get([s.load_weights.remote(weights) for s in samplers])
@@ -176,7 +177,7 @@ def run(cfg: RunConfig) -> RunResult:
             logger.log_step(step, metrics, abs_diff, _worst_rows(table, tokenizer, by_key, cfg.logger.worst_tokens))
             all_diffs.append(abs_diff)
             all_rewards += rewards
-            result.preemptions += metrics.get("engine/preemptions", 0.0)
+            result.preemptions = add_preemptions(result.preemptions, metrics)
             result.steps_completed = step + 1
             if cfg.loop.check_weight_sync and metrics["sync/max_abs_diff"] > sync_tolerance:
                 raise WeightSyncError(
@@ -205,6 +206,20 @@ def run(cfg: RunConfig) -> RunResult:
             ray.kill(actor)
         ray.util.remove_placement_group(group)
     return result
+
+
+def engine_metrics(batches: list[RolloutBatch]) -> dict[str, float]:
+    """The step's engine stats (engine/<name>), summed over the workers; a stat some worker did not
+    report is unknown for the step, so it is left out rather than summed as 0."""
+    names = set.intersection(*(set(b.engine_stats) for b in batches))
+    return {f"engine/{name}": float(sum(b.engine_stats[name] for b in batches)) for name in sorted(names)}
+
+
+def add_preemptions(total: Optional[float], metrics: dict[str, float]) -> Optional[float]:
+    """The run's preemption count after a step with these metrics; None while vLLM reported none."""
+    if "engine/preemptions" not in metrics:
+        return total
+    return (total or 0.0) + metrics["engine/preemptions"]
 
 
 class _PhaseTimer:

@@ -275,8 +275,9 @@ class RunResult:
     spike_threshold: Optional[float] = None
     spike_threshold_source: str = ""
     reward_mean: float = 0.0
-    # vLLM's engine-wide preemption counter, summed over steps and workers.
-    preemptions: float = 0.0
+    # vLLM's engine-wide preemption counter, summed over steps and workers; None: vLLM reported no
+    # count (unknown, which is not 0).
+    preemptions: Optional[float] = None
     weight_sync_max_diff: Optional[float] = None
     policy_change: Optional[float] = None
     # False: the probe never moved past the weight-sync tolerance, so every sync check compared vLLM with

@@ -77,6 +77,14 @@ def engine_row(cfg: RunConfig) -> str:
     return oracle_row(cfg.engine.dtype, cfg.engine.args.get("kv_cache_dtype"))
 
 
+def weight_sync_tolerance(cfg: RunConfig) -> float:
+    """The bound on |vLLM - trainer| on the weight-sync probe: loop.weight_sync_tolerance, else the
+    looser of the engine's row and the trainer dtype's (each side computes the probe in its own)."""
+    if cfg.loop.weight_sync_tolerance:
+        return cfg.loop.weight_sync_tolerance
+    return max(tolerance(engine_row(cfg)).weight_sync, tolerance(cfg.trainer.dtype).weight_sync)
+
+
 def _short(value: float) -> str:
     """6.6e-05 -> '6.6e-5', 0.26 -> '0.26'."""
     mantissa, _, exponent = f"{value:.2g}".partition("e")

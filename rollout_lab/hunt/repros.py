@@ -34,6 +34,7 @@ def slug(signature: Signature, index: int) -> str:
 
 def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: str | None, fault_params: dict) -> CaseFile:
     """The finding's smallest failing trial as the minimizer's case (with the planted fault, or None)."""
+    from rollout_lab import config
     from rollout_lab.hunt.space import engine_args, engine_env
     from rollout_lab.minimize.standalone import Case, Request
     from rollout_lab.tolerances import oracle_row
@@ -52,7 +53,8 @@ def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: st
     # An engine that crashed at start left no requests: any one will do.
     case = result.case or Case(model, engine_args(finding.engine) | {"disable_log_stats": False},
                                [Request([1, 2, 3], 0)], max_tokens=4)
-    case.fault, case.fault_params = fault, dict(fault_params) if fault else {}
+    # Checked against the fault's parameters here, where the hunt hands the case over, and again by CaseFile.read.
+    case.fault, case.fault_params = fault, config.fault_params(fault, fault_params) if fault else {}
     case.env = engine_env(finding.engine)
     # The pressure preset's head, moved before the trial (runner.run_group): the minimizer moves it too.
     case.block_pool_head = finding.engine.get("block_pool_head")

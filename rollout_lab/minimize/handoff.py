@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from rollout_lab.config import ConfigError, fault_params
 from rollout_lab.minimize.standalone import Case, Expected, Request
 
 
@@ -41,10 +42,16 @@ class CaseFile:
     def read(cls, path: Path) -> "CaseFile":
         try:
             data = json.loads(Path(path).read_text())
-            return cls(data["model"], case_from_json(data["case"]), Expected(**data["expected"]),
-                       data.get("description", "a failing case"))
+            case_file = cls(data["model"], case_from_json(data["case"]), Expected(**data["expected"]),
+                            data.get("description", "a failing case"))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise HandoffError(f"{path} is not a case file: {type(exc).__name__}: {exc}") from None
+        if case_file.case.fault is not None:
+            try:
+                fault_params(case_file.case.fault, case_file.case.fault_params)
+            except ConfigError as exc:
+                raise HandoffError(f"{path}: {exc}") from None
+        return case_file
 
 
 @dataclass

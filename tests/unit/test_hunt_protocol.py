@@ -1,6 +1,7 @@
 """Contract tests for the files handed between the hunt's processes (trial event lines, case.json,
 minimized.json, the known-bugs file, hunt.db), each through its one reader and writer; the request
 index of a sampled completion; the budget as a hard limit on starting trials."""
+import json
 import sqlite3
 from types import SimpleNamespace
 
@@ -96,7 +97,7 @@ def test_a_case_file_round_trips_and_the_minimizer_reads_what_the_hunt_writes(tm
     model_dir.mkdir()
     finding = Finding(Signature.parse("mismatch/reference:smollm2:float32:preempted"), "t1", 5.0, 1, 1,
                       ENGINE | {"model": str(model_dir)}, WORKLOAD, failing_result())
-    written = case_file(finding, {"float32": 1e-3}, "stale_state", {"stale_after": 3})
+    written = case_file(finding, {"float32": 1e-3}, "stale_state", {"p": 0.5})
     assert written.expected == Expected("mismatch", 1e-3, request_class="preempted")
     assert written.case.fault == "stale_state" and written.case.requests == failing_result().case.requests
     path = written.write(tmp_path / "findings" / "f00" / "case.json")
@@ -104,7 +105,7 @@ def test_a_case_file_round_trips_and_the_minimizer_reads_what_the_hunt_writes(tm
     run = load_case(path)
     assert run.case.model == str(model_dir.resolve()) and run.case.requests == written.case.requests
     assert run.expected == written.expected and run.config.fault.name == "stale_state"
-    assert case_file(finding, {"float32": 1e-3}, None, {"stale_after": 3}).case.fault_params == {}
+    assert case_file(finding, {"float32": 1e-3}, None, {"p": 0.5}).case.fault_params == {}
     (tmp_path / "bad.json").write_text('{"model": "x"}')
     with pytest.raises(HandoffError, match="bad.json is not a case file"):
         CaseFile.read(tmp_path / "bad.json")
@@ -276,3 +277,25 @@ def test_a_hunt_dir_of_schema_1_is_rewritten_in_place_and_resumes(tmp_path):
     assert [type(e).__name__ for e in events] == ["EngineStarted", "TrialStarted", "TrialFinished"]
     assert events[0].num_blocks == 10 and events[2].result.oracles["reference"].max_diff == 2.5
     assert Store(tmp_path / "hunt.db").trials() == store.trials()  # migrated once
+
+
+def test_fault_params_are_checked_against_the_faults_schema_on_both_sides_of_the_handoff(tmp_path):
+    """Defect: case_file and CaseFile.read took any fault parameter (a fixture used `stale_after`,
+    which no fault has): the minimizer then planted a fault other than the hunt's, or none."""
+    from rollout_lab.config import ConfigError
+    from rollout_lab.hunt.repros import case_file
+
+    finding = Finding(Signature.parse("mismatch/reference:smollm2:float32:preempted"), "t1", 5.0, 1, 1,
+                      ENGINE | {"model": "smollm2"}, WORKLOAD, failing_result())
+    with pytest.raises(ConfigError, match=r"^fault stale_state has no parameter stale_after; it takes p, seed$"):
+        case_file(finding, {"float32": 1e-3}, "stale_state", {"stale_after": 3})
+    with pytest.raises(ConfigError, match=r"^fault stale_state parameter p='often' is not a number$"):
+        case_file(finding, {"float32": 1e-3}, "stale_state", {"p": "often"})
+    written = case_file(finding, {"float32": 1e-3}, "stale_state", {"p": 0.5})
+    assert written.case.fault_params == {"p": 0.5, "seed": 0}
+    path = written.write(tmp_path / "case.json")
+    data = json.loads(path.read_text())
+    data["case"]["fault_params"]["stale_after"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(HandoffError, match=r"case.json: fault stale_state has no parameter stale_after; it takes p, seed$"):
+        CaseFile.read(path)

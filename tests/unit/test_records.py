@@ -169,3 +169,12 @@ def test_a_crash_signature_is_its_key_as_a_string_and_parses_back():
     assert CrashSignature.parse("ValueError@no-vllm-frame").site is None
     with pytest.raises(ValueError, match="is not <exception type>@"):
         CrashSignature.parse("ValueError")
+
+
+def test_a_run_dir_from_another_vllm_release_reads_its_engine_args_unchecked(tmp_path):
+    """Defect: read_config checked engine.args against the installed vLLM, so a run dir recorded with an
+    engine argument this release lacks (or refuses) could not be analyzed or minimized."""
+    cfg = RunConfig(run_name="other_release")
+    cfg.engine.args = {"an_argument_of_another_release": 4, "kv_cache_dtype": "no_such_dtype"}
+    write_config(tmp_path, cfg)
+    assert read_config(tmp_path).engine.args == cfg.engine.args

@@ -74,3 +74,16 @@ def test_the_hunts_case_for_the_minimizer_keeps_the_fp8_row_its_oracle_judged_by
     assert case_file(finding, OracleConfig().reference_tolerance, None, {}).expected.spike_threshold == 5.0
     finding.engine = engine | {"engine.kv_cache_dtype": None}
     assert case_file(finding, OracleConfig().reference_tolerance, None, {}).expected.spike_threshold == 1.5
+
+
+@pytest.mark.parametrize("overrides, bound", [
+    ((), TOLERANCES["float32"].weight_sync),
+    (("trainer.dtype=bfloat16",), TOLERANCES["bfloat16"].weight_sync),
+    (("engine.dtype=bfloat16",), TOLERANCES["bfloat16"].weight_sync),
+    (("trainer.dtype=bfloat16", "+engine.args.kv_cache_dtype=fp8"), TOLERANCES["fp8_kv"].weight_sync),
+    (("trainer.dtype=bfloat16", "loop.weight_sync_tolerance=0.01"), 0.01),
+])
+def test_the_weight_sync_bound_follows_the_lower_precision_of_the_two_sides(overrides, bound):
+    """Defect: a float32 engine with a bfloat16 trainer checked the sync by float32's 1e-3 while the
+    trainer computes the probe in bfloat16: a correct sync ended sync_mismatch."""
+    assert tolerances.weight_sync_tolerance(run_config(*overrides)) == bound

@@ -9,7 +9,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from rollout_lab.config import ConfigError, RunConfig, apply_pressure_by_model, check_keys, register
+from rollout_lab.config import ConfigError, RunConfig, register
+from rollout_lab.config_keys import check_keys
+from rollout_lab.presets import apply_pressure_by_model
 
 register()
 

@@ -1,17 +1,18 @@
-"""Structured configs: the single source of truth for every knob (conf/ holds presets only)."""
+"""Structured configs: the single source of truth for every knob (conf/ holds presets only).
+
+The schema only, as torchtitan's job_config: the dataclasses, the values each knob may take
+(validate) and their registration with Hydra. What builds on it lives elsewhere:
+    presets.py      a pressure preset's per-model values merged into a composed config
+    config_keys.py  every key a user types checked against the schema (Hydra's + opens the struct)
+    engine.py       engine.args checked against the installed vLLM where an engine starts
+"""
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import functools
-import re
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.experimental.callback import Callback
 
 from rollout_lab.workload import REWARDS
 
@@ -188,47 +189,6 @@ class RunConfig:
     run_dir: Optional[str] = None
 
 
-def override_keys(overrides: list[str]) -> set[str]:
-    """The dotted keys a list of Hydra command-line overrides sets ("+a.b=1" -> "a.b")."""
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
-
-
-def model_pressure(preset, model: Optional[str]):
-    """The values a pressure preset (a dict as in conf/pressure/, or the composed config) lists for
-    `model` under pressure_by_model, or {}: the one place that knows that layout."""
-    return (preset.get("pressure_by_model") or {}).get(model) or {}
-
-
-def apply_pressure_by_model(cfg, overrides: list[str]):
-    """The composed config with its pressure preset's values for cfg.model.name merged in.
-
-    A hybrid model's attention blocks hold 256 tokens, so the cache sizes and request lengths that
-    force preemptions differ by architecture; a preset lists them under pressure_by_model.<model>.
-    Keys set on the command line (or by a sweep) keep their value."""
-    from omegaconf import OmegaConf
-
-    values = model_pressure(cfg, cfg.model.name)
-    if not values:
-        return cfg
-    given = override_keys(overrides)
-    flat = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            path = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, path + ".")
-            elif path not in given:
-                flat[path] = value
-
-    walk(OmegaConf.to_container(values), "")
-    for path, value in flat.items():
-        if OmegaConf.select(cfg, path, default="<missing>") == "<missing>":
-            raise ConfigError(f"pressure_by_model.{cfg.model.name}.{path}: no such key in the run config")
-        OmegaConf.update(cfg, path, value, merge=False)
-    return cfg
-
-
 def _choice(key: str, value: Any, valid: tuple) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
@@ -293,106 +253,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-# vLLM arguments rollout_lab sets itself (sampler.engine_kwargs), and why engine.args cannot.
-LAB_ENGINE_ARGS = {
-    "model": "the model is model.name",
-    "disable_log_stats": "rollout_lab keeps vLLM's stats on (preemption counts, cache use)",
-    "worker_extension_cls": "rollout_lab's weight sync is the worker extension",
-    "scheduler_cls": "rollout_lab's scheduling records are the scheduler (engine.record_schedule)",
-}
-
-
-@functools.cache
-def vllm_engine_args() -> frozenset[str]:
-    """The keyword arguments the installed vLLM's engine takes (EngineArgs' fields)."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    return frozenset(f.name for f in dataclasses.fields(EngineArgs))
-
-
-def engine_arg_message(name: str) -> Optional[str]:
-    """One line when engine.args.<name> is no EngineArgs keyword of the installed vLLM, or one that
-    rollout_lab types (engine.<name>) or sets itself; None when it may be passed."""
-    valid = vllm_engine_args()
-    if name in LAB_ENGINE_ARGS:
-        return f"engine.args.{name} is set by rollout_lab: {LAB_ENGINE_ARGS[name]}"
-    if name in valid and name in {f.name for f in dataclasses.fields(EngineConfig)}:
-        return f"engine.args.{name} duplicates a typed knob; use engine.{name}"
-    if name not in valid:
-        hint = closest(name, sorted(valid), "engine.args")
-        if not hint.startswith("did you mean"):  # not all of EngineArgs' ~250 fields on one line
-            hint = f"none of its {len(valid)} (vllm.engine.arg_utils.EngineArgs' fields) is close"
-        return f"engine.args.{name} is not an engine argument of the installed vLLM; {hint}"
-    return None
-
-
-def check_engine_args(cfg: RunConfig) -> None:
-    """engine.args against the installed vLLM: every name, then the whole engine configuration
-    through vLLM's own config validation (EngineArgs.create_engine_config; no engine starts)."""
-    if not cfg.engine.args:
-        return
-    from rollout_lab import engine
-    from rollout_lab.models import resolve_model
-    from rollout_lab.sampler import engine_kwargs
-
-    for name in cfg.engine.args:
-        message = engine_arg_message(name)
-        if message:
-            raise ConfigError(message)
-    model_path = resolve_model(cfg.model.name)
-    kwargs = {k: v for k, v in engine_kwargs(cfg, model_path).items() if k != "model"}
-    try:
-        complaint = engine.validate(model_path, kwargs)
-    except Exception as exc:  # vLLM refuses some values by other errors (KeyError: an unknown enum name)
-        complaint = f"{type(exc).__name__}: {exc}"
-    if complaint:
-        given = ", ".join(f"{k}={v}" for k, v in cfg.engine.args.items())
-        # pydantic's "[type=..., input_value=...] For further information visit <url>" after each reason.
-        reason = re.sub(r" \[type=[^\]]*\]( For further information visit \S+)?", "", " ".join(complaint.split()))
-        raise ConfigError(f"engine.args ({given}): vLLM refuses this engine configuration: {reason[:400]}")
-
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-@functools.cache
-def schema_keys(schema: type, prefix: str = "") -> dict[str, bool]:
-    """Every dotted key of a config dataclass -> whether it takes free sub-keys (a dict field).
-    Cached: check_keys asks once per key of a composed config."""
-    keys = {}
-    hints = get_type_hints(schema)
-    for f in dataclasses.fields(schema):
-        path, kind = f"{prefix}{f.name}", hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            keys[path] = False
-            keys |= schema_keys(kind, path + ".")
-        else:
-            keys[path] = getattr(kind, "__origin__", None) is dict
-    return keys
-
-
-def unknown_key_message(key: str, schema: type) -> Optional[str]:
-    """One line naming `key` and the closest valid keys when the schema has no such key, else None.
-
-    Hydra's `+key=value` adds a key even where the schema has none (it opens the struct), so
-    every key a user types is checked here: a typo must not run another configuration."""
-    keys = schema_keys(schema)
-    parts = key.split(".")
-    for depth in range(1, len(parts) + 1):
-        head = ".".join(parts[:depth])
-        if head not in keys:
-            break
-        if keys[head]:
-            return None  # fault.params.<name>, pressure_by_model.<model>...: checked where they are read
-    else:
-        return None
-    parent = ".".join(parts[:depth - 1])
-    siblings = [k.rsplit(".", 1)[-1] for k in keys if k.rpartition(".")[0] == parent]
-    if not siblings:
-        return f"unknown config key {key!r}; {parent} is a value and takes no sub-keys"
-    return f"unknown config key {key!r}; {closest(parts[depth - 1], siblings, parent)}"
-
-
 def closest(name: str, valid: list[str], parent: str = "") -> str:
     """'did you mean a.x, a.y?' for the valid names nearest `name`, else the list of valid names."""
     where = f"{parent}." if parent else ""
@@ -400,57 +260,6 @@ def closest(name: str, valid: list[str], parent: str = "") -> str:
     if close:
         return f"did you mean {', '.join(where + c for c in close)}?"
     return f"valid keys under {parent or 'the top level'}: {', '.join(valid)}"
-
-
-def check_keys(dict_cfg, schema: type) -> None:
-    """Raise ConfigError naming the first key of a composed config that its schema lacks."""
-    from omegaconf import OmegaConf
-
-    keys = schema_keys(schema)
-
-    def walk(node: dict, prefix: str):
-        for key, value in node.items():
-            path = f"{prefix}{key}"
-            message = unknown_key_message(path, schema)
-            if message:
-                raise ConfigError(message)
-            if isinstance(value, dict) and not keys.get(path, True):
-                walk(value, path + ".")
-
-    tree = OmegaConf.to_container(dict_cfg, resolve=False)
-    tree.pop("hydra", None)
-    walk(tree, "")
-
-
-def check_override_keys(overrides: list[str], schema: type) -> None:
-    """Raise ConfigError on a command-line override (a sweep grid too) whose key the schema lacks.
-
-    Config groups (the folders of conf/: model=, +pressure=, +sweep=, fault=) and hydra.* are
-    Hydra's to check; an engine.args.<name> is checked against the installed vLLM's EngineArgs."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.key_or_group
-        if key in groups or key.split(".")[0] == "hydra":
-            continue
-        message = unknown_key_message(key, schema)
-        if message is None and schema is RunConfig and key.startswith("engine.args."):
-            message = engine_arg_message(key.split(".")[2])
-        if message:
-            raise ConfigError(message)
-
-
-class CheckOverrideKeys(Callback):
-    """Hydra callback (conf/config.yaml): a multirun whose grid names an unknown key stops before
-    its first job, with one line, instead of failing (or silently running) once per job."""
-
-    def on_multirun_start(self, config, **kwargs: Any) -> None:
-        try:
-            check_override_keys(list(config.hydra.overrides.task), RunConfig)
-        except ConfigError as exc:
-            print(f"rollout_lab: {exc}", file=sys.stderr)
-            sys.exit(2)
 
 
 def register() -> None:

@@ -7,12 +7,15 @@ share, so what every engine needs (compat.py) is applied in one place:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 from rollout_lab import compat
+from rollout_lab.config import ConfigError, EngineConfig, RunConfig, closest
 
 
 def start(**kwargs):
@@ -257,3 +260,92 @@ def reset(llm) -> None:
     llm.collective_rpc(_zero_kv_cache)
     # Requests without a seed draw from the engine's RNG: start it where a fresh engine's starts.
     llm.collective_rpc(_reseed)
+
+
+def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
+    """vllm.LLM keyword arguments for this run's engine config: the typed knobs, then engine.args."""
+    e = cfg.engine
+    kwargs = dict(
+        model=model_path,
+        dtype=e.dtype,
+        max_model_len=e.max_model_len,
+        max_num_seqs=e.max_num_seqs,
+        enable_prefix_caching=e.enable_prefix_caching,
+        enable_chunked_prefill=e.enable_chunked_prefill,
+        enforce_eager=e.enforce_eager,
+        seed=e.seed,
+        logprobs_mode=e.logprobs_mode,
+        disable_log_stats=False,
+        worker_extension_cls="rollout_lab.weight_sync.WeightSyncExtension",
+    )
+    if e.record_schedule:
+        kwargs["scheduler_cls"] = "rollout_lab.engine_hooks.RecordingScheduler"
+    # Passed even with an explicit KV size: vLLM on CUDA still checks that this share of the GPU
+    # is free at start (its default, 0.92, fails when several engines share one GPU).
+    kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    if e.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_bytes
+    if e.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
+    if e.block_size is not None:
+        kwargs["block_size"] = e.block_size
+    # Checked at start (check_engine_args): none of them is a key set above.
+    kwargs |= e.args
+    return kwargs
+
+
+# vLLM arguments rollout_lab sets itself (engine_kwargs), and why engine.args cannot.
+LAB_ENGINE_ARGS = {
+    "model": "the model is model.name",
+    "disable_log_stats": "rollout_lab keeps vLLM's stats on (preemption counts, cache use)",
+    "worker_extension_cls": "rollout_lab's weight sync is the worker extension",
+    "scheduler_cls": "rollout_lab's scheduling records are the scheduler (engine.record_schedule)",
+}
+
+
+@functools.cache
+def vllm_engine_args() -> frozenset[str]:
+    """The keyword arguments the installed vLLM's engine takes (EngineArgs' fields)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(EngineArgs))
+
+
+def engine_arg_message(name: str) -> Optional[str]:
+    """One line when engine.args.<name> is no EngineArgs keyword of the installed vLLM, or one that
+    rollout_lab types (engine.<name>) or sets itself; None when it may be passed."""
+    valid = vllm_engine_args()
+    if name in LAB_ENGINE_ARGS:
+        return f"engine.args.{name} is set by rollout_lab: {LAB_ENGINE_ARGS[name]}"
+    if name in valid and name in {f.name for f in dataclasses.fields(EngineConfig)}:
+        return f"engine.args.{name} duplicates a typed knob; use engine.{name}"
+    if name not in valid:
+        hint = closest(name, sorted(valid), "engine.args")
+        if not hint.startswith("did you mean"):  # not all of EngineArgs' ~250 fields on one line
+            hint = f"none of its {len(valid)} (vllm.engine.arg_utils.EngineArgs' fields) is close"
+        return f"engine.args.{name} is not an engine argument of the installed vLLM; {hint}"
+    return None
+
+
+def check_engine_args(cfg: RunConfig) -> None:
+    """engine.args against the installed vLLM: every name, then the whole engine configuration
+    through vLLM's own config validation (EngineArgs.create_engine_config; no engine starts)."""
+    if not cfg.engine.args:
+        return
+    from rollout_lab.models import resolve_model
+
+    for name in cfg.engine.args:
+        message = engine_arg_message(name)
+        if message:
+            raise ConfigError(message)
+    model_path = resolve_model(cfg.model.name)
+    kwargs = {k: v for k, v in engine_kwargs(cfg, model_path).items() if k != "model"}
+    try:
+        complaint = validate(model_path, kwargs)
+    except Exception as exc:  # vLLM refuses some values by other errors (KeyError: an unknown enum name)
+        complaint = f"{type(exc).__name__}: {exc}"
+    if complaint:
+        given = ", ".join(f"{k}={v}" for k, v in cfg.engine.args.items())
+        # pydantic's "[type=..., input_value=...] For further information visit <url>" after each reason.
+        reason = re.sub(r" \[type=[^\]]*\]( For further information visit \S+)?", "", " ".join(complaint.split()))
+        raise ConfigError(f"engine.args ({given}): vLLM refuses this engine configuration: {reason[:400]}")

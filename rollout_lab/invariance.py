@@ -38,7 +38,6 @@ from omegaconf import OmegaConf
 
 from rollout_lab import engine as engines
 from rollout_lab.config import EngineConfig, ModelConfig, WorkloadConfig
-from rollout_lab.hunt.protocol import OracleVerdict
 
 MODES = ("greedy", "seeded")
 # Conditions compared with the targets' reference (each alone, first engine).
@@ -180,29 +179,6 @@ def _params(mode: str, cfg: InvarianceConfig, seeds: list[int]) -> list:
     return [engines.sampling_params(s, temperature=1.0, max_tokens=cfg.max_tokens, logprobs=cfg.top_logprobs) for s in seeds]
 
 
-def batch_oracle(llm, sampled: list[tuple[list[int], object, Output]], promised: bool, limit: int = 4) -> OracleVerdict:
-    """The hunt's batch-invariance oracle: up to `limit` requests of a trial whose sampling does
-    not depend on an RNG stream shared with the batch (greedy, or a seed of their own), each run
-    again alone with its own SamplingParams and compared bitwise with what it gave in the batch.
-    `sampled` holds (prompt ids, SamplingParams, in-batch output). A difference is a failure only
-    where vLLM promises invariance; elsewhere it is the noise floor, kept as `max_diff`."""
-    chosen = [(p, q, o) for p, q, o in sampled if q.n == 1 and (q.temperature == 0.0 or q.seed is not None)][:limit]
-    comparisons = [compare(o, _outputs(llm, [p], [q])[0], "alone", "greedy" if q.temperature == 0.0 else "seeded", i)
-                   for i, (p, q, o) in enumerate(chosen)]
-    differing = [c for c in comparisons if not c.identical]
-    return OracleVerdict(
-        tokens=sum(c.compared for c in comparisons),
-        flagged=len(differing) if promised else 0,
-        max_diff=max((c.max_abs_diff for c in comparisons), default=0.0),
-        # As the other oracles' verdicts (runner.judge): the hunt keys findings by class.
-        request_class="any" if promised and differing else None,
-        requests=len(comparisons),
-        identical=len(comparisons) - len(differing),
-        promised=promised,
-        first_token_diff=min((c.first_token_diff for c in differing if c.first_token_diff is not None), default=None),
-    )
-
-
 class Engine:
     """The targets, the fillers and their sampling params on one engine configuration."""
 
@@ -210,7 +186,6 @@ class Engine:
         from transformers import AutoTokenizer
 
         from rollout_lab.models import resolve_model
-        from rollout_lab.sampler import engine_kwargs
         from rollout_lab.workload import encode_prompt, make_problems
 
         self.cfg = run.invariance
@@ -220,7 +195,7 @@ class Engine:
         self.targets, self.fillers = prompts[: self.cfg.num_targets], prompts[self.cfg.num_targets:]
         self.seeds = [run.engine.seed * 1000 + i for i in range(len(prompts))]
         # vLLM as shipped: no scheduler hook, no worker extension.
-        self.kwargs = {k: v for k, v in engine_kwargs(run, model_path).items() if k not in ("scheduler_cls", "worker_extension_cls")}
+        self.kwargs = {k: v for k, v in engines.engine_kwargs(run, model_path).items() if k not in ("scheduler_cls", "worker_extension_cls")}
         self.llm = None
 
     def start(self) -> None:
@@ -362,7 +337,8 @@ ConfigStore.instance().store(name="invariance_schema", node=InvarianceRunConfig)
 def main(dict_cfg) -> None:
     from rich.console import Console
 
-    from rollout_lab.config import ConfigError, check_keys
+    from rollout_lab.config import ConfigError
+    from rollout_lab.config_keys import check_keys
 
     try:
         check_keys(dict_cfg, InvarianceRunConfig)

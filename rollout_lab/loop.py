@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from rollout_lab.config import RunConfig, check_engine_args, validate
+from rollout_lab.config import RunConfig, validate
+from rollout_lab.engine import check_engine_args
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics, weight_sync_exercised
 from rollout_lab.placement import plan, reserve

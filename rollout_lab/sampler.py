@@ -38,38 +38,6 @@ def sampling_params(request: SampledRequest):
                                   top_p=request.top_p, top_k=request.top_k, logprobs=request.logprobs)
 
 
-def engine_kwargs(cfg: RunConfig, model_path: str) -> dict:
-    """vllm.LLM keyword arguments for this run's engine config: the typed knobs, then engine.args."""
-    e = cfg.engine
-    kwargs = dict(
-        model=model_path,
-        dtype=e.dtype,
-        max_model_len=e.max_model_len,
-        max_num_seqs=e.max_num_seqs,
-        enable_prefix_caching=e.enable_prefix_caching,
-        enable_chunked_prefill=e.enable_chunked_prefill,
-        enforce_eager=e.enforce_eager,
-        seed=e.seed,
-        logprobs_mode=e.logprobs_mode,
-        disable_log_stats=False,
-        worker_extension_cls="rollout_lab.weight_sync.WeightSyncExtension",
-    )
-    if e.record_schedule:
-        kwargs["scheduler_cls"] = "rollout_lab.engine_hooks.RecordingScheduler"
-    # Passed even with an explicit KV size: vLLM on CUDA still checks that this share of the GPU
-    # is free at start (its default, 0.92, fails when several engines share one GPU).
-    kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
-    if e.kv_cache_memory_bytes is not None:
-        kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_bytes
-    if e.max_num_batched_tokens is not None:
-        kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
-    if e.block_size is not None:
-        kwargs["block_size"] = e.block_size
-    # Checked at start (config.check_engine_args): none of them is a key set above.
-    kwargs |= e.args
-    return kwargs
-
-
 class SamplerWorker:
     """Owns one vLLM engine. Engine failures are raised as EngineCrash carrying a signature."""
 
@@ -100,7 +68,7 @@ class SamplerWorker:
         self.counters_before: dict[str, float] = {}
         started = time.perf_counter()
         try:
-            self.llm = engine.start(**engine_kwargs(cfg, model_path), **(placement.engine_kwargs() if placement is not None else {}))
+            self.llm = engine.start(**engine.engine_kwargs(cfg, model_path), **(placement.engine_kwargs() if placement is not None else {}))
             self.execution = engine.execution_facts(self.llm)
             if cfg.fault.name is not None:
                 params = fault_params(cfg.fault.name, dict(cfg.fault.params))

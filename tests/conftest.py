@@ -27,7 +27,9 @@ def compose():
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from rollout_lab.config import RunConfig, apply_pressure_by_model, check_keys, register
+    from rollout_lab.config import RunConfig, register
+    from rollout_lab.config_keys import check_keys
+    from rollout_lab.presets import apply_pressure_by_model
 
     register()
 

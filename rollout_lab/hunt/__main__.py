@@ -26,7 +26,8 @@ register()
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="hunt_run")
 def main(dict_cfg: DictConfig) -> None:
-    from rollout_lab.config import ConfigError, check_keys
+    from rollout_lab.config import ConfigError
+    from rollout_lab.config_keys import check_keys
     from rollout_lab.hunt.driver import Hunt
     from rollout_lab.hunt.store import StoreError
 

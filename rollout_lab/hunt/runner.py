@@ -19,7 +19,7 @@ Oracles (tolerances per engine dtype, OracleConfig):
                cache), so no batch, no cached prefix, no preemption, no decode path
   batch_invariance
                a greedy or seeded request of the batch sampled again alone, compared bitwise
-               (invariance.batch_oracle): a failure where vLLM promises invariance
+               (hunt/batch_oracle.py): a failure where vLLM promises invariance
                (VLLM_BATCH_INVARIANT=1 on a supported GPU: 4 requests), else the noise floor (1)
 A start that vLLM refuses with a ValueError (its config validation) is "rejected", not a bug.
 """
@@ -36,7 +36,7 @@ from rollout_lab import compat, engine, pressure
 from rollout_lab.hunt.protocol import (EngineStarted, EngineStarting, Heartbeat, OracleVerdict, OutOfTime, TrialEvent,
                                        TrialFinished, TrialResult, TrialStarted, WorstToken, event_line)
 from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
-from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace
+from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace, token_pool
 from rollout_lab.minimize.standalone import Case, Request, request_class
 from rollout_lab.tolerances import oracle_row
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
@@ -102,14 +102,6 @@ def heartbeat(lines: Lines, counter: dict, group: str) -> None:
             lines.emit(Heartbeat(group, counter["steps"]))
 
     threading.Thread(target=beat, daemon=True).start()
-
-
-def token_pool(tokenizer) -> list[int]:
-    """Real text as token ids: the shipped arithmetic problems, end to end."""
-    from rollout_lab.workload import make_problems
-
-    text = " ".join(p.question for p in make_problems(400, seed=1234))
-    return list(tokenizer(text)["input_ids"])
 
 
 def request_seed(workload: dict, index: int) -> Optional[int]:
@@ -247,9 +239,10 @@ def judge(items: list[Scored], tolerance: float, attr: str) -> OracleVerdict:
 
 
 def batch_invariance(llm, trace: list[TraceRequest], outputs: list[engine.SampledOutput], workload: dict) -> OracleVerdict:
-    """The batch-invariance oracle (invariance.batch_oracle) on a trial of more than one request:
+    """The batch-invariance oracle (hunt/batch_oracle.py) on a trial of more than one request:
     a failure only where vLLM promises invariance (VLLM_BATCH_INVARIANT=1 on a supported GPU)."""
-    from rollout_lab.invariance import batch_oracle, output_of, promises_invariance
+    from rollout_lab.hunt.batch_oracle import batch_oracle
+    from rollout_lab.invariance import output_of, promises_invariance
 
     firsts = [s for s in outputs if s.completion == 0]
     if len(firsts) < 2:
@@ -318,9 +311,8 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
 
 
 def failing_requests(items: list[Scored]) -> list[Request]:
-    """The requests that completed, all at once; n > 1 becomes n requests with seeds of their own."""
-    # vLLM seeds the k-th of n completions with seed + k; a request without a seed drew from the
-    # engine's RNG, and so does its replay (the case's engine has the trial's engine seed).
+    """The requests that completed, all at once: the k-th of n completions with its seed + k, as vLLM
+    seeds it; one sent without a seed (None) drew from the engine's RNG, and so does its replay."""
     return [Request(s.prompt_token_ids, None if s.seed is None else s.seed + s.completion, s.request, s.completion)
             for s in items]
 

@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig, closest, register_fault_params, vllm_engine_args
+from rollout_lab.config import ConfigError, FaultConfig, LoggerConfig, closest, register_fault_params
+from rollout_lab.engine import vllm_engine_args
 from rollout_lab.tolerances import TOLERANCES
 
 
@@ -215,7 +216,7 @@ def with_pressure(engine: dict) -> dict:
         return engine
     from omegaconf import OmegaConf
 
-    from rollout_lab.config import model_pressure
+    from rollout_lab.presets import model_pressure
 
     preset = OmegaConf.to_container(OmegaConf.load(PRESSURE_DIR / f"{name}.yaml"))
     per_model = model_pressure(preset, engine.get("model"))

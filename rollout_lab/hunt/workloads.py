@@ -117,6 +117,14 @@ GENERATORS = {
 }
 
 
+def token_pool(tokenizer) -> list[int]:
+    """Real text as token ids: the shipped arithmetic problems, end to end."""
+    from rollout_lab.workload import make_problems
+
+    text = " ".join(p.question for p in make_problems(400, seed=1234))
+    return list(tokenizer(text)["input_ids"])
+
+
 def make_trace(name: str, seed: int, pool: list[int], limits: Limits, max_tokens: int) -> list[TraceRequest]:
     """The trace of generator `name` for this seed: the same on every run."""
     return GENERATORS[name](random.Random(seed), pool, limits, max_tokens)

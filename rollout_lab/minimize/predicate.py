@@ -21,7 +21,7 @@ from rollout_lab.config import RunConfig, fault_params
 from rollout_lab.crash import CrashSignature
 from rollout_lab.minimize.standalone import Case, Expected, Request, request_class
 from rollout_lab.records import RecordsError, SampledRequest, read_config, read_records, read_requests, read_summary
-from rollout_lab.sampler import engine_kwargs
+from rollout_lab.engine import engine_kwargs
 from rollout_lab.tolerances import threshold_for
 
 # rollout_lab's own plumbing in engine_kwargs, which a direct engine with fixed weights does not need.

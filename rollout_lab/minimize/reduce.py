@@ -14,7 +14,7 @@ Knobs go first: a knob put back can only let the workload shrink further, so the
 reduced once, on the final engine, instead of again after the knobs. Unless --budget-s leaves too
 little for the knob pass's engine starts (knobs_fit): then the workload goes first.
 
-A batch-invariance case keeps at least two requests (invariance_check.MIN_BATCH): a candidate of
+A batch-invariance case keeps at least two requests (standalone.MIN_BATCH): a candidate of
 one is not run. Its vLLM environment variables are no knob: one process holds one env (emit.py
 flips each in fresh processes instead).
 
@@ -32,9 +32,8 @@ from rich.console import Console
 
 from rollout_lab.config import EngineConfig
 from rollout_lab.minimize.ddmin import ddmin, smallest_failing
-from rollout_lab.minimize.invariance_check import MIN_BATCH
 from rollout_lab.minimize.predicate import FailingRun
-from rollout_lab.minimize.standalone import Case, Outcome
+from rollout_lab.minimize.standalone import MIN_BATCH, Case, Outcome
 from rollout_lab.minimize.trials import Rule, TrialRecord, TrialRunner, calibrated_rule, case_key
 
 # Engine knobs walked back to their defaults, with the vllm.LLM arguments each one covers.

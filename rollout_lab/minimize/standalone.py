@@ -13,7 +13,11 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from rollout_lab import compat, engine, pressure
+from rollout_lab.invariance import compare, output_of
 from rollout_lab.reference import reference_logprobs
+
+# Requests a case needs to be a batch: with one, "alone" and "in the batch" are the same run twice.
+MIN_BATCH = 2
 
 
 @dataclass
@@ -166,8 +170,6 @@ def same_failure(expected: Expected, outcome: Outcome) -> bool:
     if expected.kind == "crash":
         return outcome.crash_key == expected.crash_key
     if expected.kind == "batch_invariance":
-        from rollout_lab.minimize.invariance_check import MIN_BATCH
-
         return outcome.crash_key is None and outcome.num_requests >= MIN_BATCH and bool(outcome.differing)
     return outcome.crash_key is None and outcome.num_flagged > 0 and outcome.request_class in SAME_CLASS[expected.request_class]
 
@@ -210,8 +212,6 @@ def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) ->
     except Exception as exc:  # the engine's exception is the result
         return crash_outcome(exc)
     if expected.kind == "batch_invariance":
-        from rollout_lab.minimize.invariance_check import batch_outcome
-
         return batch_outcome(outputs, alone)
     outcome = Outcome(num_requests=len(outputs))
     if expected.kind == "crash":
@@ -234,6 +234,38 @@ def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) ->
     outcome.num_tokens = len(diffs)
     outcome.max_abs_diff = max((d.abs_diff for d in diffs), default=0.0)
     outcome.request_class = request_class(flagged)
+    outcome.worst = sorted(diffs, key=lambda d: -d.abs_diff)[:worst]
+    return outcome
+
+
+# The batch-invariance predicate: each target request's output in the batch against its output alone
+# on the same engine, bitwise (sampled tokens and each sampled token's logprob), by
+# rollout_lab.invariance.compare, as the invariance command and the hunt's oracle compare: vLLM's
+# promise is bitwise, so any difference counts.
+def batch_outcome(batch: list, alone: list, worst: int = 10) -> Outcome:
+    """The Outcome of a batch run (RequestOutputs in request order) against each of the first
+    len(alone) requests run alone (one RequestOutput each, in the same order)."""
+    outcome = Outcome(num_requests=len(batch), targets=len(alone))
+    diffs, firsts = [], []
+    for index, (in_batch, by_itself) in enumerate(zip(batch, alone)):
+        ours, theirs = output_of(in_batch), output_of(by_itself)
+        comparison = compare(theirs, ours, "in batch", "as sampled", index)
+        outcome.num_tokens += comparison.compared
+        if comparison.identical:
+            continue
+        outcome.differing.append(index)
+        if comparison.first_token_diff is not None:
+            firsts.append(comparison.first_token_diff)
+        # Positions before the first other token hold the same token in both: their logprobs compare.
+        same = comparison.compared - (comparison.first_token_diff is not None)
+        for position in range(same):
+            a, b = ours.logprobs[position], theirs.logprobs[position]
+            if a != b:
+                outcome.num_flagged += 1
+                diffs.append(TokenDiff(index, position, ours.tokens[position], a, b, abs(a - b), None,
+                                       int(in_batch.num_cached_tokens or 0)))
+        outcome.max_abs_diff = max(outcome.max_abs_diff, comparison.max_abs_diff)
+    outcome.first_token_diff = min(firsts, default=None)
     outcome.worst = sorted(diffs, key=lambda d: -d.abs_diff)[:worst]
     return outcome
 

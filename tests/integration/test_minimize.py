@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from rollout_lab.config import CONF_DIR, RunConfig, apply_pressure_by_model, register
+from rollout_lab.config import RunConfig, register
+from rollout_lab.config_keys import CONF_DIR
+from rollout_lab.presets import apply_pressure_by_model
 from rollout_lab.minimize.emit import run_isolated
 from rollout_lab.minimize.predicate import load_run
 from rollout_lab.minimize.reduce import deviating_knobs, knob_targets

@@ -97,7 +97,7 @@ def test_a_command_line_key_beats_the_presets_per_model_value(compose):
 def test_a_per_model_value_for_an_unknown_key_is_a_config_error():
     from omegaconf import OmegaConf
 
-    from rollout_lab.config import apply_pressure_by_model
+    from rollout_lab.presets import apply_pressure_by_model
 
     cfg = OmegaConf.create({"model": {"name": "m"}, "engine": {"a": 1}, "pressure_by_model": {"m": {"engine": {"nope": 2}}}})
     with pytest.raises(ConfigError, match="pressure_by_model.m.engine.nope"):

@@ -8,7 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rollout_lab.config import CONF_DIR, ConfigError, RunConfig, check_keys, check_override_keys, register, unknown_key_message
+from rollout_lab.config import ConfigError, RunConfig, register
+from rollout_lab.config_keys import CONF_DIR, check_keys, check_override_keys, unknown_key_message
 from rollout_lab.hunt.space import HuntRunConfig, Space
 from rollout_lab.hunt.space import register as register_hunt
 

@@ -10,9 +10,10 @@ from omegaconf import OmegaConf
 
 from rollout_lab.analysis.outcome import next_sweep_command
 from rollout_lab.analysis.signature import flatten
-from rollout_lab.config import ConfigError, EngineConfig, RunConfig, check_override_keys, engine_arg_message, vllm_engine_args
+from rollout_lab.config import ConfigError, EngineConfig, RunConfig
+from rollout_lab.config_keys import check_override_keys
+from rollout_lab.engine import engine_arg_message, engine_kwargs, vllm_engine_args
 from rollout_lab.minimize.reduce import deviating_knobs, knob_args, knob_targets, with_knobs
-from rollout_lab.sampler import engine_kwargs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

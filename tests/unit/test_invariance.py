@@ -77,7 +77,7 @@ class _AloneEngine:
 def test_the_hunt_oracle_reruns_only_reproducible_requests_and_flags_only_where_promised():
     from types import SimpleNamespace
 
-    from rollout_lab.invariance import batch_oracle
+    from rollout_lab.hunt.batch_oracle import batch_oracle
 
     greedy, seeded = SimpleNamespace(n=1, temperature=0.0, seed=None), SimpleNamespace(n=1, temperature=1.0, seed=7)
     unseeded, pair = SimpleNamespace(n=1, temperature=1.0, seed=None), SimpleNamespace(n=2, temperature=0.0, seed=None)

@@ -6,12 +6,11 @@ extension (weight_sync.py) and `LLM.collective_rpc(faults.install, ...)` (faults
 """
 from __future__ import annotations
 
-import json
 import os
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from rollout_lab.instrument import SCHEDULE_LOG_ENV
+from rollout_lab.instrument import SCHEDULE_LOG_ENV, CacheGroup, ScheduledRequest, SchedulerStep, header_line, step_line
 
 
 class RecordingScheduler(Scheduler):
@@ -23,11 +22,9 @@ class RecordingScheduler(Scheduler):
         self._log = open(path, "a", buffering=1) if path else None
         self._step = 0
         if self._log is not None:
-            groups = [
-                {"kind": type(g.kv_cache_spec).__name__, "block_size": g.kv_cache_spec.block_size}
-                for g in self.kv_cache_config.kv_cache_groups
-            ]
-            self._log.write(json.dumps({"groups": groups, "num_blocks": self.kv_cache_config.num_blocks}) + "\n")
+            groups = [CacheGroup(type(g.kv_cache_spec).__name__, g.kv_cache_spec.block_size)
+                      for g in self.kv_cache_config.kv_cache_groups]
+            self._log.write(header_line(groups, self.kv_cache_config.num_blocks))
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
@@ -37,9 +34,8 @@ class RecordingScheduler(Scheduler):
                 # schedule() has already advanced num_computed_tokens past this step's chunk.
                 computed = self.requests[req_id].num_computed_tokens - num_tokens
                 blocks = self.kv_cache_manager.get_block_ids(req_id)
-                requests[req_id] = [computed, num_tokens, [list(b) for b in blocks]]
-            record = {"step": self._step, "requests": requests, "preempted": sorted(output.preempted_req_ids or ())}
-            self._log.write(json.dumps(record) + "\n")
+                requests[req_id] = ScheduledRequest(computed, num_tokens, [list(b) for b in blocks])
+            self._log.write(step_line(SchedulerStep(self._step, requests, sorted(output.preempted_req_ids or ()))))
         self._step += 1
         return output
 

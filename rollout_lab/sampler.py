@@ -11,7 +11,7 @@ from typing import Optional
 from rollout_lab import compat, engine, pressure, weight_sync
 from rollout_lab.config import RunConfig, fault_params
 from rollout_lab.crash import EngineCrash, crash_signature
-from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, token_facts
+from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader, join_schedule, peak_block_fraction, token_facts
 from rollout_lab.placement import SamplerPlacement, tp_size
 from rollout_lab.records import RolloutBatch, Sample, SampledRequest
 
@@ -144,10 +144,7 @@ class SamplerWorker:
                 samples[-1].preemptions_before = facts.preemptions_before
         stats = self._step_stats()
         if schedule is not None and schedule.steps and schedule.num_blocks:
-            stats["kv_blocks_peak_fraction"] = max(
-                len({b for _, _, blocks in step["requests"].values() for group in blocks for b in group})
-                for step in schedule.steps
-            ) / schedule.num_blocks
+            stats["kv_blocks_peak_fraction"] = peak_block_fraction(schedule)
             stats["engine_steps"] = len(schedule.steps)
         return RolloutBatch(step=step, worker=self.worker_index, samples=samples, engine_stats=stats, requests=requests)
 

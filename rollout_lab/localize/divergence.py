@@ -112,26 +112,26 @@ def request_facts(log: ScheduleLog, request_id: str, prompt_len: int, position: 
     facts = RequestFacts(num_preemptions, num_cached_tokens, resumed=per_token.preemptions_before[position] > 0,
                          kv_block=per_token.kv_blocks[position], state_slot=per_token.state_slots[position])
     sampled = ends.get(request_id, {}).get(prompt_len + position)
-    attention = [i for i, g in enumerate(log.groups) if "Mamba" not in g["kind"]]
+    attention = [i for i, g in enumerate(log.groups) if not g.is_mamba]
     if sampled is not None and attention:
-        facts.kv_blocks = list(sampled[1][attention[0]])
+        facts.kv_blocks = list(sampled.blocks[attention[0]])
     if not facts.resumed or sampled is None:
         return facts
     # The request's last preemption before the token, the blocks it held then, and who got each next.
-    steps = [s for s in log.steps if s["step"] < sampled[0]]
-    preempted_at = max(s["step"] for s in steps if request_id in {engine_request_id(r) for r in s["preempted"]})
+    steps = [s for s in log.steps if s.step < sampled.step]
+    preempted_at = max(s.step for s in steps if request_id in {engine_request_id(r) for r in s.preempted})
     held: list[int] = []
     for s in steps:
-        if s["step"] <= preempted_at:
-            for internal, (_, _, blocks) in s["requests"].items():
+        if s.step <= preempted_at:
+            for internal, scheduled in s.requests.items():
                 if engine_request_id(internal) == request_id:
-                    held = sorted({b for group in blocks for b in group})
+                    held = sorted({b for group in scheduled.blocks for b in group})
     # Steps counted from the replay's first (the engine's own counter runs on across replays).
-    base = log.steps[0]["step"]
+    base = log.steps[0].step
     for block in held:
-        holder = next((f"request {engine_request_id(internal)} at step {s['step'] - base}" for s in log.steps
-                       if s["step"] > preempted_at for internal, (_, _, blocks) in s["requests"].items()
-                       if engine_request_id(internal) != request_id and any(block in group for group in blocks)), "")
+        holder = next((f"request {engine_request_id(internal)} at step {s.step - base}" for s in log.steps
+                       if s.step > preempted_at for internal, scheduled in s.requests.items()
+                       if engine_request_id(internal) != request_id and any(block in group for group in scheduled.blocks)), "")
         facts.blocks_before_preemption.append(block)
         facts.next_holders.append(holder)
     return facts

@@ -22,8 +22,8 @@ def blocks_by_request(run_dir):
     """Every block id each request held at any step, from the scheduler records."""
     held = {}
     for step in ScheduleReader(run_dir / "schedule" / "worker_0.jsonl").read_new().steps:
-        for internal_id, (_, _, groups) in step["requests"].items():
-            held.setdefault(engine_request_id(internal_id), set()).update(b for g in groups for b in g)
+        for internal_id, scheduled in step.requests.items():
+            held.setdefault(engine_request_id(internal_id), set()).update(b for g in scheduled.blocks for b in g)
     return held
 
 

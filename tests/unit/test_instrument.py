@@ -1,6 +1,7 @@
 import json
 
-from rollout_lab.instrument import ScheduleReader, engine_request_id, join_schedule, token_facts
+from rollout_lab.instrument import (CacheGroup, ScheduledRequest, ScheduleReader, SchedulerStep, engine_request_id, header_line,
+                                    join_schedule, peak_block_fraction, step_line, token_facts)
 
 
 def _write(path, lines):
@@ -35,12 +36,12 @@ def test_reader_returns_only_new_steps_and_skips_partial_lines(tmp_path):
     path = tmp_path / "w.jsonl"
     _write(path, [HEADER, {"step": 0, "requests": {}, "preempted": []}])
     reader = ScheduleReader(path)
-    assert [s["step"] for s in reader.read_new().steps] == [0]
+    assert [s.step for s in reader.read_new().steps] == [0]
     with path.open("a") as f:
         f.write(json.dumps({"step": 1, "requests": {}, "preempted": []}) + "\n" + '{"step": 2, "req')
     second = reader.read_new()
-    assert [s["step"] for s in second.steps] == [1]
-    assert second.groups == HEADER["groups"]
+    assert [s.step for s in second.steps] == [1]
+    assert second.groups == [CacheGroup("FullAttentionSpec", 4), CacheGroup("MambaSpec", 8)]
 
 
 def test_unscheduled_tokens_have_no_facts(tmp_path):
@@ -54,3 +55,15 @@ def test_unscheduled_tokens_have_no_facts(tmp_path):
 def test_engine_request_id_drops_the_suffix():
     assert engine_request_id("12-9f3a") == "12"
     assert engine_request_id("chat-12-9f3a") == "chat-12"
+
+
+def test_the_lines_the_scheduler_writes_read_back_as_the_same_records(tmp_path):
+    groups = [CacheGroup("FullAttentionSpec", 16), CacheGroup("MambaSpec", 256)]
+    steps = [SchedulerStep(0, {"3-x": ScheduledRequest(0, 20, [[4, 5], [1]]), "4-y": ScheduledRequest(0, 2, [[6], [2]])}, []),
+             SchedulerStep(1, {"4-y": ScheduledRequest(2, 1, [[6], [2]])}, ["3-x"])]
+    path = tmp_path / "w.jsonl"
+    path.write_text(header_line(groups, 10) + "".join(step_line(s) for s in steps))
+    log = ScheduleReader(path).read_new()
+    assert (log.groups, log.num_blocks, log.steps) == (groups, 10, steps)
+    assert [g.is_mamba for g in log.groups] == [False, True]
+    assert peak_block_fraction(log) == 5 / 10  # step 0: blocks 4, 5, 6 and slots 1, 2

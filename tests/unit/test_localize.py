@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout_lab.instrument import ScheduleLog
+from rollout_lab.instrument import CacheGroup, ScheduleLog, parse_step
 from rollout_lab.localize import report
 from rollout_lab.localize.__main__ import choose, main, parse_token
 from rollout_lab.localize.divergence import (
@@ -88,13 +88,13 @@ def test_summary_groups_positions_of_a_request_with_the_same_first_point():
 
 def test_request_facts_name_the_blocks_held_before_the_preemption_and_their_next_holder():
     # The engine's step counter runs on across replays: this replay starts at its step 100.
-    log = ScheduleLog(groups=[{"kind": "FullAttentionSpec", "block_size": 4}], num_blocks=8, steps=[
+    log = ScheduleLog(groups=[CacheGroup("FullAttentionSpec", 4)], num_blocks=8, steps=[parse_step(s) for s in [
         {"step": 100, "requests": {"0-a": [0, 6, [[1, 2]]], "1-b": [0, 3, [[3]]]}, "preempted": []},
         {"step": 101, "requests": {"1-b": [3, 1, [[3, 4]]]}, "preempted": ["0-a"]},
         {"step": 102, "requests": {"1-b": [4, 1, [[3, 4, 2]]]}, "preempted": []},
         # Request 0 resumes: recomputes its 6 prompt tokens and 1 completion token, samples completion position 1.
         {"step": 103, "requests": {"0-a": [0, 7, [[5, 6]]]}, "preempted": []},
-    ])
+    ]])
     facts = request_facts(log, "0", prompt_len=6, position=1, num_tokens=2, num_preemptions=1, num_cached_tokens=0)
     assert facts.resumed and facts.kv_block == 6  # input position 6 lies in the second 4-token block
     assert facts.kv_blocks == [5, 6]

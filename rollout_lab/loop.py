@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -74,6 +74,73 @@ def _worst_rows(table, tokenizer, batches_by_key, k: int) -> list[dict]:
 def run(cfg: RunConfig) -> RunResult:
     """Run the RL loop described by cfg; an engine crash ends it with status 'crash'."""
     import ray
+
+    job = setup(cfg)
+    try:
+        job.start_engines()
+        for step in tqdm(range(cfg.loop.steps), desc="rl steps", unit="step"):
+            timer = _PhaseTimer()
+            metrics, table, samples = rl_step(job, step, timer)
+            sync_weights(job, step, metrics, timer)
+            job.log_step(step, metrics | timer.seconds, table, samples)
+            check_sync(job, step, metrics)
+        job.result.status = "ok"
+    except EngineCrash as crash:
+        job.result.status, job.result.crash = "crash", crash.signature
+    except ray.exceptions.RayError as exc:
+        job.result.status, job.result.crash = "crash", _ray_crash(exc)
+    except WeightSyncError as exc:
+        job.result.status, job.result.crash = "sync_mismatch", crash_signature(exc, phase="weight_sync")
+    finally:
+        finish(job)
+    return job.result
+
+
+@dataclass
+class Job:
+    """One RL run's parts (setup builds them) and what its steps have gathered so far."""
+
+    cfg: RunConfig
+    run_dir: Path
+    result: RunResult
+    tokenizer: Any
+    problems: list
+    prompt_ids: list[list[int]]
+    probe_ids: list[int]
+    samplers: list
+    trainer: Any
+    group: Any  # the Ray placement group the actors run in
+    logger: RunLogger
+    sync_tolerance: float
+    started: float
+    initial_probe: Optional[np.ndarray] = None
+    all_diffs: list = field(default_factory=list)
+    all_rewards: list = field(default_factory=list)
+    policy_changes: list[float] = field(default_factory=list)
+
+    def start_engines(self) -> None:
+        """Wait for every sampler's engine; the trainer's probe logprobs before any update."""
+        import ray
+
+        self.result.engine_start_seconds = ray.get([s.ready.remote() for s in self.samplers])
+        # Which model runner and attention backends ran: worker 0's (the samplers share one engine config).
+        self.result.environment |= asdict(ray.get(self.samplers[0].execution_facts.remote()))
+        if self.cfg.loop.check_weight_sync:
+            self.initial_probe = np.asarray(ray.get(self.trainer.sequence_logprobs.remote(self.probe_ids)))
+
+    def log_step(self, step: int, metrics: dict, table: pa.Table, samples: list) -> None:
+        """The step's metrics and worst tokens to W&B and metrics.jsonl; the run's totals."""
+        abs_diff = table.column("abs_diff").to_numpy()
+        by_key = {(b.worker, s.request_id): s for b, s in samples}
+        self.logger.log_step(step, metrics, abs_diff, _worst_rows(table, self.tokenizer, by_key, self.cfg.logger.worst_tokens))
+        self.all_diffs.append(abs_diff)
+        self.result.preemptions = add_preemptions(self.result.preemptions, metrics)
+        self.result.steps_completed = step + 1
+
+
+def setup(cfg: RunConfig) -> Job:
+    """Check the config, make the run dir, prompts and probe; start Ray, the samplers and the trainer."""
+    import ray
     from transformers import AutoTokenizer
 
     from rollout_lab.models import resolve_model
@@ -96,8 +163,6 @@ def run(cfg: RunConfig) -> RunResult:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     w = cfg.workload
     problems = make_problems(max(w.num_prompts * (cfg.loop.steps if w.rotate_prompts else 1), 1), w.prompt_seed)
-    prompt_ids = [encode_prompt(tokenizer, p) for p in problems]
-    probe_ids = tokenizer(PROBE_TEXT)["input_ids"]
 
     _init_ray(cfg)
     placement = plan(cfg, int(ray.cluster_resources().get("GPU", 0)), os.cpu_count() or 1)
@@ -110,103 +175,105 @@ def run(cfg: RunConfig) -> RunResult:
     trainer = ray.remote(Trainer).options(**placement.trainer.actor_options(group)).remote(
         model_path, cfg.trainer, cfg.engine.seed
     )
-    logger = RunLogger(cfg, run_dir, run_id, config_dict)
-    all_diffs, all_rewards, policy_changes = [], [], []
-    sync_tolerance = weight_sync_tolerance(cfg)
-    initial_probe = None
+    return Job(cfg, run_dir, result, tokenizer, problems, [encode_prompt(tokenizer, p) for p in problems],
+               tokenizer(PROBE_TEXT)["input_ids"], samplers, trainer, group, RunLogger(cfg, run_dir, run_id, config_dict),
+               weight_sync_tolerance(cfg), started)
+
+
+def rl_step(job: Job, step: int, timer: "_PhaseTimer") -> tuple[dict, pa.Table, list]:
+    """Sample the step's prompts, score them, update the trainer and record every token; the step's
+    metrics, its token table and its (batch, sample) pairs."""
+    import ray
+
+    cfg, w, result = job.cfg, job.cfg.workload, job.result
+    offset = step * w.num_prompts if w.rotate_prompts else 0
+    requests = [PromptRequest(offset + i, job.prompt_ids[offset + i]) for i in range(w.num_prompts)]
     try:
-        result.engine_start_seconds = ray.get([s.ready.remote() for s in samplers])
-        # Which model runner and attention backends ran: worker 0's (the samplers share one engine config).
-        result.environment |= asdict(ray.get(samplers[0].execution_facts.remote()))
-        if cfg.loop.check_weight_sync:
-            initial_probe = np.asarray(ray.get(trainer.sequence_logprobs.remote(probe_ids)))
-        for step in tqdm(range(cfg.loop.steps), desc="rl steps", unit="step"):
-            offset = step * w.num_prompts if w.rotate_prompts else 0
-            requests = [PromptRequest(offset + i, prompt_ids[offset + i]) for i in range(w.num_prompts)]
-            timer = _PhaseTimer()
-            try:
-                batches: list[RolloutBatch] = ray.get(
-                    [s.generate.remote(step, chunk) for s, chunk in zip(samplers, _split(requests, len(samplers)))]
-                )
-            except EngineCrash as crash:
-                # The failing engine's requests: what the minimizer replays (ray.get gives the first failure only).
-                write_requests(run_dir, step, crash.requests)
-                raise
-            write_requests(run_dir, step, [r for b in batches for r in b.requests])
-            samples = [(b, s) for b in batches for s in b.samples]
-            rewards = [REWARDS[w.reward](s.text, s.token_ids, problems[s.prompt_index]) for _, s in samples]
-            sequences = [(s.prompt_token_ids, s.token_ids) for _, s in samples]
-            timer.lap("sample")
-            advantages = group_advantages(np.array(rewards), np.array([s.prompt_index for _, s in samples]))
-            result.zero_advantage_steps += int(not np.any(advantages))
-            trainer_logprobs, train_stats = ray.get(trainer.update.remote(sequences, advantages))
-            timer.lap("train")
-
-            tables, start = [], 0
-            for batch in batches:
-                n = len(batch.samples)
-                tables.append(token_table(run_id, batch, trainer_logprobs[start : start + n], rewards[start : start + n]))
-                start += n
-            table = pa.concat_tables(tables)
-            write_step(run_dir, step, table)
-
-            sequence_id = np.array([f"{r}/{q}" for r, q in zip(table.column("worker").to_numpy(), table.column("request_id").to_pylist())])
-            metrics = token_metrics(
-                table.column("sampler_logprob").to_numpy(), table.column("trainer_logprob").to_numpy(), sequence_id, threshold
-            )
-            metrics["reward_mean"] = float(np.mean(rewards))
-            metrics |= engine_metrics(batches)
-            metrics |= {f"train/{k}": v for k, v in train_stats.items()}
-            weights = trainer.named_weights.remote(cfg.engine.dtype)
-            ray.get([s.load_weights.remote(weights) for s in samplers])
-            timer.lap("weight_sync")
-            if cfg.loop.check_weight_sync:
-                trainer_probe = np.asarray(ray.get(trainer.sequence_logprobs.remote(probe_ids)))
-                sampler_probes = ray.get([s.prompt_logprobs.remote(probe_ids) for s in samplers])
-                sync_diff = max(float(np.max(np.abs(np.asarray(p) - trainer_probe))) for p in sampler_probes)
-                metrics["sync/max_abs_diff"] = sync_diff
-                metrics["sync/policy_change"] = float(np.max(np.abs(trainer_probe - initial_probe)))
-                result.weight_sync_max_diff = max(result.weight_sync_max_diff or 0.0, sync_diff)
-                result.policy_change = metrics["sync/policy_change"]
-                policy_changes.append(result.policy_change)
-                result.weight_sync_exercised = weight_sync_exercised(policy_changes, sync_tolerance)
-
-            timer.lap("sync_check")
-            metrics |= timer.seconds
-            abs_diff = table.column("abs_diff").to_numpy()
-            by_key = {(b.worker, s.request_id): s for b, s in samples}
-            logger.log_step(step, metrics, abs_diff, _worst_rows(table, tokenizer, by_key, cfg.logger.worst_tokens))
-            all_diffs.append(abs_diff)
-            all_rewards += rewards
-            result.preemptions = add_preemptions(result.preemptions, metrics)
-            result.steps_completed = step + 1
-            if cfg.loop.check_weight_sync and metrics["sync/max_abs_diff"] > sync_tolerance:
-                raise WeightSyncError(
-                    f"after step {step} vLLM and trainer disagree by {metrics['sync/max_abs_diff']:.3g} > {sync_tolerance}"
-                )
-        result.status = "ok"
+        batches: list[RolloutBatch] = ray.get(
+            [s.generate.remote(step, chunk) for s, chunk in zip(job.samplers, _split(requests, len(job.samplers)))]
+        )
     except EngineCrash as crash:
-        result.status, result.crash = "crash", crash.signature
-    except ray.exceptions.RayError as exc:
-        result.status, result.crash = "crash", _ray_crash(exc)
-    except WeightSyncError as exc:
-        result.status, result.crash = "sync_mismatch", crash_signature(exc, phase="weight_sync")
-    finally:
-        diffs = np.concatenate(all_diffs) if all_diffs else np.zeros(0)
-        result.num_tokens = int(diffs.size)
-        if diffs.size:
-            result.abs_diff_max, result.abs_diff_mean = float(diffs.max()), float(diffs.mean())
-            result.spike_fraction = float(np.mean(diffs > threshold))
-            result.bitwise_equal_fraction = float(np.mean(diffs == 0.0))
-        result.reward_mean = float(np.mean(all_rewards)) if all_rewards else 0.0
-        result.seconds = time.perf_counter() - started
-        summary = {k: v for k, v in asdict(result).items() if k not in ("crash",)}
-        result.wandb_dir = logger.finish(summary | {"crash_key": result.crash.key if result.crash is not None else None})
-        write_summary(run_dir, result)
-        for actor in samplers + [trainer]:
-            ray.kill(actor)
-        ray.util.remove_placement_group(group)
-    return result
+        # The failing engine's requests: what the minimizer replays (ray.get gives the first failure only).
+        write_requests(job.run_dir, step, crash.requests)
+        raise
+    write_requests(job.run_dir, step, [r for b in batches for r in b.requests])
+    samples = [(b, s) for b in batches for s in b.samples]
+    rewards = [REWARDS[w.reward](s.text, s.token_ids, job.problems[s.prompt_index]) for _, s in samples]
+    sequences = [(s.prompt_token_ids, s.token_ids) for _, s in samples]
+    timer.lap("sample")
+    advantages = group_advantages(np.array(rewards), np.array([s.prompt_index for _, s in samples]))
+    result.zero_advantage_steps += int(not np.any(advantages))
+    trainer_logprobs, train_stats = ray.get(job.trainer.update.remote(sequences, advantages))
+    timer.lap("train")
+
+    tables, start = [], 0
+    for batch in batches:
+        n = len(batch.samples)
+        tables.append(token_table(result.run_id, batch, trainer_logprobs[start : start + n], rewards[start : start + n]))
+        start += n
+    table = pa.concat_tables(tables)
+    write_step(job.run_dir, step, table)
+    job.all_rewards += rewards
+
+    sequence_id = np.array([f"{r}/{q}" for r, q in zip(table.column("worker").to_numpy(), table.column("request_id").to_pylist())])
+    metrics = token_metrics(
+        table.column("sampler_logprob").to_numpy(), table.column("trainer_logprob").to_numpy(), sequence_id, result.spike_threshold
+    )
+    metrics["reward_mean"] = float(np.mean(rewards))
+    metrics |= engine_metrics(batches)
+    metrics |= {f"train/{k}": v for k, v in train_stats.items()}
+    return metrics, table, samples
+
+
+def sync_weights(job: Job, step: int, metrics: dict, timer: "_PhaseTimer") -> None:
+    """Ship the trainer's weights to every sampler; then, if checked, score the probe on both sides
+    (sync/max_abs_diff: vLLM against the trainer; sync/policy_change: the trainer against its start)."""
+    import ray
+
+    weights = job.trainer.named_weights.remote(job.cfg.engine.dtype)
+    ray.get([s.load_weights.remote(weights) for s in job.samplers])
+    timer.lap("weight_sync")
+    if job.cfg.loop.check_weight_sync:
+        trainer_probe = np.asarray(ray.get(job.trainer.sequence_logprobs.remote(job.probe_ids)))
+        sampler_probes = ray.get([s.prompt_logprobs.remote(job.probe_ids) for s in job.samplers])
+        sync_diff = max(float(np.max(np.abs(np.asarray(p) - trainer_probe))) for p in sampler_probes)
+        metrics["sync/max_abs_diff"] = sync_diff
+        metrics["sync/policy_change"] = float(np.max(np.abs(trainer_probe - job.initial_probe)))
+        result = job.result
+        result.weight_sync_max_diff = max(result.weight_sync_max_diff or 0.0, sync_diff)
+        result.policy_change = metrics["sync/policy_change"]
+        job.policy_changes.append(result.policy_change)
+        result.weight_sync_exercised = weight_sync_exercised(job.policy_changes, job.sync_tolerance)
+    timer.lap("sync_check")
+
+
+def check_sync(job: Job, step: int, metrics: dict) -> None:
+    """WeightSyncError when vLLM's probe logprobs after the step's sync are off the trainer's by more than the bound."""
+    if job.cfg.loop.check_weight_sync and metrics["sync/max_abs_diff"] > job.sync_tolerance:
+        raise WeightSyncError(
+            f"after step {step} vLLM and trainer disagree by {metrics['sync/max_abs_diff']:.3g} > {job.sync_tolerance}"
+        )
+
+
+def finish(job: Job) -> None:
+    """The run's totals into its RunResult; summary.json and W&B's summary; the actors and their placement group gone."""
+    import ray
+
+    result = job.result
+    diffs = np.concatenate(job.all_diffs) if job.all_diffs else np.zeros(0)
+    result.num_tokens = int(diffs.size)
+    if diffs.size:
+        result.abs_diff_max, result.abs_diff_mean = float(diffs.max()), float(diffs.mean())
+        result.spike_fraction = float(np.mean(diffs > result.spike_threshold))
+        result.bitwise_equal_fraction = float(np.mean(diffs == 0.0))
+    result.reward_mean = float(np.mean(job.all_rewards)) if job.all_rewards else 0.0
+    result.seconds = time.perf_counter() - job.started
+    summary = {k: v for k, v in asdict(result).items() if k not in ("crash",)}
+    result.wandb_dir = job.logger.finish(summary | {"crash_key": result.crash.key if result.crash is not None else None})
+    write_summary(job.run_dir, result)
+    for actor in job.samplers + [job.trainer]:
+        ray.kill(actor)
+    ray.util.remove_placement_group(job.group)
 
 
 def engine_metrics(batches: list[RolloutBatch]) -> dict[str, float]:

@@ -8,7 +8,7 @@
 #   hunt_default  the default hunt space, no planted fault, GPU_CHECK_DEFAULT_HUNT_S (300) seconds;
 #              prints every crash, hang and harness error with its message line (from hunt.db)
 #   architectures  the default job (float32, real weight sync, workload.reward=even_tokens) on every tiny model of
-#              rollout_lab.models.TINY_CONFIGS; one line per model: max |diff|, sync, clean or not,
+#              rollout_lab.tiny_models.TINY_CONFIGS; one line per model: max |diff|, sync, clean or not,
 #              or why it did not run (an architecture this vLLM cannot load is one line, not a stop)
 #   localize   the localizer on a planted stale_state (kv_tight, float32) and its --no-fault control;
 #              prints each first divergence and the seconds per token
@@ -141,7 +141,7 @@ print(f"multi_gpu_hunt: {len(trials)} trials; status by tensor_parallel_size: {(
 PY
       ;;
     architectures)
-      tiny=${GPU_CHECK_MODELS:-$("$py" -c "from rollout_lab.models import TINY_CONFIGS; print(','.join(TINY_CONFIGS))")}
+      tiny=${GPU_CHECK_MODELS:-$("$py" -c "from rollout_lab.tiny_models import TINY_CONFIGS; print(','.join(TINY_CONFIGS))")}
       # even_tokens: a random tiny model earns no math reward, so its policy (and the synced weights) would not move.
       job architectures "$py" -m rollout_lab -m "model=$tiny" engine.dtype=float32 workload.reward=even_tokens run_name=gpu-arch "${share[@]}" \
         engine.kv_cache_memory_bytes=2000000000 hydra.sweep.dir="$out/architectures" ${GPU_CHECK_ARGS:-}

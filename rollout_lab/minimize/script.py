@@ -21,7 +21,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
-from rollout_lab import faults, models
+from rollout_lab import faults, tiny_models
 from rollout_lab.minimize.standalone import Case, Expected
 from rollout_lab.tolerances import clean_agreement
 
@@ -35,7 +35,7 @@ POOL_HEAD_LINES = 12
 FAULT_BEGIN, FAULT_END = "# ---- PLANTED FAULT", "# ---- end of the planted fault"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The embedded seeded-random models: their transformers config class and the recipe that builds them.
-RANDOM_MODELS = {"hybrid-tiny": models._hybrid_config, "mamba2-tiny": models._mamba2_config}
+RANDOM_MODELS = {"hybrid-tiny": tiny_models._hybrid_config, "mamba2-tiny": tiny_models._mamba2_config}
 
 
 @dataclass
@@ -97,7 +97,7 @@ def build_model() -> str:
     import torch, transformers
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.{cls}(**MODEL_CONFIG))  # float32
-    model.get_output_embeddings().weight.data.normal_(0.0, {models._LOGIT_STD!r} / MODEL_CONFIG["hidden_size"] ** 0.5)
+    model.get_output_embeddings().weight.data.normal_(0.0, {tiny_models._LOGIT_STD!r} / MODEL_CONFIG["hidden_size"] ** 0.5)
     model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
     return path
 '''

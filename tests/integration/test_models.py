@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout_lab import models
+from rollout_lab import models, tiny_models
 from rollout_lab.config import RunConfig
 from rollout_lab.loop import run
 from rollout_lab.tolerances import tolerance
@@ -52,7 +52,7 @@ LAYER_TYPES = {
 }
 
 
-@pytest.mark.parametrize("name", list(models.TINY_CONFIGS))
+@pytest.mark.parametrize("name", list(tiny_models.TINY_CONFIGS))
 def test_tiny_model_has_informative_logits(prepared, name):
     path = prepared[name]
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -103,7 +103,7 @@ def _case(model: str):
     return pytest.param(model, marks=marks)
 
 
-@pytest.mark.parametrize("model", [_case(m) for m in models.TINY_CONFIGS])
+@pytest.mark.parametrize("model", [_case(m) for m in tiny_models.TINY_CONFIGS])
 def test_default_job_is_clean_in_float32(tmp_path, ray_session, model):
     result = run(short_default_job(tmp_path, model))
     assert result.status == "ok", result.crash

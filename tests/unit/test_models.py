@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout_lab import models
+from rollout_lab import models, tiny_models
 
 
 @pytest.fixture
@@ -72,11 +72,11 @@ ARCHITECTURES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(models.TINY_CONFIGS))
+@pytest.mark.parametrize("name", sorted(tiny_models.TINY_CONFIGS))
 def test_tiny_model_builds_the_same_weights_every_time(name):
     import torch
 
-    first, second = models.build_tiny(name), models.build_tiny(name)
+    first, second = tiny_models.build_tiny(name), tiny_models.build_tiny(name)
     assert type(first).__name__ == ARCHITECTURES[name]
     assert first.config.vocab_size == 49152 and first.config.eos_token_id == 2
     # Tiny: the 49152 x 256 embedding and head dominate; the layers add a few million.

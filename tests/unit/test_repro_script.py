@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout_lab import faults, models
+from rollout_lab import faults, tiny_models
 from rollout_lab.minimize.script import LINE_BUDGET, POOL_HEAD_LINES, RANDOM_MODELS, ReproSpec, budget_lines, repro_source
 from rollout_lab.minimize.standalone import Case, Expected, Request
 
@@ -68,7 +68,7 @@ def test_an_embedded_random_model_is_rebuilt_from_the_labs_own_config(model):
     exec(compile(repro_source(spec("crash", model)), "repro.py", "exec"), namespace)
     config = RANDOM_MODELS[model]()
     assert type(config)(**namespace["MODEL_CONFIG"]).to_dict() == config.to_dict()
-    assert f"{models._LOGIT_STD!r} / MODEL_CONFIG" in repro_source(spec("crash", model))
+    assert f"{tiny_models._LOGIT_STD!r} / MODEL_CONFIG" in repro_source(spec("crash", model))
 
 
 def test_smollm2_names_the_public_hub_id_and_says_its_weights_differ():

@@ -4,6 +4,10 @@ share, so what every engine needs (compat.py) is applied in one place:
     start (or validate without starting) -> install_fault (a planted one, if any)
         -> generate(prompts, sampling_params) -> SampledOutput per completion
         -> reset (back to a fresh engine's state) -> generate ...
+
+The RL job's engine arguments live here too: engine_kwargs (RunConfig -> vllm.LLM keywords) and
+check_engine_args (engine.args against the installed vLLM, run where the job starts its engines,
+never when a run dir is read).
 """
 from __future__ import annotations
 

@@ -67,11 +67,11 @@ def emitted_case(repro: Path) -> dict:
 def assert_standalone_repro(repro: Path, with_fault_off: bool, *args: str) -> None:
     """Fails (REPRODUCED, exit 1) in under 60 s without rollout_lab; with the fault off, NOT REPRODUCED."""
     failing = run_isolated(repro, args)
-    assert failing.verdict == "REPRODUCED", failing.output_tail
+    assert failing.verdict == "REPRODUCED", failing.output
     assert failing.seconds < 60, f"repro took {failing.seconds:.0f} s"
     if with_fault_off:
         clean = run_isolated(repro, (*args, "--no-fault"))
-        assert clean.verdict == "NOT REPRODUCED", clean.output_tail
+        assert clean.verdict == "NOT REPRODUCED", clean.output
 
 
 @pytest.fixture(scope="module")

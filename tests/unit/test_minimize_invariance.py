@@ -235,7 +235,7 @@ def test_the_report_names_the_env_and_flips_each_switch_in_fresh_processes(tmp_p
     from rollout_lab.minimize.emit import Emitter, Verification, description, title, where_it_fails
 
     red = batch_reduction(tmp_path)
-    assert title(red, red.case, "GPU") == "[Bug]: VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1: logprobs depend on the batch (GPU)")
+    assert title(red, red.case, "GPU") == "[Bug]: VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1: logprobs depend on the batch (GPU)"
     text = description(red, red.case)
     assert "2 request(s) on 1 prompt(s)" in text and "with VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1" in text
     assert "1/1 targets differ alone vs in a batch of 2 (max |diff| 0.5)" in text

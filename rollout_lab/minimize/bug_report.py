@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,6 +37,11 @@ CPU_FLAGS = re.compile(r"^(avx2|avx512\w*|amx\w*|neon|asimd)$")
 # An absolute filesystem path (not a URL's path: no ':' or '/' or a word character right before it).
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.<~-])/(?:[\w.+@-]+/)+[\w.+@-]*")
 TRACEBACK_HEAD = "Traceback (most recent call last):"
+# A progress bar's line (tqdm: "... 1/1 [00:00<00:00,  1.04it/s]").
+PROGRESS_LINE = re.compile(r"(it/s|s/it)\]$")
+# A line of vLLM's logger ("(EngineCore pid=1) INFO 12-07 09:35:40 [core.py:9] ..."): the engine's chatter, not
+# the script's output; a maintainer reruns with VLLM_LOGGING_LEVEL=DEBUG for it.
+LOG_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d ")
 
 
 @dataclass
@@ -75,20 +81,22 @@ class BugReport:
     draft: str = ""
     # Facts a maintainer needs beside the above (where it fails, how it was found); a line each.
     notes: list[str] = field(default_factory=list)
-    # The lines of `output` shown outside <details> (the exception, the verdict).
-    shown_output_lines: int = 4
+    # How many of the output's last lines at the margin show outside <details> (the exception, the verdict).
+    shown_output_lines: int = 3
 
     def render(self) -> str:
         """REPORT.md."""
-        output = relative_paths(self.output).rstrip("\n")
-        shown = output.splitlines()[-self.shown_output_lines:]
+        output = script_output(self.output)
+        # The last lines at the margin: the exception and the verdict (the frames are in the full output).
+        shown = [line for line in output.splitlines() if line and not line[0].isspace() and line != TRACEBACK_HEAD
+                 and not PROGRESS_LINE.search(line)][-self.shown_output_lines:]
         lines = [f"# {self.title}", ""]
         if self.draft:
             lines += [f"> **DRAFT, not ready to file**: {self.draft}", ""]
         lines += ["### Your current environment", "", *environment_summary(self.environment), "",
                   "<details>", "<summary>The output of <code>python collect_env.py</code></summary>", "",
                   "```text", relative_paths(self.environment).strip("\n"), "```", "", "</details>", "",
-                  "### 🐛 Describe the bug", "", self.summary, "",
+                  "### 🐛 Describe the bug", "", textwrap.fill(self.summary, 100), "",
                   f"- **Expected:** {self.expected}", f"- **Actual:** {self.actual}", "",
                   f"`{self.command}` (in an empty directory; the script builds or names its model):", "",
                   "<details>", f"<summary>repro.py ({len(self.script.splitlines())} lines)</summary>", "",
@@ -105,6 +113,14 @@ class BugReport:
                   f"- [{'x' if self.upstream.hits is not None or self.upstream.verdict else ' '}] "
                   "Make sure you already searched for relevant issues (the search above).", ""]
         return "\n".join(lines)
+
+
+def script_output(text: str) -> str:
+    """What a repro printed, paths relative, vLLM's log lines left out (counted); the traceback stays whole."""
+    lines = relative_paths(text).rstrip("\n").splitlines()
+    kept = [line for line in lines if not LOG_LINE.match(line)]
+    dropped = len(lines) - len(kept)
+    return "\n".join(([f"({dropped} lines of vLLM's log left out)"] if dropped else []) + kept)
 
 
 def upstream_lines(upstream: Upstream) -> list[str]:
@@ -210,6 +226,8 @@ def problems(text: str) -> list[str]:
     if re.search(r"last (\d+ )?lines\)?:", text) or "..." + "\n" + "Traceback" in text:
         found.append("a cut output ('last lines')")
     for block in re.findall(r"```text\n(.*?)```", text, re.DOTALL):
+        if re.search(r'^  File "', block, re.MULTILINE) and TRACEBACK_HEAD not in block:
+            found.append("a traceback without its head (cut)")
         if TRACEBACK_HEAD in block and not re.search(r"^\w+(\.\w+)*(Error|Exception|Interrupt|Exit)\b.*$", block.split(TRACEBACK_HEAD)[-1], re.MULTILINE):
             found.append("a traceback without its exception line")
     if text.count("```python") > 1:

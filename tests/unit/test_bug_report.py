@@ -48,7 +48,7 @@ def test_a_rendered_report_passes_and_keeps_the_whole_traceback_with_relative_pa
     ({"title": "[Bug]: " + "x" * 100}, "title of 107 characters"),
     ({"title": "IndexError"}, "the first line is not"),
     ({"output": "Traceback (most recent call last):\n  File \"vllm/x.py\", line 1, in f\n"}, "a traceback without its exception line"),
-    ({"summary": "\n".join(["line"] * 80)}, "visible lines outside collapsed <details>"),
+    ({"notes": ["a note"] * 80}, "visible lines outside collapsed <details>"),
     ({"expected": ""}, "no one-line '- **Expected:**'"),
     ({"output": OUTPUT.split("\n", 1)[1]}, "a traceback without its head (cut)"),
 ])

@@ -1,10 +1,4 @@
-"""[Bug]: reload_weights breaks unquantized MoE experts on CPU: reloading a model's own weights changes its logprobs
-
-On the CPU backend UnquantizedFusedMoEMethod._setup_kernel prepacks w13/w2 for CPUUnquantizedExperts
-(fused_experts.process_weights_after_loading) on the first load only. An in-place reload
-(worker.reload_weights) takes the weight-update branch: it copies the checkpoint-layout experts into the
-packed storage and never packs them again, so every MoE layer computes with scrambled experts. Here the
-model's own unchanged checkpoint is reloaded from disk. The model is a tiny seeded Qwen3-MoE built here.
+"""[Bug]: CPU: reload_weights of an unquantized MoE model scrambles its experts (logprobs move by ~3)
 Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, tempfile, traceback

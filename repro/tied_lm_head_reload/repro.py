@@ -1,10 +1,4 @@
-"""[Bug]: reload_weights leaves a tied lm_head stale on CPU: logprobs keep coming from the old weights
-
-On the CPU backend linear layers are repacked into oneDNN handles after loading, and lm_head gets its
-own handle even when the checkpoint ties it to embed_tokens. model_runner.reload_weights() with the
-model's own named parameters (no lm_head.weight: it is tied) updates embed_tokens but not lm_head's
-handle, so every logprob after the reload comes from the old output projection. Passing
-lm_head.weight explicitly works around it. The model is a tiny random tied-embedding Llama built here.
+"""[Bug]: CPU: reload_weights leaves a tied lm_head stale; logprobs keep the old output projection
 Run: python repro.py. It prints one verdict line and exits 1 (REPRODUCED), 0 (NOT REPRODUCED) or 2
 (CANNOT RUN).
 """

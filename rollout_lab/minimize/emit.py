@@ -97,7 +97,8 @@ def title(reduction: Reduction, case: Case, device: str) -> str:
     if expected.kind == "crash":
         what = f"{expected.crash_key.split('@', 1)[0]} in {_crash_function(expected) or 'generate'}"
     elif expected.kind == "batch_invariance":
-        what = " ".join(f"{k}={v}" for k, v in sorted(case.env.items())) + ": logprobs depend on the batch"
+        env = " ".join(f"{k}={v}" for k, v in sorted(case.env.items()))
+        what = f"{env}: logprobs depend on the batch" if env else "a request's logprobs depend on its batch"
     else:
         what = f"logprobs off transformers' on {SHORT_WHERE[expected.request_class]}"
     # The trigger knobs with their values if they fit, else their names, else as many names as fit.

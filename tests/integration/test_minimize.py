@@ -17,6 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rollout_lab.config import CONF_DIR, RunConfig, apply_pressure_by_model, register
+from rollout_lab.minimize import bug_report
 from rollout_lab.minimize.emit import run_isolated
 from rollout_lab.minimize.predicate import load_run
 from rollout_lab.minimize.reduce import deviating_knobs, knob_targets
@@ -116,7 +117,7 @@ def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale
         assert any(sorted(r.size["knobs"]) == without and not r.failed for r in knob_trials), (knob, [r.change for r in knob_trials])
 
     report = (out / "REPORT.md").read_text()
-    assert report.startswith("# [Bug]: ") and "### What makes it go away" in report and "Not a vLLM bug as shipped" in report
+    assert report.startswith("# [Bug]: ") and "Not a vLLM bug as shipped" in report and bug_report.problems(report) == []
     # smollm2's repro names the hub weights; the lab's copy is passed as --model.
     assert_standalone_repro(out / "repro.py", True, "--model", str(resolve_model("smollm2")))
 
@@ -146,7 +147,7 @@ def test_engine_crash_shrinks_to_its_triggering_call_with_the_cli_defaults_from_
     # The CLI's own fresh-process runs (emit.run_isolated, as assert_standalone_repro runs them).
     report = (out / "REPORT.md").read_text()
     assert "\nREPRODUCED: RuntimeError: planted engine_crash" in report
-    assert "- planted fault off (--no-fault): clean 1/1" in report
+    assert "- planted fault off (--no-fault): clean 1/1" in report and bug_report.problems(report) == []
     fresh = re.search(r"repro\.py in a fresh process: REPRODUCED: .*, exit 1 in (\d+) s", done.stdout)
     assert fresh and int(fresh.group(1)) < 60, done.stdout[-3000:]
 
@@ -168,6 +169,7 @@ def test_an_overflow_that_needs_high_block_ids_keeps_the_block_pool_head_into_it
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "high_ids" / "REPORT.md").read_text()
     assert "- block_pool_head=None: clean 1/1" in report and "- planted fault off (--no-fault): clean 1/1" in report
+    assert bug_report.problems(report) == []
     script = emitted_case(tmp_path / "high_ids" / "repro.py")
     assert script["BLOCK_POOL_HEAD"] == 0.8 and callable(script["move_pool_head"])
 

@@ -39,6 +39,8 @@ class Curated:
     notes: list[str] = field(default_factory=list)
     draft: str = ""
     command: str = "python -I repro.py"
+    # The script the report carries: the reduced one where the minimizer's reduction exists beside repro.py.
+    script: str = "repro.py"
     # Used where repro/<name>/output.txt does not exist (a GPU run before issue 29 kept only its last lines).
     recorded_output: str = ""
 
@@ -94,7 +96,7 @@ REPORTS = {
         summary=("A pure Mamba2 model (tiny, seeded, float32, built by the script) with `enable_prefix_caching=True` "
                  "(vLLM then picks Mamba cache mode `align`, block size 16, as the script prints) raises `IndexError` in "
                  "`mamba_mixer2.conv_ssm_forward` (`varlen_states[last_chunk_indices_p]`) at the first prefill of one "
-                 "17-token prompt on the CPU backend: the CPU chunk-scan returns no intermediate states "
+                 "17-token prompt on the CPU backend: the CPU chunk scan returns only each sequence's final state "
                  "(`return_intermediate_states` is ignored) where the prefix-caching path indexes them."),
         expected="`llm.generate` returns the completion.",
         actual="it raises `IndexError: index 1 is out of bounds for dimension 0 with size 1` in `conv_ssm_forward`.",
@@ -137,19 +139,22 @@ REPORTS = {
                  "(Mamba cache mode `all`) raises `ValueError: slice step cannot be zero` in `mamba_mixer2.conv_ssm_forward` "
                  "at its first prefill on CUDA. Per PR #57278 the stride there is `mamba_block_size // chunk_size` chunks per "
                  "block; with this model's `chunk_size` (256) above the block size vLLM derived it is 0 (inferred from "
-                 "the message, not measured: vLLM 0.25's source is not on this machine). "
-                 "`repro_reduced.py` is the minimizer's one-request, 17-token reduction of the same crash."),
+                 "the message, not measured: vLLM 0.25's source is not on this machine). The script is the minimizer's "
+                 "reduction (`repro_reduced.py`: one request of 17 prompt tokens, `max_tokens=1`); `repro.py` beside it "
+                 "is the 32-request case it came from."),
         expected="`llm.generate` returns the completions.",
         actual="it raises `ValueError: slice step cannot be zero` in `mamba_mixer2.conv_ssm_forward`.",
         go_away=["(not measured: the minimization budget ran out before the knob flips; the GPU re-run measures "
                  "`enable_prefix_caching=False`)"],
-        release_range="Reproduces on CUDA vLLM 0.25.0 (H200, 2026-12-02). CUDA vLLM 0.33.0: PENDING (the GPU re-run).",
+        release_range=("Reproduces on CUDA vLLM 0.25.0 (H200, 2026-12-02; repro.py and repro_reduced.py, fresh processes in an "
+                       "empty directory). CUDA vLLM 0.33.0: PENDING (the GPU re-run)."),
         query=search_query("ValueError", "conv_ssm_forward", ('"slice step cannot be zero"', "enable_prefix_caching")),
         verdict=("related to #57266 (open: explicit --mamba-block-size, out-of-range strided slice in conv_ssm_forward); "
                  "PR #57278 (open) keeps the mamba block size a multiple of the chunk size and names a block size below the "
                  "chunk size: COMMENT.md is the comment for #57266"),
         draft=GPU_DRAFT,
-        command="python -I repro.py",
+        command="python -I repro_reduced.py",
+        script="repro_reduced.py",
         recorded_output=("ValueError: slice step cannot be zero\nREPRODUCED: ValueError: slice step cannot be zero"),
     ),
     "gpu_granite_hybrid_layer_names": Curated(
@@ -239,7 +244,7 @@ def render(name: str) -> str:
     found = search_upstream(facts.query, timeout=5)
     return BugReport(
         title=facts.title, environment=(REPRO / "environments" / facts.environment).read_text(), summary=facts.summary,
-        script=(folder / "repro.py").read_text(), command=facts.command, expected=facts.expected, actual=facts.actual,
+        script=(folder / facts.script).read_text(), command=facts.command, expected=facts.expected, actual=facts.actual,
         output=output.read_text() if output.exists() else facts.recorded_output, go_away=facts.go_away,
         release_range=facts.release_range, upstream=Upstream(facts.query, found.hits, found.why_not, facts.verdict),
         draft=facts.draft, notes=facts.notes + ["How it was found: [repro/README.md](../README.md)."],

@@ -1,5 +1,5 @@
 """[Bug]: Mamba2 + enable_prefix_caching: ValueError (slice step cannot be zero) in conv_ssm_forward
-Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
+Run: python repro_reduced.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, tempfile, traceback
 

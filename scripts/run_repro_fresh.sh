@@ -6,7 +6,8 @@
 # "exit N in S s". PYTHON overrides the interpreter (default: this checkout's .venv).
 set -u
 script=$(readlink -f "$1"); out=$(readlink -f "${2:-$(dirname "$1")/output.txt}"); shift; [ $# -gt 0 ] && shift
-python=${PYTHON:-$(readlink -f "$(dirname "$0")/../.venv/bin/python")}
+# Not readlink -f: a venv's python is a symlink to the base interpreter, which has none of its packages.
+python=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 dir=$(mktemp -d); home=$(mktemp -d)
 cp "$script" "$dir/repro.py"
 cd "$dir" || exit 2

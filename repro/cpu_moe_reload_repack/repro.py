@@ -9,6 +9,23 @@ TOLERANCE = 1e-3  # the same engine on the same weights should agree bitwise; fl
 TOKEN_IDS = [(37 * i + 11) % 997 + 3 for i in range(48)]  # a fixed 48-token prompt, in any vocabulary
 
 
+def engine_choices(worker) -> str:
+    runner, config = worker.model_runner, worker.vllm_config
+    backends = sorted({g.backend.get_name() for groups in getattr(runner, "attn_groups", None) or [] for g in groups})
+    cache, scheduler = config.cache_config, config.scheduler_config
+    return (f"vLLM chose: {type(runner).__module__}.{type(runner).__name__}, attention {backends}, "
+            f"block_size {cache.block_size}, mamba_cache_mode {getattr(cache, 'mamba_cache_mode', '-')}, "
+            f"prefix caching {cache.enable_prefix_caching}, max_num_batched_tokens {scheduler.max_num_batched_tokens}, "
+            f"chunked prefill {scheduler.enable_chunked_prefill}")
+
+
+def moe_experts(worker) -> str:
+    """The experts class vLLM picked for the first MoE layer (the one whose weights are packed)."""
+    kernels = [m.quant_method.moe_kernel for m in worker.model_runner.get_model().modules()
+               if getattr(getattr(m, "quant_method", None), "moe_kernel", None) is not None]
+    return f"MoE experts: {type(kernels[0].fused_experts).__name__ if kernels else None}"
+
+
 def build_model():
     """rollout_lab's qwen3-moe-tiny: 4 layers of 8 experts (top 2), seeded, float32, its head widened."""
     import torch, transformers
@@ -30,6 +47,8 @@ def reproduce(args) -> tuple[str, str]:
     model, path = (None, args.model) if args.model else build_model()
     llm = vllm.LLM(model=path, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
                    kv_cache_memory_bytes=64 * 2**20, seed=0)
+    print(llm.collective_rpc(engine_choices)[0])
+    print(llm.collective_rpc(moe_experts)[0])
     params = vllm.SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, prompt_logprobs=0, ignore_eos=True,
                                  detokenize=False)
 

@@ -9,6 +9,16 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 TOLERANCE = 1e-3  # clean float32 agrees to ~5e-5
 
 
+def engine_choices(worker) -> str:
+    runner, config = worker.model_runner, worker.vllm_config
+    backends = sorted({g.backend.get_name() for groups in getattr(runner, "attn_groups", None) or [] for g in groups})
+    cache, scheduler = config.cache_config, config.scheduler_config
+    return (f"vLLM chose: {type(runner).__module__}.{type(runner).__name__}, attention {backends}, "
+            f"block_size {cache.block_size}, mamba_cache_mode {getattr(cache, 'mamba_cache_mode', '-')}, "
+            f"prefix caching {cache.enable_prefix_caching}, max_num_batched_tokens {scheduler.max_num_batched_tokens}, "
+            f"chunked prefill {scheduler.enable_chunked_prefill}")
+
+
 def reload(worker, named):
     worker.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
 
@@ -30,6 +40,7 @@ def reproduce() -> tuple[str, str]:
     token_ids = torch.randint(3, 1024, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     llm = LLM(model=path, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
               kv_cache_memory_bytes=64 * 2**20, seed=0)
+    print(llm.collective_rpc(engine_choices)[0])
 
     def worst_diff() -> float:
         """max |vLLM - transformers float32| over the prompt logprobs of token_ids."""

@@ -1,10 +1,4 @@
-"""[Bug]: reload_weights breaks unquantized MoE experts on CPU: reloading a model's own weights changes its logprobs
-
-On the CPU backend UnquantizedFusedMoEMethod._setup_kernel prepacks w13/w2 for CPUUnquantizedExperts
-(fused_experts.process_weights_after_loading) on the first load only. An in-place reload
-(worker.reload_weights) takes the weight-update branch: it copies the checkpoint-layout experts into the
-packed storage and never packs them again, so every MoE layer computes with scrambled experts. Here the
-model's own unchanged checkpoint is reloaded from disk. The model is a tiny seeded Qwen3-MoE built here.
+"""[Bug]: CPU: reload_weights of an unquantized MoE model scrambles its experts (logprobs move by ~3)
 Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, tempfile, traceback
@@ -13,6 +7,23 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this pr
 
 TOLERANCE = 1e-3  # the same engine on the same weights should agree bitwise; float32 vs transformers ~1e-6
 TOKEN_IDS = [(37 * i + 11) % 997 + 3 for i in range(48)]  # a fixed 48-token prompt, in any vocabulary
+
+
+def engine_choices(worker) -> str:
+    runner, config = worker.model_runner, worker.vllm_config
+    backends = sorted({g.backend.get_name() for groups in getattr(runner, "attn_groups", None) or [] for g in groups})
+    cache, scheduler = config.cache_config, config.scheduler_config
+    return (f"vLLM chose: {type(runner).__module__}.{type(runner).__name__}, attention {backends}, "
+            f"block_size {cache.block_size}, mamba_cache_mode {getattr(cache, 'mamba_cache_mode', '-')}, "
+            f"prefix caching {cache.enable_prefix_caching}, max_num_batched_tokens {scheduler.max_num_batched_tokens}, "
+            f"chunked prefill {scheduler.enable_chunked_prefill}")
+
+
+def moe_experts(worker) -> str:
+    """The experts class vLLM picked for the first MoE layer (the one whose weights are packed)."""
+    kernels = [m.quant_method.moe_kernel for m in worker.model_runner.get_model().modules()
+               if getattr(getattr(m, "quant_method", None), "moe_kernel", None) is not None]
+    return f"MoE experts: {type(kernels[0].fused_experts).__name__ if kernels else None}"
 
 
 def build_model():
@@ -36,6 +47,8 @@ def reproduce(args) -> tuple[str, str]:
     model, path = (None, args.model) if args.model else build_model()
     llm = vllm.LLM(model=path, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
                    kv_cache_memory_bytes=64 * 2**20, seed=0)
+    print(llm.collective_rpc(engine_choices)[0])
+    print(llm.collective_rpc(moe_experts)[0])
     params = vllm.SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, prompt_logprobs=0, ignore_eos=True,
                                  detokenize=False)
 

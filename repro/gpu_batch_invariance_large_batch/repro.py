@@ -1,9 +1,4 @@
-"""[Bug]: VLLM_BATCH_INVARIANT=1: a request's logprobs change once the batch is large enough (H200, vLLM 0.25)
-
-With vLLM's batch-invariant mode on, a request's logprobs must not depend on what else is in the
-batch (vLLM's test_logprobs_bitwise_batch_invariance_bs1_vs_bsN checks it bitwise). Here each of
-4 greedy requests is run alone, then inside batches of growing size; from some batch size on the
-logprobs (and, in bfloat16, the tokens) differ from the request alone.
+"""[Bug]: VLLM_BATCH_INVARIANT=1: a greedy request's logprobs change once its batch holds 32 requests
 Run: python repro.py [--model DIR_OR_HUB_ID] [--dtype bfloat16|float32].
 One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """

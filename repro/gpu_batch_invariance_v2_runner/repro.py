@@ -1,13 +1,4 @@
-"""[Bug]: a request's sampled tokens and logprobs change with the batch it runs in under VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1 with kv_cache_memory_bytes=64000000, gpu_memory_utilization=0.2, block_size=16, max_num_seqs=16, max_num_batched_tokens=1024, max_model_len=1024, enable_prefix_caching=False, enable_chunked_prefill=True, enforce_eager=False, kv_cache_dtype=auto, async_scheduling=False (GPU)
-
-With kv_cache_memory_bytes=64000000, gpu_memory_utilization=0.2, block_size=16, max_num_seqs=16,
-max_num_batched_tokens=1024, max_model_len=1024, enable_prefix_caching=False,
-enable_chunked_prefill=True, enforce_eager=False, kv_cache_dtype=auto, async_scheduling=False and 5
-request(s) on 5 prompt(s) of up to 262 tokens, max_tokens=32, each with its own seed, with
-VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1, a request run again alone on the same engine,
-after the whole batch, returns other sampled tokens or sampled-token logprobs (compared bitwise)
-than it did inside the batch: 3/4 targets differ alone vs in a batch of 5 (max |diff| 0.136, first
-other token at position 22).
+"""[Bug]: VLLM_BATCH_INVARIANT=1 + VLLM_USE_V2_MODEL_RUNNER=1: requests differ alone vs in a batch of 5
 Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, traceback

@@ -1,9 +1,4 @@
-"""[Bug]: GraniteMoeHybrid (Granite 4.0-H) fails to load with transformers 5.x: KeyError 'linear_attention' in granitemoehybrid get_layer
-
-A checkpoint whose config.json says layer_types ["mamba", "attention", ...] (the names Granite 4.0-H
-checkpoints on the hub use) is read by transformers 5.x, which renames them to "linear_attention" /
-"full_attention"; vLLM's GraniteMoeHybridModel looks them up in ALL_DECODER_LAYER_TYPES, which knows
-only "mamba" and "attention", and the engine fails while building the model.
+"""[Bug]: GraniteMoeHybrid fails to load under transformers 5: KeyError 'linear_attention' in get_layer
 Run: python repro.py [--model DIR_OR_HUB_ID, e.g. ibm-granite/granite-4.0-h-350m].
 One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """

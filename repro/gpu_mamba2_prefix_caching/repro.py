@@ -1,9 +1,4 @@
-"""[Bug]: generate raises ValueError: slice step cannot be zero in conv_ssm_forward with kv_cache_memory_bytes=2000000000, gpu_memory_utilization=0.1, max_num_seqs=64, max_model_len=512, enable_prefix_caching=True, enable_chunked_prefill=True, enforce_eager=True (GPU)
-
-With kv_cache_memory_bytes=2000000000, gpu_memory_utilization=0.1, max_num_seqs=64,
-max_model_len=512, enable_prefix_caching=True, enable_chunked_prefill=True, enforce_eager=True and
-32 request(s) on 8 prompt(s) of up to 46 tokens, max_tokens=32, each with its own seed, llm.generate
-raises ValueError (slice step cannot be zero).
+"""[Bug]: Mamba2 + enable_prefix_caching: ValueError (slice step cannot be zero) in conv_ssm_forward
 Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, tempfile, traceback

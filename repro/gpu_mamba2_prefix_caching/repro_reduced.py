@@ -1,9 +1,5 @@
-"""[Bug]: generate raises ValueError: slice step cannot be zero in conv_ssm_forward with enable_prefix_caching=True, enable_chunked_prefill=True, enforce_eager=True (GPU)
-
-With enable_prefix_caching=True, enable_chunked_prefill=True, enforce_eager=True and 1 request(s) on
-1 prompt(s) of up to 17 tokens, max_tokens=1, each with its own seed, llm.generate raises ValueError
-(slice step cannot be zero).
-Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
+"""[Bug]: Mamba2 + enable_prefix_caching: ValueError (slice step cannot be zero) in conv_ssm_forward
+Run: python repro_reduced.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, tempfile, traceback
 

@@ -1,10 +1,4 @@
-"""[Bug]: a Mamba2 model fails to start with VLLM_USE_V2_MODEL_RUNNER=1: AssertionError (is_prefilling is None) in mamba_attn._compute_common_metadata
-
-With the V2 model runner, the engine's warm-up dummy run (kernel_warmup -> flashinfer_autotune ->
-_dummy_run) builds Mamba2 attention metadata without is_prefilling and the engine dies at start.
-The V1 runner (the same script with --runner v1) starts and generates. vLLM 0.25's model runner v2
-gives MambaHybridModelState (which supplies is_prefilling) only to hybrid models; fixed upstream by
-vllm-project/vllm#52374 ("[MRV2] Support attention-free models", merged 2026-08-14, after 0.25.0).
+"""[Bug]: a Mamba2 model fails to start with VLLM_USE_V2_MODEL_RUNNER=1 (AssertionError in mamba_attn)
 Run: python repro.py [--model DIR_OR_HUB_ID] [--runner v1|v2]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, tempfile, traceback

@@ -1,32 +1,26 @@
-"""[Bug]: Seeded sampling crashes when chunked prefill splits the prompt (CPU)
-
-A request with a per-request seed whose 65-token prompt is longer than max_num_batched_tokens=64, so
-that its prefill is split in two chunks, raises RuntimeError: CPU Generator does not use offset in
-gpu_model_runner._bookkeeping_sync (set_offset on a partly prefilled request's generator).
-Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
+"""[Bug]: CPU: a seeded request whose prefill is chunked raises RuntimeError in _bookkeeping_sync
+Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED,
+2 CANNOT RUN.
 """
 import argparse, os, platform, sys, tempfile, traceback
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its exceptions reach us
 
-# The model: rollout_lab's hybrid-tiny, rebuilt here: seeded random weights, the head widened to spread logits.
+# The model: rollout_lab's llama-tiny, rebuilt here (seeded random float32 weights; no download).
 MODEL_CONFIG = {'vocab_size': 49152, 'hidden_size': 256, 'intermediate_size': 512,
     'num_hidden_layers': 4, 'num_attention_heads': 4, 'num_key_value_heads': 2, 'pad_token_id': 2,
-    'rope_parameters': {'rope_type': 'default', 'rope_theta': 10000.0}, 'attention_multiplier':
-    0.125, 'num_local_experts': 0, 'num_experts_per_tok': 0, 'shared_intermediate_size': 512,
-    'position_embedding_type': 'rope', 'layer_types': ['linear_attention', 'full_attention',
-    'linear_attention', 'full_attention'], 'mamba_n_heads': 8, 'mamba_d_state': 64}
+    'rope_parameters': {'rope_type': 'default', 'rope_theta': 10000.0}, 'head_dim': 64}
 
 def build_model() -> str:
     import torch, transformers
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.GraniteMoeHybridConfig(**MODEL_CONFIG))  # float32
-    model.get_output_embeddings().weight.data.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**MODEL_CONFIG), dtype=torch.float32)
+    model.get_output_embeddings().weight.data.normal_(0.0, 3.0 / MODEL_CONFIG["hidden_size"] ** 0.5)  # logits of std ~3
     model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
     return path
 
-ENGINE_ARGS = {'dtype': 'bfloat16', 'max_num_batched_tokens': 64, 'disable_log_stats': False,
-    'enforce_eager': True, 'kv_cache_memory_bytes': 268435456}
+ENGINE_ARGS = {'dtype': 'float32', 'max_num_batched_tokens': 64, 'enforce_eager': True,
+    'kv_cache_memory_bytes': 268435456}
 PROMPTS = [
     # '? Answer with just the number. What is 9 * 14? Answer with just the number. What is 13 + 15? 
     [47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 41, 1672, 216, 33, 36, 47, 19842, 351, 915,
@@ -35,7 +29,17 @@ PROMPTS = [
     41, 1232, 216, 33, 38, 47, 19842, 351],
 ]
 REQUESTS = [(0, 2096179276)]  # (prompt, seed) of each request, sampled in one generate call
-SAMPLING = {'max_tokens': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': -1}
+SAMPLING = {'max_tokens': 1, 'temperature': 1.0}
+
+
+def engine_choices(worker) -> str:
+    runner, config = worker.model_runner, worker.vllm_config
+    backends = sorted({g.backend.get_name() for groups in getattr(runner, "attn_groups", None) or [] for g in groups})
+    cache, scheduler = config.cache_config, config.scheduler_config
+    return (f"vLLM chose: {type(runner).__module__}.{type(runner).__name__}, attention {backends}, "
+            f"block_size {cache.block_size}, mamba_cache_mode {getattr(cache, 'mamba_cache_mode', '-')}, "
+            f"prefix caching {cache.enable_prefix_caching}, max_num_batched_tokens {scheduler.max_num_batched_tokens}, "
+            f"chunked prefill {scheduler.enable_chunked_prefill}")
 
 CRASH = ('RuntimeError', '_bookkeeping_sync')  # the failure: this exception, raised in this vLLM function
 
@@ -43,6 +47,7 @@ def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
     print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
     llm = vllm.LLM(model=args.model or build_model(), skip_tokenizer_init=True, **ENGINE_ARGS)
+    print(llm.collective_rpc(engine_choices)[0])
     params = [vllm.SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
     llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in REQUESTS], params, use_tqdm=False)
     return "NOT REPRODUCED", f"generate returned {len(REQUESTS)} completion(s) without an error"

@@ -1,10 +1,4 @@
-"""[Bug]: reload_weights leaves a tied lm_head stale on CPU: logprobs keep coming from the old weights
-
-On the CPU backend linear layers are repacked into oneDNN handles after loading, and lm_head gets its
-own handle even when the checkpoint ties it to embed_tokens. model_runner.reload_weights() with the
-model's own named parameters (no lm_head.weight: it is tied) updates embed_tokens but not lm_head's
-handle, so every logprob after the reload comes from the old output projection. Passing
-lm_head.weight explicitly works around it. The model is a tiny random tied-embedding Llama built here.
+"""[Bug]: CPU: reload_weights leaves a tied lm_head stale; logprobs keep the old output projection
 Run: python repro.py. It prints one verdict line and exits 1 (REPRODUCED), 0 (NOT REPRODUCED) or 2
 (CANNOT RUN).
 """
@@ -13,6 +7,16 @@ import os, platform, sys, tempfile, traceback
 # The engine core in this process, so that collective_rpc takes a plain function.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 TOLERANCE = 1e-3  # clean float32 agrees to ~5e-5
+
+
+def engine_choices(worker) -> str:
+    runner, config = worker.model_runner, worker.vllm_config
+    backends = sorted({g.backend.get_name() for groups in getattr(runner, "attn_groups", None) or [] for g in groups})
+    cache, scheduler = config.cache_config, config.scheduler_config
+    return (f"vLLM chose: {type(runner).__module__}.{type(runner).__name__}, attention {backends}, "
+            f"block_size {cache.block_size}, mamba_cache_mode {getattr(cache, 'mamba_cache_mode', '-')}, "
+            f"prefix caching {cache.enable_prefix_caching}, max_num_batched_tokens {scheduler.max_num_batched_tokens}, "
+            f"chunked prefill {scheduler.enable_chunked_prefill}")
 
 
 def reload(worker, named):
@@ -36,6 +40,7 @@ def reproduce() -> tuple[str, str]:
     token_ids = torch.randint(3, 1024, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     llm = LLM(model=path, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
               kv_cache_memory_bytes=64 * 2**20, seed=0)
+    print(llm.collective_rpc(engine_choices)[0])
 
     def worst_diff() -> float:
         """max |vLLM - transformers float32| over the prompt logprobs of token_ids."""

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]the failure depends on the engine's history[/]: the minimal case passed in a fresh "
                           f"process; emitted the case {confirmation.steps_back} accepted reduction(s) back", highlight=False)
         if not ok:
-            console.print(confirmation.verification.output_tail, highlight=False, markup=False)
+            console.print(confirmation.verification.output, highlight=False, markup=False)
         for flip in flips:
             console.print(f"  {escape(flip.describe())}", highlight=False)
         # Without its planted fault the repro must be clean: the failure is the fault's.

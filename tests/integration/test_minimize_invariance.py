@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from rollout_lab.minimize import bug_report
+
 from rollout_lab.minimize.handoff import CaseFile, MinimizedResult
 from rollout_lab.minimize.standalone import Case, Expected, Request
 
@@ -44,7 +46,8 @@ def test_a_batch_invariance_failure_minimizes_to_a_batch_of_min_batch_and_its_re
     assert "repro.py in a fresh process: REPRODUCED: 3/3 target requests differ alone vs in the batch of 3" in done.stdout
     report = (out / "REPORT.md").read_text()
     assert "planted fault off (--no-fault): clean 1/1" in report
-    assert report.startswith("# [Bug]: a request's sampled tokens and logprobs change with the batch it runs in")
+    assert report.startswith("# [Bug]: a request's logprobs depend on its batch (CPU) [planted fault]")
+    assert bug_report.problems(report) == []
     # Every trial of a batch of one was skipped: the log holds none.
     trials = [json.loads(line) for line in (out / "reduction.jsonl").read_text().splitlines()]
     assert min(t["size"]["requests"] for t in trials) == 2

@@ -3,6 +3,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from rollout_lab.config import RunConfig
+from rollout_lab.minimize import bug_report
 from rollout_lab.minimize.emit import Confirmation, Emitter, Flip, Verification, minimization_log, report, run_isolated, title
 from rollout_lab.minimize.predicate import FailingRun
 from rollout_lab.minimize.reduce import Reduction, Size, knob_targets
@@ -34,52 +35,74 @@ def reduction(fault="stale_state", kind="mismatch") -> Reduction:
 
 def test_the_title_is_one_a_person_would_write():
     crash = reduction(fault=None, kind="crash")
-    assert title(crash, crash.case, "CPU") == (
-        "[Bug]: generate raises RuntimeError: planted engine_crash at engine step 3 in f with block_size=32 (CPU)")
+    assert title(crash, crash.case, "CPU") == "[Bug]: RuntimeError in f with block_size=32 (CPU)"
     silent = reduction()
     assert title(silent, silent.case, "CPU") == (
-        "[Bug]: sampled-token logprobs disagree with transformers on requests that were preempted and resumed "
-        "with block_size=32 (CPU) (planted fault stale_state, not vLLM as shipped)")
+        "[Bug]: logprobs off transformers' on preempted requests with block_size=32 (CPU) [planted fault]")
 
 
-def fenced_out(text: str) -> list[str]:
-    """The report's lines outside ``` blocks and <details> (the inline repro, its output, collect_env)."""
-    kept, fenced = [], False
-    for line in text.splitlines():
-        if line.startswith("```"):
-            fenced = not fenced
-        elif not fenced:
-            kept.append(line)
-    return kept
+def test_a_title_with_many_kept_knobs_keeps_to_100_characters():
+    red = reduction(fault=None, kind="crash")
+    args = {"dtype": "float32", "block_size": 32, "max_num_seqs": 4, "max_num_batched_tokens": 64, "max_model_len": 256,
+            "enable_prefix_caching": True, "enable_chunked_prefill": False, "enforce_eager": False}
+    many = replace(red.case, engine_args=args)
+    text = title(red, many, "GPU")
+    assert len(text) <= bug_report.MAX_TITLE and text.startswith("[Bug]: RuntimeError in f with block_size, ") and "..." in text
 
 
-def test_report_follows_vllms_bug_template_within_80_lines():
+COLLECT_ENV = """Collecting environment information...
+PyTorch version              : 2.13.0+cpu
+Python platform              : Linux-6.18-x86_64-with-glibc2.36
+Flags:                                   fpu sse avx2 avx512f avx512_bf16 amx_tile
+[pip3] torch==2.13.0+cpu
+[pip3] pyzmq==27.3.0
+vLLM Version                 : 0.32.0
+TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_root"""
+TRACEBACK = """vllm 0.32.0
+Traceback (most recent call last):
+  File "/work/main/.venv/lib/python3.11/site-packages/vllm/v1/worker/gpu_model_runner.py", line 3502, in _bookkeeping_sync
+    gen.set_offset(gen.get_offset() - 4)
+  File "/usr/lib/python3.11/runpy.py", line 1, in run_path
+RuntimeError: CPU Generator does not use offset
+REPRODUCED: RuntimeError: CPU Generator does not use offset"""
+
+
+def test_report_follows_vllms_bug_template_within_its_visible_budget():
     red = reduction()
     source = "print('the repro')\n"
-    verification = Verification([], 1, 31.0, "vllm 0.32.0\nREPRODUCED: 3 tokens", "REPRODUCED: 3 tokens")
+    verification = Verification([], 1, 31.0, TRACEBACK, "REPRODUCED: 3 tokens")
     confirmation = Confirmation(red.case, verification, [])
     flips = [Flip("block_size=default", ["NOT REPRODUCED"] * 3), Flip("planted fault off (--no-fault)", ["NOT REPRODUCED"], True)]
-    text = report(red, source, "Collecting environment information...\nPyTorch version: 2.13.0+cpu", confirmation, flips,
-                  "CPU", "repro/stale/repro.py")
-    assert text.startswith("# [Bug]: sampled-token logprobs disagree")
+    offline = bug_report.Upstream("repo:vllm-project/vllm is:issue logprobs", None, "GitHub not reachable from here: URLError")
+    text = report(red, source, COLLECT_ENV, confirmation, flips, "CPU", "/work/x/repro/stale/repro.py", offline)
+    assert text.startswith("# [Bug]: logprobs off transformers' on preempted requests")
     for needle in (
         "**Not a vLLM bug as shipped**",
-        "### Your current environment",
-        "PyTorch version: 2.13.0+cpu",
-        "### 🐛 Describe the bug",
+        "- PyTorch version: `2.13.0+cpu`", "- CPU flags: `amx_tile avx2 avx512_bf16 avx512f`", "- packages: `torch==2.13.0+cpu`",
         "```python\nprint('the repro')\n```",
-        "REPRODUCED: 3 tokens",
-        "### What makes it go away",
+        "- **Expected:** every sampled token's logprob within 0.001",
+        "- **Actual:** 3/18 tokens flagged, max diff 4.2",
+        '  File "vllm/v1/worker/gpu_model_runner.py", line 3502, in _bookkeeping_sync',
+        '  File "python3.11/runpy.py"',
         "- block_size=default: clean 3/3",
         "- planted fault off (--no-fault): clean 1/1",
-        "### Where it fails",
         "3/18 sampled tokens flagged, on requests [1] of 2 (1 preempted); first bad position 4",
-        "### Regression range",
-        "(run `python -m rollout_lab.bisect repro/stale/repro.py --versions ...`)",
+        "`python -m rollout_lab.bisect repro.py --versions A,B,C`",
+        "Searched vLLM's issues for `repo:vllm-project/vllm is:issue logprobs`",
+        "Not run from here (GitHub not reachable from here: URLError): run it before filing.",
     ):
         assert needle in text, needle
-    assert "depends on the engine's history" not in text
-    assert len(fenced_out(text)) <= 80
+    assert "pyzmq" not in "\n".join(bug_report.visible_lines(text))
+    assert "depends on the engine's history" not in text and "DRAFT" not in text
+    assert bug_report.problems(text) == []
+
+
+def test_a_report_of_a_case_the_budget_left_unreduced_is_a_draft():
+    red = replace(reduction(fault=None, kind="crash"), budget_spent=True)
+    confirmation = Confirmation(red.case, Verification([], 1, 5.0, TRACEBACK, "REPRODUCED: x"), [])
+    text = report(red, "print(1)\n", COLLECT_ENV, confirmation, [], "CPU", "repro/x/repro.py")
+    assert "> **DRAFT, not ready to file**" in text and "(not measured: the minimization budget" in text
+    assert bug_report.problems(text) == []
 
 
 def test_a_walked_back_case_says_the_failure_depends_on_the_engines_history():
@@ -151,7 +174,7 @@ def test_run_isolated_takes_a_relative_path_from_another_directory(tmp_path, mon
     (tmp_path / "repro" / "case" / "repro.py").write_text("import sys\nprint('NOT REPRODUCED: clean')\nsys.exit(0)\n")
     monkeypatch.chdir(tmp_path)
     done = run_isolated(Path("repro/case/repro.py"))
-    assert (done.returncode, done.verdict) == (0, "NOT REPRODUCED"), done.output_tail
+    assert (done.returncode, done.verdict) == (0, "NOT REPRODUCED"), done.output
 
 
 def test_an_exit_1_without_its_verdict_line_cannot_run(tmp_path):
@@ -160,7 +183,7 @@ def test_an_exit_1_without_its_verdict_line_cannot_run(tmp_path):
     crashing.write_text("raise FileNotFoundError('model.safetensors')\n")
     missing = run_isolated(Path("no/such/repro.py"))
     for done in (run_isolated(crashing), missing):
-        assert done.returncode == 1 and done.verdict == "CANNOT RUN" and done.status == 2, done.output_tail
+        assert done.returncode == 1 and done.verdict == "CANNOT RUN" and done.status == 2, done.output
     assert "no verdict line" in missing.describe()
 
 
@@ -202,7 +225,7 @@ def test_flips_undo_each_trigger_knob_alone_and_switch_the_fault_off():
 def test_a_kept_block_pool_head_is_named_in_the_title_and_flipped_off_on_its_own():
     red = reduction(fault="index_overflow")
     red = replace(red, case=replace(red.case, block_pool_head=0.8))
-    assert "with block_size=32, block_pool_head=0.8 (CPU)" in title(red, red.case, "CPU")
+    assert "with block_size, block_pool_head (CPU)" in title(red, replace(red.case, fault=None), "CPU")
     emitter = ScriptedEmitter(red, {})
     tried = []
     emitter.run = lambda case, args=(): tried.append(case) or Verification(list(args), 0, 1.0, "", "NOT REPRODUCED: clean")

@@ -177,6 +177,9 @@ class LLM:
         batch = len(prompts) > 1
         # Seed 8 (the second request) comes back {change} alone.
         return [Output(Completion([p.seed, 1], [-1.0, -2.0 - ({delta} if p.seed == 8 and not batch else 0.0)])) for p in params]
+
+    def collective_rpc(self, method):
+        return ["engine choices of the stub"]
 '''
 
 
@@ -232,8 +235,7 @@ def test_the_report_names_the_env_and_flips_each_switch_in_fresh_processes(tmp_p
     from rollout_lab.minimize.emit import Emitter, Verification, description, title, where_it_fails
 
     red = batch_reduction(tmp_path)
-    assert title(red, red.case, "GPU") == ("[Bug]: a request's sampled tokens and logprobs change with the batch it runs in "
-                                          "under VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1 (GPU)")
+    assert title(red, red.case, "GPU") == "[Bug]: VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1: logprobs depend on the batch (GPU)"
     text = description(red, red.case)
     assert "2 request(s) on 1 prompt(s)" in text and "with VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1" in text
     assert "1/1 targets differ alone vs in a batch of 2 (max |diff| 0.5)" in text

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rollout_lab import faults, tiny_models
 from rollout_lab.minimize.script import LINE_BUDGET, POOL_HEAD_LINES, RANDOM_MODELS, ReproSpec, budget_lines, repro_source
@@ -68,7 +69,26 @@ def test_an_embedded_random_model_is_rebuilt_from_the_labs_own_config(model):
     exec(compile(repro_source(spec("crash", model)), "repro.py", "exec"), namespace)
     config = RANDOM_MODELS[model]()
     assert type(config)(**namespace["MODEL_CONFIG"]).to_dict() == config.to_dict()
-    assert f"{tiny_models._LOGIT_STD!r} / MODEL_CONFIG" in repro_source(spec("crash", model))
+    widening = "final_layernorm.weight.data.fill_(" if config.tie_word_embeddings else f"{tiny_models._LOGIT_STD!r} / MODEL_CONFIG"
+    assert widening in repro_source(spec("crash", model))
+
+
+@pytest.mark.parametrize("model", ["qwen3-moe-tiny", "zamba2-tiny"])
+def test_the_rebuilt_model_has_the_labs_weights_bitwise(model, tmp_path, monkeypatch):
+    """build_model() of repro.py, run from its source, saves the weights tiny_models.build_tiny makes (an untied and a tied head)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    namespace = {}
+    exec(compile(repro_source(spec("crash", model)), "repro.py", "exec"), namespace)
+    tiny_models.build_tiny(model).save_pretrained(tmp_path / "lab")
+
+    def weights(path: Path) -> dict:
+        return {k: v for shard in sorted(path.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+    saved, lab = weights(Path(namespace["build_model"]())), weights(tmp_path / "lab")
+    assert saved.keys() == lab.keys()
+    assert all(torch.equal(saved[name], lab[name]) for name in saved)
 
 
 def test_smollm2_names_the_public_hub_id_and_says_its_weights_differ():
@@ -105,6 +125,9 @@ class LLM:
 
     def generate(self, *args, **kwargs):
         _bookkeeping_sync() if {raises} else None
+
+    def collective_rpc(self, method):
+        return ["engine choices of the stub"]
 '''
 
 

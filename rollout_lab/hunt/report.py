@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from rollout_lab.hunt.constraints import Learned
 from rollout_lab.hunt.protocol import ORACLE_ORDER, Finding
 from rollout_lab.hunt.search import Coverage
 from rollout_lab.hunt.space import HuntRunConfig
@@ -182,6 +183,10 @@ def markdown(hunt_dir: Path, store: Store, coverage: Coverage, rows: list[list[s
     rejected = [g for g in groups if g.status == "rejected"]
     out += ["", "## Rejected configurations", "",
             "vLLM refused these engine configurations at start; they are invalid inputs, not bugs.", ""]
+    learned = Learned.from_groups(groups)
+    if learned.exclusions:
+        out += ["Constraints between knobs learned from these refusals (hunt/constraints.py), excluded from later draws:", ""]
+        out += learned.report_lines() + [f"- {len(learned.unexplained)} draw(s) rejected for other reasons (below)", ""]
     out += [f"- group {g.idx}: {_engine(g.engine)}: {g.message or '-'}" for g in rejected] or ["- none"]
     broken = [g for g in groups if g.status in BROKEN_GROUP_STATUSES]
     out += ["", "## Groups that hung, crashed or died", ""]

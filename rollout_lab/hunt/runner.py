@@ -21,7 +21,8 @@ Oracles (tolerances per engine dtype, OracleConfig):
                a greedy or seeded request of the batch sampled again alone, compared bitwise
                (invariance.batch_oracle): a failure where vLLM promises invariance
                (VLLM_BATCH_INVARIANT=1 on a supported GPU: 4 requests), else the noise floor (1)
-A start that vLLM refuses with a ValueError (its config validation) is "rejected", not a bug.
+A start that vLLM refuses (its config validation, or an unsupported combination: compat.is_rejection)
+is "rejected", not a bug; any other exception at start is a crash.
 """
 from __future__ import annotations
 

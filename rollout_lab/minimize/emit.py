@@ -92,7 +92,7 @@ def title(reduction: Reduction, case: Case, device: str) -> str:
         exc_type = expected.crash_key.split("@", 1)[0]
         site = expected.crash_key.split("|")[-1].rsplit(":", 1)[-1]
         message = f": {outcome.crash_message}" if outcome is not None and outcome.crash_message else ""
-        what = f"generate raises {exc_type}{message[:80]} in {site}"
+        what = f"{'starting the engine' if expected.at_start else 'generate'} raises {exc_type}{message[:80]} in {site}"
     elif expected.kind == "batch_invariance":
         what = "a request's sampled tokens and logprobs change with the batch it runs in" + (
             f" under {env_assignments(case.env)}" if case.env else "")
@@ -111,7 +111,7 @@ def description(reduction: Reduction, case: Case) -> str:
                 f"max_tokens={case.max_tokens}, " + ("sampled from the engine's seeded RNG" if any(
                     r.seed is None for r in case.requests) else "each with its own seed"))
     if expected.kind == "crash":
-        happened = f"llm.generate raises {expected.crash_key.split('@', 1)[0]}"
+        happened = f"{'vllm.LLM (the engine start)' if expected.at_start else 'llm.generate'} raises {expected.crash_key.split('@', 1)[0]}"
         if outcome is not None:
             happened += f" ({outcome.crash_message})"
     elif expected.kind == "batch_invariance":

@@ -1,13 +1,14 @@
 """The hunt's throughput and what it finds, before and after a change, measured back to back on one machine.
 
     python scripts/bench_hunt.py draws [--space default] [--draws 60]
-    python scripts/bench_hunt.py hunt [--base 4658f49] [--budget-s 600] [--out DIR] [hunt overrides ...]
+    python scripts/bench_hunt.py hunt [--base 4658f49] [--after HEAD] [--budget-s 600] [--out DIR] [hunt overrides ...]
 
 `draws`: how many engine configurations the planner draws before one passes vLLM's config validation
 (`engine.validate`, no engine started), without and with the constraints learned from vLLM's refusals
 (hunt/constraints.py); the same seed, planner and coverage bookkeeping as a hunt's, every draw of a
 group counted. `hunt`: `python -m rollout_lab.hunt hunt.minimize=false` for --budget-s, first in a
-worktree of --base (made under --out), then in this tree, each alone, and the same again with
+worktree of --base, then in one of --after (HEAD; both made under --out, removed by hand with
+`git worktree remove`), each alone, and the same again with
 `fault=stale_state` (the planted mismatch) in the smoke space (--fault-overrides); from each hunt.db: trials an hour (trials vLLM did not
 refuse, over the hunt's clock), where the trials' time went (the runner's phase_seconds, summed), and
 the hunt seconds to each known CPU crash and to the planted mismatch. The machine is shared: compare
@@ -92,14 +93,19 @@ def known_crashes() -> list[str]:
     return sorted(p.read_text().strip() for p in (REPO / "repro").glob("hunt_*/signature.txt"))
 
 
-def hunts(base: str, budget: float, out: Path, overrides: list[str], fault_overrides: list[str]) -> None:
+def tree_at(commit: str, path: Path) -> Path:
+    """A worktree of `commit` at `path` (made once), so the tree under test stays as it was all run."""
+    if not path.is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=REPO, check=True)
+    return path
+
+
+def hunts(base: str, after: str, budget: float, out: Path, overrides: list[str], fault_overrides: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    before = out / "base_tree"
-    if not before.is_dir():
-        subprocess.run(["git", "worktree", "add", "--detach", str(before), base], cwd=REPO, check=True)
+    before, after_tree = tree_at(base, out / "base_tree"), tree_at(after, out / "after_tree")
     rows = []
     for label, extra in (("no fault", []), (f"fault={PLANTED[0]}", [f"fault={PLANTED[0]}", *fault_overrides])):
-        for name, tree in (("before", before), ("after", REPO)):
+        for name, tree in (("before", before), ("after", after_tree)):
             started = time.time()
             stats = run_hunt(tree, out / f"{name}_{label.replace('=', '_').replace(' ', '_')}", budget, overrides + extra)
             stats["wall"] = time.time() - started
@@ -123,6 +129,7 @@ def main() -> int:
     d.add_argument("--seed", type=int, default=0)
     h = sub.add_parser("hunt", help="trials an hour and time to each finding, base commit then this tree")
     h.add_argument("--base", default="4658f49", help="the commit to measure 'before' on (a worktree under --out)")
+    h.add_argument("--after", default="HEAD", help="the commit to measure 'after' on (default: HEAD; a worktree too)")
     h.add_argument("--budget-s", type=float, default=600)
     h.add_argument("--out", type=Path, default=Path("/tmp/bench_hunt"))
     h.add_argument("--fault-overrides", default="hunt=smoke",
@@ -132,7 +139,7 @@ def main() -> int:
     if args.what == "draws":
         draws(args.space, args.draws, args.seed)
     else:
-        hunts(args.base, args.budget_s, args.out.resolve(), args.overrides, args.fault_overrides.split())
+        hunts(args.base, args.after, args.budget_s, args.out.resolve(), args.overrides, args.fault_overrides.split())
     return 0
 
 

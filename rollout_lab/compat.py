@@ -73,26 +73,27 @@ def rejection_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-# How vLLM words a refusal it raises as a plain RuntimeError or NotImplementedError, not a ValueError:
-# "VLLM batch_invariant mode is not supported for MAMBA2_ATTN." (v1/attention/selector.py), "... does
-# not support ...", "... not yet supported", "... only supports ...".
+# How vLLM words a refusal it raises as a plain RuntimeError, not a ValueError: "VLLM batch_invariant
+# mode is not supported for MAMBA2_ATTN." (v1/attention/selector.py), "... does not support ...".
 _UNSUPPORTED = re.compile(r"\b(?:not (?:yet )?supported|does not support|do not support|unsupported|only supports?)\b",
                           re.IGNORECASE)
-# Errors of the device or its libraries say "not supported" too ("CUDA error: operation not supported"):
-# a failure while running, never a refusal.
-_DEVICE_ERROR = re.compile(r"\b(?:CUDA|CUBLAS|cuDNN|NCCL|HIP|XPU) error|out of memory", re.IGNORECASE)
+# Errors of the device or its libraries say "not supported" too ("CUDA error: operation not supported"),
+# and torch's dispatcher raises NotImplementedError for an op a backend lacks: failures, never refusals.
+_DEVICE_ERROR = re.compile(r"\b(?:CUDA|CUBLAS|cuDNN|NCCL|HIP|XPU) error|out of memory|^Could not run '", re.IGNORECASE)
 
 
 def is_rejection(exc: BaseException) -> bool:
     """Whether `exc` is vLLM refusing its input rather than failing while running it: a ValueError
-    (config validation) or a request rejection, or a bare RuntimeError / NotImplementedError (exact
-    type: torch's device errors subclass RuntimeError) saying the combination is not supported.
-    Any other exception (IndexError, AssertionError, a RuntimeError from a kernel) is a failure."""
+    (config validation) or a request rejection; a bare RuntimeError saying the combination is not
+    supported; a NotImplementedError with vLLM's reason ("FP8 KV cache on CPU requires x86 with
+    AVX-512 or AMX."). Exact types: torch's device errors subclass RuntimeError. Anything else
+    (IndexError, AssertionError, a kernel's RuntimeError, a bare NotImplementedError) is a failure."""
     if isinstance(exc, rejection_types()):
         return True
-    text = str(exc)
-    return type(exc) in (RuntimeError, NotImplementedError) and bool(_UNSUPPORTED.search(text)) \
-        and not _DEVICE_ERROR.search(text)
+    text = str(exc).strip()
+    if not text or _DEVICE_ERROR.search(text):
+        return False
+    return type(exc) is NotImplementedError or (type(exc) is RuntimeError and bool(_UNSUPPORTED.search(text)))
 
 
 @functools.cache

@@ -36,6 +36,7 @@ def test_an_unsupported_mode_refused_at_start_is_a_rejection(monkeypatch):
         selector._cached_get_mamba_attn_backend.__wrapped__(MambaAttentionBackendEnum.MAMBA2)
     assert compat.is_rejection(refused.value)
     assert compat.is_rejection(NotImplementedError("FlexAttention does not support kv sharing yet."))
+    assert compat.is_rejection(NotImplementedError("FP8 KV cache on CPU requires x86 with AVX-512 or AMX."))
 
 
 def test_a_real_crash_at_start_is_no_rejection():
@@ -44,7 +45,8 @@ def test_a_real_crash_at_start_is_no_rejection():
     assert not compat.is_rejection(IndexError("index 4 is out of bounds for dimension 0 with size 4"))
     assert not compat.is_rejection(AssertionError("num_blocks must be positive"))
     assert not compat.is_rejection(RuntimeError("CUDA error: operation not supported"))
-    assert not compat.is_rejection(NotImplementedError())
+    assert not compat.is_rejection(NotImplementedError())  # a method vLLM left abstract
+    assert not compat.is_rejection(NotImplementedError("Could not run 'aten::_fused_op' with arguments from the 'CPU' backend."))
 
     class KernelError(RuntimeError):
         pass

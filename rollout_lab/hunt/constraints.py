@@ -146,5 +146,6 @@ class Learned:
 
     def report_lines(self) -> list[str]:
         """HUNT_REPORT.md's lines: how many draws each learned exclusion explains, now excluded."""
-        return [f"- {len(groups)} draw(s) rejected: {e.describe()} ({e.constraint}); now excluded"
-                for e, groups in self.explained.items()]
+        # A relation's description is its constraint's name; a combination's says which one it is.
+        return [f"- {len(groups)} draw(s) rejected: {e.describe()}" + ("" if e.relation else f" ({e.constraint})")
+                + "; now excluded" for e, groups in self.explained.items()]

@@ -49,8 +49,7 @@ def test_learned_exclusions_count_their_draws_and_the_planner_draws_none_of_them
     learned.record(3, point | {"engine.max_model_len": 256}, "another wording, same relation")
     learned.record(5, {"model": "smollm2"}, "KV cache too small")
     assert learned.report_lines() == [
-        "- 2 draw(s) rejected: max_num_batched_tokens < max_model_len with enable_chunked_prefill=False "
-        "(max_num_batched_tokens < max_model_len); now excluded"]
+        "- 2 draw(s) rejected: max_num_batched_tokens < max_model_len with enable_chunked_prefill=False; now excluded"]
     assert learned.unexplained == [5]
     space = Space.from_config(SpaceConfig(models=["smollm2"], engine={
         "max_num_batched_tokens": [64, 256, None], "max_model_len": [256, 512], "enable_chunked_prefill": [True, False]},
@@ -58,3 +57,31 @@ def test_learned_exclusions_count_their_draws_and_the_planner_draws_none_of_them
     planner, coverage = Planner(space, 0, candidates=8), Coverage(space.dims())
     engines = [planner.next_group(i, coverage, 1, valid_engine=learned.allows).engine for i in range(40)]
     assert engines and all(learned.allows(e) for e in engines)
+
+
+def test_the_report_counts_the_draws_each_learned_constraint_explains_and_where_the_time_went(tmp_path):
+    from rollout_lab.hunt import report
+    from rollout_lab.hunt.protocol import TrialResult
+    from rollout_lab.hunt.space import HuntRunConfig
+    from rollout_lab.hunt.store import Store, TrialRow
+
+    store = Store(tmp_path / "hunt.db")
+    point = {"model": "smollm2", "engine.max_num_batched_tokens": 64, "engine.max_model_len": 512,
+             "engine.enable_chunked_prefill": False}
+    for idx, length in enumerate((512, 256)):
+        store.add_group(idx, f"g{idx}", point | {"engine.max_model_len": length}, "explore", 0.0)
+        store.end_group(idx, "rejected", BELOW_LEN)
+    store.add_group(2, "g2", {"model": "smollm2"}, "explore", 0.0)
+    store.end_group(2, "ok", "", 20.0)
+    result = TrialResult("ok", phase_seconds={"engine": 6.0, "reference": 3.0, "rescore": 1.0, "alone": 0.5})
+    store.add_trial(TrialRow("t0", 2, {"model": "smollm2"}, {"generator": "many_short"}, "ok", None, result, 12.0, 40.0))
+    store.set_meta("elapsed_s", 40.0)
+    cfg = HuntRunConfig()
+    text = report.markdown(tmp_path, store, Coverage({"model": ["smollm2"]}), [], [], cfg, None)
+    assert ("- 2 draw(s) rejected: max_num_batched_tokens < max_model_len with enable_chunked_prefill=False; "
+            "now excluded") in text
+    assert "- 0 draw(s) rejected for other reasons (below)" in text
+    spent = text.split("## Where the time went", 1)[1].split("\n## ", 1)[0]
+    assert "- 1 trials in 40 s of hunt clock (90 an hour)" in spent
+    assert "- engine start: 20 s (50%)" in spent and "- sampling: 6 s (15%)" in spent
+    assert "- other trial time: 2 s (4%)" in spent and "- batch vs alone: 0 s (1%)" in spent

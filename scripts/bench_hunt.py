@@ -1,12 +1,14 @@
 """The hunt's throughput and what it finds, before and after a change, measured back to back on one machine.
 
     python scripts/bench_hunt.py draws [--space default] [--draws 60]
+    python scripts/bench_hunt.py trials [--trials 4]
     python scripts/bench_hunt.py hunt [--base 4658f49] [--after HEAD] [--budget-s 600] [--out DIR] [hunt overrides ...]
 
 `draws`: how many engine configurations the planner draws before one passes vLLM's config validation
 (`engine.validate`, no engine started), without and with the constraints learned from vLLM's refusals
 (hunt/constraints.py); the same seed, planner and coverage bookkeeping as a hunt's, every draw of a
-group counted. `hunt`: `python -m rollout_lab.hunt hunt.minimize=false` for --budget-s, first in a
+group counted. `trials`: the oracles' seconds per trial before and after on one engine configuration
+(hunt=smoke's), the same workloads, back to back in one process. `hunt`: `python -m rollout_lab.hunt hunt.minimize=false` for --budget-s, first in a
 worktree of --base, then in one of --after (HEAD; both made under --out, removed by hand with
 `git worktree remove`), each alone, and the same again with
 `fault=stale_state` (the planted mismatch) in the smoke space (--fault-overrides); from each hunt.db: trials an hour (trials vLLM did not
@@ -17,6 +19,7 @@ the two columns of one run, never a rate across runs.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -65,6 +68,55 @@ def draws(space_name: str, count: int, seed: int) -> None:
         print(f"{'with' if learn else 'without'} learned constraints: {started}/{count} draws pass vLLM's validation")
         for reason, n in reasons.most_common():
             print(f"  {n} rejected: {reason}")
+
+
+def trials(count: int, seed: int, out: Path) -> None:
+    """The oracles' cost per trial as they were (every ordinary sequence re-scored, the noise floor
+    measured every trial) and as they are, on two engines of hunt=smoke's configuration in this
+    process, the same `count` default-space workloads on each; the current oracles run first, so a
+    warm-up favours the old ones."""
+    from hydra import compose, initialize_config_dir
+
+    from rollout_lab.hunt import runner
+    from rollout_lab.hunt.protocol import TrialFinished, read_events
+    from rollout_lab.hunt.runner import GroupSpec, run_group, valid_workload
+    from rollout_lab.hunt.search import Coverage, Planner
+    from rollout_lab.hunt.space import OracleConfig, Space, register
+    from rollout_lab.models import resolve_model
+
+    register()
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        smoke = compose("hunt_run", overrides=["hunt=smoke"]).hunt.space
+        default = compose("hunt_run").hunt.space
+    engine = {"model": "smollm2", **{f"engine.{k}": v[0] for k, v in smoke.engine.items()}}
+    planner = Planner(Space.from_config(default), seed, valid_workload=valid_workload)
+    workloads = planner.next_group(0, Coverage(Space.from_config(default).dims()), count).workloads
+    oracles = OracleConfig()
+    now = runner.run_trial
+    totals = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for label in ("now", "before"):
+        if label == "before":  # the oracles before this change
+            runner.RESCORE_ORDINARY = runner.RESCORE_MAX
+            runner.run_trial = lambda *args, **kwargs: now(*args[:8], measure_floor=True)
+        path = out / f"trials_{label}.jsonl"
+        path.unlink(missing_ok=True)
+        spec = GroupSpec(label, engine, resolve_model("smollm2"), [(f"{label}-{i}", w) for i, w in enumerate(workloads)],
+                         time.time() + 3600, reference_tolerance=dict(oracles.reference_tolerance),
+                         metamorphic_tolerance=dict(oracles.metamorphic_tolerance))
+        run_group(spec, str(path))
+        gc.collect()  # the first engine's memory, before the second starts
+        results = [e.result for e in read_events(path, 0)[0] if isinstance(e, TrialFinished)]
+        phases: Counter = Counter()
+        for r in results:
+            phases.update(r.phase_seconds)
+        totals[label] = (results, phases)
+    for label, (results, phases) in totals.items():
+        seconds = sum(r.seconds for r in results)
+        print(f"{label:>6}: {len(results)} trials, {seconds:.0f} s ({seconds / max(len(results), 1):.1f} s a trial); "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(phases.items())))
+        print("        statuses " + " ".join(r.status for r in results) + "; re-scored tokens "
+              + " ".join(str(r.oracles["metamorphic"].tokens) if r.oracles else "-" for r in results))
 
 
 def hunt_stats(hunt_dir: Path) -> dict:
@@ -127,6 +179,10 @@ def main() -> int:
     d.add_argument("--space", default="default", help="a conf/hunt preset (default: default)")
     d.add_argument("--draws", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("trials", help="the oracles' cost per trial, before and after, on one configuration")
+    t.add_argument("--trials", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, default=Path("/tmp/bench_hunt"))
     h = sub.add_parser("hunt", help="trials an hour and time to each finding, base commit then this tree")
     h.add_argument("--base", default="4658f49", help="the commit to measure 'before' on (a worktree under --out)")
     h.add_argument("--after", default="HEAD", help="the commit to measure 'after' on (default: HEAD; a worktree too)")
@@ -138,6 +194,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.what == "draws":
         draws(args.space, args.draws, args.seed)
+    elif args.what == "trials":
+        trials(args.trials, args.seed, args.out.resolve())
     else:
         hunts(args.base, args.after, args.budget_s, args.out.resolve(), args.overrides, args.fault_overrides.split())
     return 0

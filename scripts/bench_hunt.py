@@ -7,8 +7,8 @@
 `draws`: how many engine configurations the planner draws before one passes vLLM's config validation
 (`engine.validate`, no engine started), without and with the constraints learned from vLLM's refusals
 (hunt/constraints.py); the same seed, planner and coverage bookkeeping as a hunt's, every draw of a
-group counted. `trials`: the oracles' seconds per trial before and after on one engine configuration
-(hunt=smoke's), the same workloads, back to back in one process. `hunt`: `python -m rollout_lab.hunt hunt.minimize=false` for --budget-s, first in a
+group counted. `trials`: the oracles' seconds per trial before and after on one engine (hunt=smoke's
+configuration), each workload once each way, interleaved. `hunt`: `python -m rollout_lab.hunt hunt.minimize=false` for --budget-s, first in a
 worktree of --base, then in one of --after (HEAD; both made under --out, removed by hand with
 `git worktree remove`), each alone, and the same again with
 `fault=stale_state` (the planted mismatch) in the smoke space (--fault-overrides); from each hunt.db: trials an hour (trials vLLM did not
@@ -19,7 +19,6 @@ the two columns of one run, never a rate across runs.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import subprocess
 import sys
@@ -72,9 +71,9 @@ def draws(space_name: str, count: int, seed: int) -> None:
 
 def trials(count: int, seed: int, out: Path) -> None:
     """The oracles' cost per trial as they were (every ordinary sequence re-scored, the noise floor
-    measured every trial) and as they are, on two engines of hunt=smoke's configuration in this
-    process, the same `count` default-space workloads on each; the current oracles run first, so a
-    warm-up favours the old ones."""
+    measured every trial) and as they are, on one engine of hunt=smoke's configuration: each of
+    `count` default-space workloads run twice, once each way, which one first alternating (the
+    engine's first trial pays its warm-up)."""
     from hydra import compose, initialize_config_dir
 
     from rollout_lab.hunt import runner
@@ -87,36 +86,39 @@ def trials(count: int, seed: int, out: Path) -> None:
     register()
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         smoke = compose("hunt_run", overrides=["hunt=smoke"]).hunt.space
-        default = compose("hunt_run").hunt.space
+        default = Space.from_config(compose("hunt_run").hunt.space)
     engine = {"model": "smollm2", **{f"engine.{k}": v[0] for k, v in smoke.engine.items()}}
-    planner = Planner(Space.from_config(default), seed, valid_workload=valid_workload)
-    workloads = planner.next_group(0, Coverage(Space.from_config(default).dims()), count).workloads
+    workloads = Planner(default, seed, valid_workload=valid_workload).next_group(0, Coverage(default.dims()), count).workloads
+    order = [label for i in range(count) for label in (("now", "before") if i % 2 == 0 else ("before", "now"))]
+    keys = [f"{label}-{i // 2}" for i, label in enumerate(order)]
+    now, rescore_ordinary = runner.run_trial, runner.RESCORE_ORDINARY
+
+    def either(*args, **kwargs):
+        before = args[5].startswith("before")  # the trial key
+        runner.RESCORE_ORDINARY = runner.RESCORE_MAX if before else rescore_ordinary
+        return now(*args[:8], measure_floor=True if before else args[8])
+
+    runner.run_trial = either
     oracles = OracleConfig()
-    now = runner.run_trial
-    totals = {}
+    path = out / "trials.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    for label in ("now", "before"):
-        if label == "before":  # the oracles before this change
-            runner.RESCORE_ORDINARY = runner.RESCORE_MAX
-            runner.run_trial = lambda *args, **kwargs: now(*args[:8], measure_floor=True)
-        path = out / f"trials_{label}.jsonl"
-        path.unlink(missing_ok=True)
-        spec = GroupSpec(label, engine, resolve_model("smollm2"), [(f"{label}-{i}", w) for i, w in enumerate(workloads)],
-                         time.time() + 3600, reference_tolerance=dict(oracles.reference_tolerance),
-                         metamorphic_tolerance=dict(oracles.metamorphic_tolerance))
-        run_group(spec, str(path))
-        gc.collect()  # the first engine's memory, before the second starts
-        results = [e.result for e in read_events(path, 0)[0] if isinstance(e, TrialFinished)]
+    path.unlink(missing_ok=True)
+    spec = GroupSpec("trials", engine, resolve_model("smollm2"), [(k, workloads[i // 2]) for i, k in enumerate(keys)],
+                     time.time() + 3600, reference_tolerance=dict(oracles.reference_tolerance),
+                     metamorphic_tolerance=dict(oracles.metamorphic_tolerance))
+    run_group(spec, str(path))
+    results = {e.trial: e.result for e in read_events(path, 0)[0] if isinstance(e, TrialFinished)}
+    for label in ("before", "now"):
+        mine = [(k, results[k]) for k in keys if k.startswith(label) and k in results]
         phases: Counter = Counter()
-        for r in results:
+        for _, r in mine:
             phases.update(r.phase_seconds)
-        totals[label] = (results, phases)
-    for label, (results, phases) in totals.items():
-        seconds = sum(r.seconds for r in results)
-        print(f"{label:>6}: {len(results)} trials, {seconds:.0f} s ({seconds / max(len(results), 1):.1f} s a trial); "
+        seconds = sum(r.seconds for _, r in mine)
+        print(f"{label:>6}: {len(mine)} trials, {seconds:.0f} s ({seconds / max(len(mine), 1):.1f} s a trial); "
               + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(phases.items())))
-        print("        statuses " + " ".join(r.status for r in results) + "; re-scored tokens "
-              + " ".join(str(r.oracles["metamorphic"].tokens) if r.oracles else "-" for r in results))
+        print("        " + "; ".join(f"{k} {r.status} {r.num_requests} requests, re-scored {r.oracles['metamorphic'].tokens} "
+                                     f"tokens, alone {r.oracles['batch_invariance'].requests}" if r.oracles else f"{k} {r.status}"
+                                     for k, r in mine))
 
 
 def hunt_stats(hunt_dir: Path) -> dict:
@@ -180,7 +182,7 @@ def main() -> int:
     d.add_argument("--draws", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("trials", help="the oracles' cost per trial, before and after, on one configuration")
-    t.add_argument("--trials", type=int, default=4)
+    t.add_argument("--trials", type=int, default=4, help="workloads, each run twice")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("/tmp/bench_hunt"))
     h = sub.add_parser("hunt", help="trials an hour and time to each finding, base commit then this tree")

@@ -5,7 +5,8 @@ check done once (an import probe, a dataclass field, a method signature), never 
 number and never from a try/except around the call that needs it. What differs, by release:
 
 - request rejections: `VLLMValidationError` is a ValueError up to vLLM 0.26 and a
-  `VLLMClientError` (not a ValueError) from 0.27 on;
+  `VLLMClientError` (not a ValueError) from 0.27 on; an unsupported combination refused at start
+  is a bare RuntimeError in every release (batch-invariant mode with a Mamba2 backend);
 - per-request preemption counts (`RequestOutput.metrics.num_preemptions`): kept from vLLM 0.30
   on; before that the count is unknown (None), never 0;
 - engine metric names (`LLM.get_metrics()`), mapped to the lab's names;
@@ -26,6 +27,7 @@ import functools
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -71,9 +73,27 @@ def rejection_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+# How vLLM words a refusal it raises as a plain RuntimeError, not a ValueError: "VLLM batch_invariant
+# mode is not supported for MAMBA2_ATTN." (v1/attention/selector.py), "... does not support ...".
+_UNSUPPORTED = re.compile(r"\b(?:not (?:yet )?supported|does not support|do not support|unsupported|only supports?)\b",
+                          re.IGNORECASE)
+# Errors of the device or its libraries say "not supported" too ("CUDA error: operation not supported"),
+# and torch's dispatcher raises NotImplementedError for an op a backend lacks: failures, never refusals.
+_DEVICE_ERROR = re.compile(r"\b(?:CUDA|CUBLAS|cuDNN|NCCL|HIP|XPU) error|out of memory|^Could not run '", re.IGNORECASE)
+
+
 def is_rejection(exc: BaseException) -> bool:
-    """Whether `exc` is vLLM refusing its input rather than failing while running it."""
-    return isinstance(exc, rejection_types())
+    """Whether `exc` is vLLM refusing its input rather than failing while running it: a ValueError
+    (config validation) or a request rejection; a bare RuntimeError saying the combination is not
+    supported; a NotImplementedError with vLLM's reason ("FP8 KV cache on CPU requires x86 with
+    AVX-512 or AMX."). Exact types: torch's device errors subclass RuntimeError. Anything else
+    (IndexError, AssertionError, a kernel's RuntimeError, a bare NotImplementedError) is a failure."""
+    if isinstance(exc, rejection_types()):
+        return True
+    text = str(exc).strip()
+    if not text or _DEVICE_ERROR.search(text):
+        return False
+    return type(exc) is NotImplementedError or (type(exc) is RuntimeError and bool(_UNSUPPORTED.search(text)))
 
 
 @functools.cache

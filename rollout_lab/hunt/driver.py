@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rollout_lab.hunt.constraints import Learned
 from rollout_lab.hunt.protocol import Finding, Signature, TrialResult, read_known_bugs
 from rollout_lab.hunt.space import HuntRunConfig, with_pressure
 from rollout_lab.hunt.store import GroupRow, TrialRow
@@ -114,6 +115,8 @@ class Hunt:
         self.supervisor.recover(self.done, self.record_trial)
         groups = self.store.groups()
         self.rejected = {g.key for g in groups if g.status == "rejected"}
+        # Constraints between knobs learned from vLLM's refusals (the store keeps each one's message).
+        self.learned = Learned.from_groups(groups)
         self.resumed = bool(self.done) or bool(groups)
         # The first group of this session: the rest of one the budget stopped, or the planner's.
         self.pending = rest_after_stop(groups, self.done)
@@ -182,6 +185,10 @@ class Hunt:
         status = self.supervisor.run(group, self.done, time.time() + self.budget_left(), self.record_trial)
         if status == "rejected":
             self.rejected.add(group.key)
+            message = next(g.message for g in reversed(self.store.groups()) if g.idx == group.index)
+            exclusion = self.learned.record(group.index, group.engine, message or "")
+            if exclusion is not None and len(self.learned.explained[exclusion]) == 1:
+                self.console.print(f"  [bold]learned[/]: vLLM refuses {exclusion.describe()}; no longer drawn", highlight=False)
         return status
 
     def run(self) -> None:
@@ -209,7 +216,7 @@ class Hunt:
                     group.index = index
                 else:
                     group = self.planner.next_group(index, self.coverage, self.cfg.hunt.workloads_per_engine,
-                                                    seeds, self.rejected)
+                                                    seeds, self.rejected, lambda p: self.learned.allows(with_pressure(p)))
                     group.engine = with_pressure(group.engine)
                 status = self.run_group(group)
                 if status == "rejected":

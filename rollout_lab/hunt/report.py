@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from rollout_lab.hunt.constraints import Learned
 from rollout_lab.hunt.protocol import ORACLE_ORDER, Finding
 from rollout_lab.hunt.search import Coverage
 from rollout_lab.hunt.space import HuntRunConfig
@@ -153,6 +154,32 @@ def oracle_levels(trials: list[TrialRow]) -> list[str]:
     return lines or ["- no passing trial"]
 
 
+# TrialResult.phase_seconds' names (runner.run_trial) -> the report's.
+PHASES = {"engine": "sampling", "reference": "reference scoring", "rescore": "re-scoring alone", "alone": "batch vs alone"}
+
+
+def phase_totals(store: Store) -> dict[str, float]:
+    """Seconds spent per phase: engine starts (one a group), each trial's phases summed, the rest of the
+    trials' time (engine reset, the trace) as "other trial time"; largest first."""
+    trials = [t for t in store.trials() if t.status != "rejected"]
+    totals: Counter = Counter()
+    for t in trials:
+        totals.update({PHASES.get(k, k): v for k, v in t.result.phase_seconds.items()})
+    totals["other trial time"] = max(sum(t.seconds for t in trials) - sum(totals.values()), 0.0)
+    totals["engine start"] = sum(g.engine_seconds or 0.0 for g in store.groups())
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def time_lines(store: Store) -> list[str]:
+    """Where the hunt's time went, each phase's seconds and share of the hunt clock."""
+    clock = float(store.meta("elapsed_s", 0.0))
+    trials = sum(t.status != "rejected" for t in store.trials())
+    lines = [f"- {trials} trials in {clock:.0f} s of hunt clock ({3600 * trials / clock:.0f} an hour)" if clock else "- no time spent"]
+    lines += [f"- {name}: {seconds:.0f} s ({seconds / clock:.0%})" for name, seconds in phase_totals(store).items() if clock]
+    return lines + ["- the rest of the clock: engine processes starting (imports, model and reference loads), "
+                    "validation, minimization and verification"]
+
+
 def markdown(hunt_dir: Path, store: Store, coverage: Coverage, rows: list[list[str]], plots: list[Path],
              cfg: HuntRunConfig, wandb_line: Optional[str]) -> str:
     """HUNT_REPORT.md: what a person reads after a hunt."""
@@ -170,6 +197,7 @@ def markdown(hunt_dir: Path, store: Store, coverage: Coverage, rows: list[list[s
     out.append(_table(FINDINGS_HEADER, rows) if rows else "No findings.")
 
     out += ["", "## What the oracles measured on passing trials", ""] + oracle_levels(trials)
+    out += ["", "## Where the time went", ""] + time_lines(store)
 
     (values, pairs), (total_values, total_pairs) = coverage.covered(), coverage.totals()
     out += ["", "## Coverage", "", f"- values tried: {_percent(values, total_values)}",
@@ -182,6 +210,10 @@ def markdown(hunt_dir: Path, store: Store, coverage: Coverage, rows: list[list[s
     rejected = [g for g in groups if g.status == "rejected"]
     out += ["", "## Rejected configurations", "",
             "vLLM refused these engine configurations at start; they are invalid inputs, not bugs.", ""]
+    learned = Learned.from_groups(groups)
+    if learned.exclusions:
+        out += ["Constraints between knobs learned from these refusals (hunt/constraints.py), excluded from later draws:", ""]
+        out += learned.report_lines() + [f"- {len(learned.unexplained)} draw(s) rejected for other reasons (below)", ""]
     out += [f"- group {g.idx}: {_engine(g.engine)}: {g.message or '-'}" for g in rejected] or ["- none"]
     broken = [g for g in groups if g.status in BROKEN_GROUP_STATUSES]
     out += ["", "## Groups that hung, crashed or died", ""]

@@ -43,16 +43,19 @@ def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: st
     dtype = result.dtype or finding.engine.get("engine.dtype", "float32")
     # The row the trial's reference oracle judged by (fp8_kv for an fp8 KV cache, runner.run_trial).
     tolerance = float(reference_tolerance[oracle_row(dtype, finding.engine.get("engine.kv_cache_dtype"))])
+    # The driver records an engine that crashed while starting as a trial of phase engine_start.
+    at_start = result.phase == "engine_start"
     if finding.kind == "crash":
-        expected = Expected("crash", tolerance, crash_key=finding.signature.crash_key)
+        expected = Expected("crash", tolerance, crash_key=finding.signature.crash_key, at_start=at_start)
     elif finding.signature.oracle == "batch_invariance":
         # Bitwise, as promised; the targets are the requests the oracle ran alone (the first ones).
         expected = Expected("batch_invariance", 0.0, targets=result.oracles["batch_invariance"].requests)
     else:
         expected = Expected("mismatch", tolerance, request_class=result.oracles[result.first_flagged()].request_class or "any")
-    # An engine that crashed at start left no requests: any one will do.
+    # An engine that crashed at start left no requests: one short request stands in (the minimizer
+    # reduces only the engine knobs of such a case; the repro.py generates it once the engine starts).
     case = result.case or Case(model, engine_args(finding.engine) | {"disable_log_stats": False},
-                               [Request([1, 2, 3], 0)], max_tokens=4)
+                               [Request([1, 2, 3], 0, prompt_index=0, sample_index=0)], max_tokens=4)
     # Checked against the fault's parameters here, where the hunt hands the case over, and again by CaseFile.read.
     case.fault, case.fault_params = fault, config.fault_params(fault, fault_params) if fault else {}
     case.env = engine_env(finding.engine)
@@ -107,6 +110,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# The minimizer's own complaint ("rollout_lab.minimize: ..."), else the exception line a traceback ends with.
+_MINIMIZER_SAYS = re.compile(r"^rollout_lab\.minimize: (.+)$", re.MULTILINE)
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt|Exit)\b.*$", re.MULTILINE)
+
+
+def minimizer_error(log: str, returncode: int) -> str:
+    """Why a minimization failed, from its log: the minimizer's own error line, else the last
+    exception a traceback printed, else its exit status (never whatever warning came last)."""
+    said = _MINIMIZER_SAYS.findall(log)
+    if said:
+        return said[-1].strip()
+    raised = _EXCEPTION_LINE.findall(log[log.rfind("Traceback (most recent call last)"):]) if "Traceback" in log else []
+    return raised[-1].strip() if raised else f"minimizer exit {returncode}, no error line in its log"
 
 
 class Repros:
@@ -171,8 +189,7 @@ class Repros:
                 break
         finding.needs_planted_fault = bool(self.fault) and with_fault
         if done.returncode != 0 or not (self.dir / "repro" / name / MinimizedResult.FILE).is_file():
-            tail = log.read_text()[-400:].strip().splitlines()
-            finding.state, finding.why = "not_minimized", tail[-1] if tail else f"minimizer exit {done.returncode}"
+            finding.state, finding.why = "not_minimized", minimizer_error(log.read_text(), done.returncode)
             self.store.put_finding(finding)
             self.console.print(f"  [yellow]not minimized[/]: {finding.why}", highlight=False)
             return

@@ -16,12 +16,16 @@ Oracles (tolerances per engine dtype, OracleConfig):
   reference    |vLLM logprob - transformers float32 teacher-forced logprob| of each sampled token
   metamorphic  |sampled logprob - the same sequence re-scored alone| on the same engine: one
                request at a time, a prefill with prompt_logprobs (which never reads the prefix
-               cache), so no batch, no cached prefix, no preemption, no decode path
+               cache), so no batch, no cached prefix, no preemption, no decode path; the
+               flagged, preempted and prefix-cached sequences and the longest ordinary one
   batch_invariance
                a greedy or seeded request of the batch sampled again alone, compared bitwise
                (hunt/batch_oracle.py): a failure where vLLM promises invariance
-               (VLLM_BATCH_INVARIANT=1 on a supported GPU: 4 requests), else the noise floor (1)
-A start that vLLM refuses with a ValueError (its config validation) is "rejected", not a bug.
+               (VLLM_BATCH_INVARIANT=1 on a supported GPU: 4 requests every trial), else the
+               noise floor (1 request, on the engine's first trial that has one: a measurement
+               for the report, never a failure)
+A start that vLLM refuses (its config validation, or an unsupported combination: compat.is_rejection)
+is "rejected", not a bug; any other exception at start is a crash.
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ from rollout_lab.minimize.standalone import Case, Request, request_class
 from rollout_lab.tolerances import oracle_row
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
 RESCORE_MAX = 8
+# Ordinary sequences (not flagged, preempted or prefix-cached) among them: re-scoring one alone already
+# checks the sampled path against the prompt_logprobs path on that engine; each more costs a prefill.
+RESCORE_ORDINARY = 1
 # Engine steps a step-driven trace may take before it counts as stuck.
 MAX_ENGINE_STEPS = 20000
 # Seconds between heartbeat lines (engine steps so far) while a group runs.
@@ -208,6 +215,21 @@ def rescore(llm, items: list[Scored]) -> None:
         item.rescored = engine.prompt_logprobs(llm, sequence)[len(item.prompt_token_ids) - 1 :]
 
 
+def is_ordinary(item: Scored, tolerance: float) -> bool:
+    """Neither flagged by the reference, nor preempted, nor a prefix-cache hit."""
+    return (max(item.diffs(item.reference), default=0.0) <= tolerance and not compat.was_preempted(item.num_preemptions)
+            and item.num_cached_tokens == 0)
+
+
+def to_rescore(items: list[Scored], tolerance: float) -> list[Scored]:
+    """What the metamorphic oracle re-scores: every suspicious sequence (suspicious_first) and the
+    RESCORE_ORDINARY longest ordinary ones (most positions checked), at most RESCORE_MAX in all."""
+    ordered = suspicious_first(items, tolerance)
+    ordinary = sorted((s for s in ordered if is_ordinary(s, tolerance)),
+                      key=lambda s: -(len(s.prompt_token_ids) + len(s.token_ids)))[:RESCORE_ORDINARY]
+    return [s for s in ordered if not is_ordinary(s, tolerance) or s in ordinary][:RESCORE_MAX]
+
+
 def suspicious_first(items: list[Scored], tolerance: float) -> list[Scored]:
     """Flagged by the reference (worst first), then preempted, then prefix-cached, then the rest;
     stable within each class. Re-scoring a flagged sequence alone tells an engine that computes it
@@ -238,18 +260,20 @@ def judge(items: list[Scored], tolerance: float, attr: str) -> OracleVerdict:
     return OracleVerdict(num, flagged, worst.diff if worst else 0.0, request_class(flagged_requests), worst)
 
 
-def batch_invariance(llm, trace: list[TraceRequest], outputs: list[engine.SampledOutput], workload: dict) -> OracleVerdict:
+def batch_invariance(llm, trace: list[TraceRequest], outputs: list[engine.SampledOutput], workload: dict,
+                     measure_floor: bool = True) -> OracleVerdict:
     """The batch-invariance oracle (hunt/batch_oracle.py) on a trial of more than one request:
-    a failure only where vLLM promises invariance (VLLM_BATCH_INVARIANT=1 on a supported GPU)."""
+    a failure only where vLLM promises invariance (VLLM_BATCH_INVARIANT=1 on a supported GPU);
+    elsewhere the noise floor, measured only when `measure_floor` (once an engine: it cannot fail)."""
     from rollout_lab.hunt.batch_oracle import batch_oracle
     from rollout_lab.invariance import output_of, promises_invariance
 
     firsts = [s for s in outputs if s.completion == 0]
-    if len(firsts) < 2:
+    promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
+    if len(firsts) < 2 or not (promised or measure_floor):
         return batch_oracle(llm, [], False)
     params = trace_params(trace, workload)
     sampled = [(s.prompt_token_ids, params[request_index(s)], output_of(s)) for s in firsts if s.logprobs]
-    promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
     # Where nothing is promised one request measures the noise floor; decoding alone is costly.
     return batch_oracle(llm, sampled, promised, limit=4 if promised else 1)
 
@@ -263,8 +287,8 @@ def trial_case(spec: GroupSpec, workload: dict, requests: list[Request]) -> Case
 
 
 def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[TraceRequest], trial: str,
-              dtype: str, progress: Optional[dict] = None) -> TrialResult:
-    """One workload on the (reset) engine, judged by every oracle."""
+              dtype: str, progress: Optional[dict] = None, measure_floor: bool = True) -> TrialResult:
+    """One workload on the (reset) engine, judged by every oracle (`measure_floor`: batch_invariance's)."""
     from rollout_lab.reference import reference_logprobs
 
     t0 = time.perf_counter()
@@ -284,12 +308,12 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
         for item, ref in zip(items, refs):
             item.reference = ref
     t2 = time.perf_counter()
-    rescore(llm, suspicious_first(items, tolerance)[:RESCORE_MAX])
+    rescore(llm, to_rescore(items, tolerance))
     t3 = time.perf_counter()
     oracles = {
         "reference": judge(items, tolerance, "reference"),
         "metamorphic": judge(items, float(spec.metamorphic_tolerance[row]), "rescored"),
-        "batch_invariance": batch_invariance(llm, trace, outputs, workload),
+        "batch_invariance": batch_invariance(llm, trace, outputs, workload, measure_floor),
     }
     t4 = time.perf_counter()
     result = TrialResult(
@@ -358,6 +382,8 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
     heartbeat(lines, counter, spec.group_key)
     pool = token_pool(llm.get_tokenizer())
     reference = load_reference(spec.model_path)
+    # The batch-composition noise floor, where vLLM promises no invariance: one measurement an engine.
+    floor = {"measured": False}
 
     def run_one(i: int, trial: str, workload: dict) -> TrialResult:
         max_tokens = int(sampling_args(workload).get("max_tokens", 16))
@@ -373,7 +399,9 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
             pressure.move_pool_head(llm, spec.engine.get("block_pool_head"))
             if spec.fault:
                 engine.install_fault(llm, spec.fault, spec.fault_params)
-            return run_trial(llm, reference, spec, workload, trace, trial, dtype, counter)
+            result = run_trial(llm, reference, spec, workload, trace, trial, dtype, counter, not floor["measured"])
+            floor["measured"] |= result.oracles["batch_invariance"].requests > 0
+            return result
         except BaseException as exc:  # SystemExit too: vLLM ends a dead engine core that way
             return TrialResult("crash", dtype=dtype, crash=crash_signature(exc),
                                case=trial_case(spec, workload, crash_requests(trace, workload)))

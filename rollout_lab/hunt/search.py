@@ -115,35 +115,37 @@ class Planner:
                 best, best_score = point, score
         return best if best is not None else self._draw(rng, dims)
 
-    def _neighbour(self, rng: random.Random, engine: dict, coverage: Coverage, avoid: set[str]) -> dict:
-        """The engine point with one knob changed, to the value tried least often."""
+    def _neighbour(self, rng: random.Random, engine: dict, coverage: Coverage, avoid: set[str],
+                   valid: Callable[[dict], bool]) -> dict:
+        """The engine point with one knob changed, to the value tried least often (a valid one)."""
         dims = self.space.engine_dims()
         for _ in range(self.candidates):
             dim = rng.choice([d for d, values in dims.items() if len(values) > 1])
             others = [v for v in dims[dim] if v != engine.get(dim)]
             value = min(others, key=lambda v: (coverage.singles[(dim, _value(v))], rng.random()))
             point = engine | {dim: value}
-            if point_key(point) not in avoid:
+            if point_key(point) not in avoid and valid(point):
                 return point
-        return self._best(rng, dims, coverage, {}, Counter(), avoid)
+        return self._best(rng, dims, coverage, {}, Counter(), avoid, valid)
 
     def next_group(self, index: int, coverage: Coverage, num_workloads: int, failing: list[tuple[dict, dict]] = (),
-                   avoid: set[str] = frozenset()) -> Group:
+                   avoid: set[str] = frozenset(), valid_engine: Callable[[dict], bool] = lambda point: True) -> Group:
         """The group-th engine configuration and its workloads.
 
         failing: (engine point, workload point) of failing trials, oldest first; avoid: engine
-        keys not to propose again (rejected configurations).
+        keys not to propose again (rejected configurations); valid_engine: whether an engine point
+        may be drawn (constraints.Learned.allows: not one vLLM is known to refuse).
         """
         rng = self.rng(index)
         group = Group(index, {})
         first_workload = None
         if failing and rng.random() < self.exploit:
             engine, workload = failing[rng.randrange(len(failing))]
-            group.engine = self._neighbour(rng, engine, coverage, set(avoid))
+            group.engine = self._neighbour(rng, engine, coverage, set(avoid), valid_engine)
             group.reason = f"exploit:{point_key(engine, workload)}"
             first_workload = workload | {"seed": rng.randrange(2**31)}
         else:
-            group.engine = self._best(rng, self.space.engine_dims(), coverage, {}, Counter(), set(avoid))
+            group.engine = self._best(rng, self.space.engine_dims(), coverage, {}, Counter(), set(avoid), valid_engine)
         extra: Counter = Counter()
         while len(group.workloads) < num_workloads:
             if first_workload is not None and not group.workloads:

@@ -58,7 +58,8 @@ class HuntConfig:
     seed: int = 0
     # Workloads tried on one engine before the next engine configuration.
     workloads_per_engine: int = 12
-    # Engines at once (each a Ray task of its own process); 1 on a 2-core machine.
+    # Each engine's share of the machine: 1/parallel of its cores (torch threads, Ray CPUs) and of
+    # its GPUs (Ray's num_gpus). Groups still run one at a time, so above 1 an engine only gets less.
     parallel: int = 1
     # Share of engine configurations drawn next to a failing one (one knob changed).
     exploit: float = 0.3

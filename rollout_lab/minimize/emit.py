@@ -95,7 +95,8 @@ def title(reduction: Reduction, case: Case, device: str) -> str:
     knobs = [n for knob in case_knobs(case, reduction.targets) for n in knob_args(knob) if n in values]
     fault = " [planted fault]" if case.fault else ""
     if expected.kind == "crash":
-        what = f"{expected.crash_key.split('@', 1)[0]} in {_crash_function(expected) or 'generate'}"
+        site = _crash_function(expected) or ("engine start" if expected.at_start else "generate")
+        what = f"{'engine start: ' if expected.at_start else ''}{expected.crash_key.split('@', 1)[0]} in {site}"
     elif expected.kind == "batch_invariance":
         env = " ".join(f"{k}={v}" for k, v in sorted(case.env.items()))
         what = f"{env}: logprobs depend on the batch" if env else "a request's logprobs depend on its batch"
@@ -127,7 +128,7 @@ def description(reduction: Reduction, case: Case) -> str:
                 f"max_tokens={case.max_tokens}, " + ("sampled from the engine's seeded RNG" if any(
                     r.seed is None for r in case.requests) else "each with its own seed"))
     if expected.kind == "crash":
-        happened = f"llm.generate raises {expected.crash_key.split('@', 1)[0]}"
+        happened = f"{'vllm.LLM (the engine start)' if expected.at_start else 'llm.generate'} raises {expected.crash_key.split('@', 1)[0]}"
         if outcome is not None:
             happened += f" ({outcome.crash_message})"
     elif expected.kind == "batch_invariance":

@@ -10,6 +10,8 @@
          prompts; then ddmin), samples per prompt, max_tokens, prompt length (bisection each)
       -> Reduction
 
+A crash while the engine starts (Expected.at_start) ran no request: only its engine knobs are reduced.
+
 Knobs go first: a knob put back can only let the workload shrink further, so the workload is
 reduced once, on the final engine, instead of again after the knobs. Unless --budget-s leaves too
 little for the knob pass's engine starts (knobs_fit): then the workload goes first.
@@ -344,7 +346,10 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
     trials.rule = rule or calibrated_rule(failures, calibration_runs)
     console.print(f"[bold]rule[/]: {trials.rule.describe()} (original case failed {failures}/{calibration_runs})")
     # The engine knobs: trials with and without the pool head share an engine.
-    if knobs_fit(trials, len(deviating_knobs(case.engine_args, targets))):
+    if run.expected.at_start:
+        # The engine never started: no request ran, so its knobs are all there is to reduce.
+        case = reducer.knobs(case)
+    elif knobs_fit(trials, len(deviating_knobs(case.engine_args, targets))):
         case = reducer.workload(reducer.knobs(case))
     else:
         console.print("[bold]order[/]: the budget left holds fewer engine starts than the knob pass may need: "

@@ -67,10 +67,13 @@ class Expected:
     request_class: Optional[str] = None
     # batch_invariance: the first `targets` requests are each run again alone and compared.
     targets: Optional[int] = None
+    # crash: vLLM raised it while the engine started, so no request ever ran and only engine knobs
+    # can matter (the minimizer reduces those alone; the crash must come at start again).
+    at_start: bool = False
 
     def describe(self) -> str:
         if self.kind == "crash":
-            return f"a crash with key {self.crash_key}"
+            return f"a crash with key {self.crash_key}" + (" while the engine starts" if self.at_start else "")
         if self.kind == "batch_invariance":
             return (f"one of the first {self.targets} requests, run again alone on the same engine after the whole "
                     f"batch, gives other sampled tokens or sampled-token logprobs (bitwise) than in the batch")
@@ -168,7 +171,7 @@ SAME_CLASS = {"preempted": ("preempted",), "prefix_cached": ("prefix_cached",), 
 def same_failure(expected: Expected, outcome: Outcome) -> bool:
     """The predicate: the same crash key, or flagged tokens (rate above the clean 0) of the same class."""
     if expected.kind == "crash":
-        return outcome.crash_key == expected.crash_key
+        return outcome.crash_key == expected.crash_key and (outcome.at_start or not expected.at_start)
     if expected.kind == "batch_invariance":
         return outcome.crash_key is None and outcome.num_requests >= MIN_BATCH and bool(outcome.differing)
     return outcome.crash_key is None and outcome.num_flagged > 0 and outcome.request_class in SAME_CLASS[expected.request_class]

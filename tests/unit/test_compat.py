@@ -25,6 +25,35 @@ def test_a_failure_while_running_is_not_a_rejection():
     assert not compat.is_rejection(IndexError("index 16 is out of bounds"))
 
 
+def test_an_unsupported_mode_refused_at_start_is_a_rejection(monkeypatch):
+    # The GPU hunt's false finding: vLLM's attention selector refuses batch-invariant mode for a
+    # Mamba2 backend with a bare RuntimeError while the engine starts. Raised here by vLLM itself.
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+    monkeypatch.setattr(selector.envs, "VLLM_BATCH_INVARIANT", True)
+    with pytest.raises(RuntimeError, match="batch_invariant mode is not supported") as refused:
+        selector._cached_get_mamba_attn_backend.__wrapped__(MambaAttentionBackendEnum.MAMBA2)
+    assert compat.is_rejection(refused.value)
+    assert compat.is_rejection(NotImplementedError("FlexAttention does not support kv sharing yet."))
+    assert compat.is_rejection(NotImplementedError("FP8 KV cache on CPU requires x86 with AVX-512 or AMX."))
+
+
+def test_a_real_crash_at_start_is_no_rejection():
+    # A model runner failing while it starts (profiling run, KV cache init) is a bug, even when its
+    # message says "not supported" from the device, or comes as a subclass of RuntimeError.
+    assert not compat.is_rejection(IndexError("index 4 is out of bounds for dimension 0 with size 4"))
+    assert not compat.is_rejection(AssertionError("num_blocks must be positive"))
+    assert not compat.is_rejection(RuntimeError("CUDA error: operation not supported"))
+    assert not compat.is_rejection(NotImplementedError())  # a method vLLM left abstract
+    assert not compat.is_rejection(NotImplementedError("Could not run 'aten::_fused_op' with arguments from the 'CPU' backend."))
+
+    class KernelError(RuntimeError):
+        pass
+
+    assert not compat.is_rejection(KernelError("dtype not supported by this kernel"))
+
+
 def test_per_request_preemption_count_is_unknown_where_vllm_keeps_none():
     # RequestStateStats.num_preemptions arrived in vLLM 0.30 (read in each release's source).
     keeps = Version(Version(vllm.__version__).base_version) >= Version("0.30")

@@ -183,12 +183,13 @@ class Repros:
             extra += ["--budget-s", f"{self.budget(budget_left()):.0f}"]
             with log.open("a") as out:
                 done = subprocess.run([sys.executable, "-m", "rollout_lab.minimize", str(case_path), "--out",
-                                       str(self.dir / "repro"), "--name", name, "--no-verify", *extra],
+                                       str(self.dir / "repro"), "--name", name, "--confirm-only", *extra],
                                       cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
             if done.returncode != 2:
                 break
         finding.needs_planted_fault = bool(self.fault) and with_fault
-        if done.returncode != 0 or not (self.dir / "repro" / name / MinimizedResult.FILE).is_file():
+        # Exit 1: minimized, but its repro.py did not reproduce in a fresh process; verify() measures how often.
+        if done.returncode not in (0, 1) or not (self.dir / "repro" / name / MinimizedResult.FILE).is_file():
             finding.state, finding.why = "not_minimized", minimizer_error(log.read_text(), done.returncode)
             self.store.put_finding(finding)
             self.console.print(f"  [yellow]not minimized[/]: {finding.why}", highlight=False)
@@ -215,7 +216,8 @@ class Repros:
         # The knobs that stayed off their defaults, the engine's vLLM environment variables (kept as
         # they were: not reduced), and the planted fault when the failure needs it.
         finding.trigger = (info.knobs + [f"{k}={v}" for k, v in sorted(info.env.items())]
-                           + ([f"fault={self.fault}"] if finding.needs_planted_fault else []))
+                           + ([f"fault={self.fault}"] if finding.needs_planted_fault else [])
+                           + ([f"warm-up of {info.warmup_requests} request(s)"] if info.warmup_requests else []))
         finding.minimized = info
         # A resumed hunt on a bare machine may not have built the lab's copy of the model yet.
         resolve_model(finding.model)

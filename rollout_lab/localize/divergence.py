@@ -13,11 +13,19 @@ import torch
 
 from rollout_lab.instrument import ScheduleLog, engine_request_id, join_schedule, token_facts
 
-# The clean level of a point is this many times the largest divergence a fault-off replay showed
-# there: float32 rounding differs from token to token, a planted fault is orders of magnitude above.
+# The clean level of a point is this many times the largest divergence clean tokens showed there
+# (the same replay's unflagged tokens, a stored clean profile): float32 rounding differs from token
+# to token, a bug is orders of magnitude above.
 CLEAN_MARGIN = 10.0
 # No clean level is below this: float32 rounding (eps 1.2e-7) over a few hundred terms.
 CLEAN_FLOOR = 1e-6
+# The shape rule: a point whose divergence is this many times every earlier point's (and that floor)
+# is where the token goes wrong, whatever the clean tokens say. Clean float32 divergence grows by at
+# most ~10x from one point to the next (docs/localize.md); a bug jumps by 10^3 to 10^6.
+JUMP = 100.0
+# The least divergence the shape rule compares with, per engine dtype: ten of its rounding steps, so
+# that a bfloat16 engine's rounding at layer 0 (~1e-2 over an exact embedding) is no jump.
+SHAPE_FLOOR = {"float32": 10 * 1.2e-7, "bfloat16": 10 * 7.8e-3, "float16": 10 * 9.8e-4}
 # Capture-point kinds in forward order within a decoder layer; "mixer" is attention or Mamba.
 KINDS = ("embedding", "attention", "mamba", "mlp", "residual", "final_norm", "logits")
 KIND_LABEL = {
@@ -71,19 +79,38 @@ def divergence(vllm_row: torch.Tensor, reference_row: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
 
 
-def clean_levels(clean: list[list[float]], num_points: int) -> list[float]:
-    """Per point: CLEAN_MARGIN x the largest clean divergence there, at least CLEAN_FLOOR."""
-    if not clean:
-        raise ValueError("no clean token was captured: the clean level needs at least one")
-    for row in clean:
+def clean_levels(clean: list[list[float]], num_points: int, profile: Optional[list[float]] = None) -> list[Optional[float]]:
+    """Per point: CLEAN_MARGIN x the largest clean divergence there (clean tokens' and the stored
+    profile's maxima), at least CLEAN_FLOOR; None at every point when there is neither."""
+    for row in [*clean, *([profile] if profile is not None else [])]:
         if len(row) != num_points:
             raise ValueError(f"a clean token has {len(row)} divergences, expected {num_points} (one per point)")
-    return [max(CLEAN_MARGIN * max(row[p] for row in clean), CLEAN_FLOOR) for p in range(num_points)]
+    rows = clean + ([profile] if profile is not None else [])
+    if not rows:
+        return [None] * num_points
+    return [max(CLEAN_MARGIN * max(row[p] for row in rows), CLEAN_FLOOR) for p in range(num_points)]
 
 
-def first_above(divergences: list[float], levels: list[float]) -> Optional[int]:
-    """Index of the first point whose divergence exceeds its clean level (None: all clean)."""
-    return next((i for i, (d, level) in enumerate(zip(divergences, levels)) if d > level), None)
+def first_above(divergences: list[float], levels: list[Optional[float]]) -> Optional[int]:
+    """Index of the first point whose divergence exceeds its clean level (None: all clean, or no levels)."""
+    return next((i for i, (d, level) in enumerate(zip(divergences, levels)) if level is not None and d > level), None)
+
+
+def first_jump(divergences: list[float], floor: float) -> Optional[int]:
+    """Index of the first point whose divergence is JUMP x above every earlier point's and `floor`
+    (the shape rule; None: no such point)."""
+    earlier = floor
+    for i, d in enumerate(divergences):
+        if d > JUMP * earlier:
+            return i
+        earlier = max(earlier, d)
+    return None
+
+
+def is_clean(divergences: list[float], abs_diff: float, threshold: float, floor: float) -> bool:
+    """Whether a captured token may set clean levels: unflagged, and no jump anywhere (a bug that
+    moved its activations but not yet its logprob past the threshold does not count as clean)."""
+    return abs_diff <= threshold and first_jump(divergences, floor) is None
 
 
 @dataclass
@@ -152,6 +179,11 @@ class TokenLocalization:
     divergences: list[float]
     facts: RequestFacts
     first: Optional[int] = None
+    # Which rule named `first`: "clean level", "shape" or "clean level and shape" ("" where none did).
+    rule: str = ""
+    # Where each rule alone would put the first divergence (None: nowhere).
+    level_first: Optional[int] = None
+    shape_first: Optional[int] = None
 
     def growth(self, points: list[Point]) -> str:
         """How the divergence grows after its first point: there, at the final norm, at the logits."""
@@ -162,10 +194,40 @@ class TokenLocalization:
                 f"{at['final_norm']:.3g} at the final norm, {at['logits']:.3g} at the logits")
 
 
-def localize_token(token: TokenLocalization, levels: list[float]) -> TokenLocalization:
-    """The token with its first divergence set."""
-    token.first = first_above(token.divergences, levels)
+def localize_token(token: TokenLocalization, levels: list[Optional[float]], shape_floor: Optional[float] = None) -> TokenLocalization:
+    """The token with its first divergence set: the earlier of the first point above its clean level
+    and the first jump (the shape rule; off with shape_floor None, as for the bitwise on-policy check)."""
+    token.level_first = first_above(token.divergences, levels)
+    token.shape_first = None if shape_floor is None else first_jump(token.divergences, shape_floor)
+    named = [i for i in (token.level_first, token.shape_first) if i is not None]
+    token.first = min(named) if named else None
+    token.rule = " and ".join(rule for rule, i in (("clean level", token.level_first), ("shape", token.shape_first))
+                              if i is not None and i == token.first)
     return token
+
+
+def rule_text(token: TokenLocalization, points: list[Point], levels: list[Optional[float]], shape_floor: Optional[float]) -> str:
+    """Which rule named the token's first point, with its numbers."""
+    if token.first is None:
+        return "no rule named a point"
+    d = token.divergences[token.first]
+    parts = []
+    if token.level_first == token.first:
+        parts.append(f"clean level: {d:.3g} > {levels[token.first]:.3g} ({d / levels[token.first]:.3g}x)")
+    elif token.level_first is not None:
+        parts.append(f"clean level: first above at {points[token.level_first].label()}")
+    elif all(level is None for level in levels):
+        parts.append("clean level: none (no clean token, no stored profile)")
+    else:
+        parts.append("clean level: no point above")
+    if token.shape_first == token.first:
+        earlier = max([shape_floor or 0.0, *token.divergences[: token.first]])
+        parts.append(f"shape: {d:.3g} is {d / earlier:.3g}x the largest earlier divergence or floor ({earlier:.3g})")
+    elif token.shape_first is not None:
+        parts.append(f"shape: first jump at {points[token.shape_first].label()}")
+    elif shape_floor is not None:
+        parts.append("shape: no jump")
+    return f"named by {token.rule}; " + "; ".join(parts)
 
 
 def _ranges(positions: list[int]) -> str:
@@ -212,5 +274,6 @@ def summary_lines(tokens: list[TokenLocalization], points: list[Point]) -> list[
         if first is None:
             lines.append(f"no divergence above the clean level: {where} ({why(group[0].facts)})")
         else:
-            lines.append(f"first divergence: {points[first].label()} at {where}, {why(group[0].facts)}")
+            rules = " / ".join(dict.fromkeys(t.rule for t in group))
+            lines.append(f"first divergence: {points[first].label()} at {where}, {why(group[0].facts)} (named by {rules})")
     return lines

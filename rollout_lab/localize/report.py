@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rollout_lab.localize.divergence import CLEAN_MARGIN, Point, RequestFacts, TokenLocalization, summary_lines
+from rollout_lab.localize.divergence import CLEAN_MARGIN, JUMP, Point, RequestFacts, TokenLocalization, rule_text, summary_lines
 from rollout_lab.wandb_log import LayerCurves
 
 # <run_dir>/localize/ holds a run's localization (the minimizer's REPORT.md reads it from there).
@@ -24,13 +24,22 @@ class Localization:
     fault: Optional[str]  # the planted fault that ran in the replay (None: vLLM as shipped)
     description: str  # the failure, as the run dir says
     points: list[Point]
-    clean_levels: list[float]
-    # Tokens of the fault-off replay the clean levels were measured on.
+    # Per point; None where no clean token and no stored profile gave one (the shape rule alone decides).
+    clean_levels: list[Optional[float]]
+    # Clean tokens of the capture replay the clean levels were measured on (unflagged, no jump).
     num_clean_tokens: int
     tokens: list[TokenLocalization]
     seconds: float = 0.0
     # Tokens whose replay sampled differently from the selecting replay (the engine was not deterministic).
     warnings: list[str] = field(default_factory=list)
+    # Where the clean levels came from, in words (the replay's clean tokens, a stored profile).
+    clean_source: str = ""
+    # The shape rule's floor (divergence.SHAPE_FLOOR of the engine's dtype); None: the rule was off.
+    shape_floor: Optional[float] = None
+    # Per point, the largest divergence of the replay's clean tokens (None: there were none).
+    clean_max: list[Optional[float]] = field(default_factory=list)
+    # The key a clean profile of this model and setting is stored under (profile.profile_key).
+    profile_key: str = ""
 
     def summary(self) -> list[str]:
         return summary_lines(self.tokens, self.points)
@@ -78,7 +87,8 @@ def plot(result: Localization, token: TokenLocalization, path: Path) -> None:
     for kind, idx in _by_kind(result).items():
         x = [_x(result.points[i], result.points) for i in idx]
         (line,) = ax.plot(x, [max(token.divergences[i], 1e-12) for i in idx], marker="o", markersize=3, label=kind)
-        ax.plot(x, [max(result.clean_levels[i], 1e-12) for i in idx], linestyle="--", linewidth=0.8, color=line.get_color())
+        if all(result.clean_levels[i] is not None for i in idx):
+            ax.plot(x, [max(result.clean_levels[i], 1e-12) for i in idx], linestyle="--", linewidth=0.8, color=line.get_color())
     if token.first is not None:
         first = result.points[token.first]
         ax.axvline(_x(first, result.points), color="red", linewidth=0.8)
@@ -96,9 +106,12 @@ def plot(result: Localization, token: TokenLocalization, path: Path) -> None:
 
 def markdown(result: Localization, images: list[str]) -> str:
     """LOCALIZE.md: the summary lines, then per token where it first goes wrong and how that grows."""
-    levels = (f"clean level of each point: {CLEAN_MARGIN:g}x the largest divergence of {result.num_clean_tokens} "
-              "tokens of a fault-off replay" if result.num_clean_tokens else
-              "clean level 0 at every point: the on-policy check (--against trainer), bitwise against the trainer's own dtype and kernels")
+    if result.shape_floor is None:
+        levels = "clean level 0 at every point: the on-policy check (--against trainer), bitwise against the trainer's own dtype and kernels"
+    else:
+        levels = (f"two rules name a token's first point, the earlier wins: the **clean level** of each point, {CLEAN_MARGIN:g}x the "
+                  f"largest divergence of clean tokens there ({result.clean_source}), and the **shape**, the first point "
+                  f"{JUMP:g}x above every earlier point's divergence and {result.shape_floor:.3g}")
     lines = [f"# Where it fails inside the model: {result.source}", "",
              f"{result.description}. Model `{result.model}`, fault `{result.fault or 'none'}`; {levels} "
              f"({result.seconds:.0f} s).", "", *[f"- {line}" for line in result.summary()], ""]
@@ -106,11 +119,12 @@ def markdown(result: Localization, images: list[str]) -> str:
     for token, image in zip(result.tokens, images):
         lines += [f"## Request {token.request}, position {token.position} (token {token.token_id})", "",
                   f"|logprob diff| {token.abs_diff:.3g}{' (flagged)' if token.flagged else ''}; {token.growth(result.points)}.", "",
+                  f"{rule_text(token, result.points, result.clean_levels, result.shape_floor)}.", "",
                   f"![divergence by layer]({image})", "",
                   "| point | divergence | clean level |", "| --- | --- | --- |"]
         for i, (point, value, level) in enumerate(zip(result.points, token.divergences, result.clean_levels)):
-            mark = " **first**" if i == token.first else (" above" if value > level else "")
-            lines.append(f"| {point.label()} | {value:.3g}{mark} | {level:.3g} |")
+            mark = " **first**" if i == token.first else (" above" if level is not None and value > level else "")
+            lines.append(f"| {point.label()} | {value:.3g}{mark} | {'-' if level is None else f'{level:.3g}'} |")
         lines.append("")
     return "\n".join(lines)
 

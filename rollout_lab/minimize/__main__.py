@@ -7,7 +7,8 @@ knobs that stayed off their defaults (what switches the failure on), sizes befor
 Exit status: 0 when the emitted repro.py reproduces in a fresh process and, with a planted fault,
 is clean without it (or --no-verify); 1 when not; 2 when the run dir cannot be minimized (missing,
 did not fail, needs the trainer). When the minimal case does not fail in a fresh process (it needed
-the history of the minimizer's long-lived engine), the smallest accepted reduction that does is emitted.
+the history of the minimizer's long-lived engine), it is emitted behind the smallest warm-up (earlier requests on the
+same engine) that makes it fail there, else the smallest accepted reduction that does.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-runs", type=int, default=3, help="runs of the original case that pick the rule (default 3)")
     parser.add_argument("--budget-s", type=float, help="stop trying candidates after this many seconds and emit the case reduced so far")
     parser.add_argument("--no-verify", action="store_true", help="skip running the emitted repro.py in a fresh process")
+    parser.add_argument("--confirm-only", action="store_true",
+                        help="confirm the emitted repro.py in a fresh process (finding the warm-up a history-dependent failure "
+                             "needs) but measure no knob flips (the hunt verifies on its own)")
     return parser.parse_args(argv)
 
 
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]before[/]: {reduction.before.describe()}")
     console.print(f"[bold]after[/]:  {reduction.after.describe()}")
     console.print(f"{len(reduction.records)} runs, {reduction.seconds:.0f} s")
-    confirmation, flips = emit.write(reduction, out_dir, verify=not args.no_verify, console=console)
+    confirmation, flips = emit.write(reduction, out_dir, verify=not args.no_verify, console=console, flip=not args.confirm_only)
     case = confirmation.case if confirmation is not None else reduction.case
     MinimizedResult(
         engine_args=case.engine_args,
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         verify_args=list(emit.lab_args(reduction, case)),
         env=case.env,
         block_pool_head=case.block_pool_head,
+        warmup_requests=len(case.warmup),
+        class_note=reduction.class_note,
     ).write(out_dir)
     console.print(f"[bold]wrote[/] {out_dir / 'repro.py'}, {out_dir / 'REPORT.md'} and {out_dir / emit.LOG_NAME}")
     ok = True
@@ -109,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         ok = confirmation.verification.verdict == "REPRODUCED"
         colour = "green" if ok else "red"
         console.print(f"[{colour}]repro.py in a fresh process:[/] {escape(confirmation.verification.describe())}", highlight=False)
+        if case.warmup:
+            console.print(f"[yellow]the failure depends on the engine's history[/]: the minimal case passed in a fresh process; "
+                          f"it fails there after a warm-up of {len(case.warmup)} request(s), which repro.py runs first", highlight=False)
         if confirmation.steps_back:
             console.print(f"[yellow]the failure depends on the engine's history[/]: the minimal case passed in a fresh "
                           f"process; emitted the case {confirmation.steps_back} accepted reduction(s) back", highlight=False)

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rollout_lab.localize.report import where_inside
 from rollout_lab.minimize import bug_report, standalone
 from rollout_lab.minimize.reduce import (KNOB_ARGS, POOL_HEAD, Reduction, Size, case_knobs, knob_args, knob_text,
-                                         with_knobs)
+                                         prompt_indices, with_knobs, with_merged_prompts)
 from rollout_lab.minimize.script import RANDOM_MODELS, ReproSpec, distinct_prompts, repro_source
 from rollout_lab.minimize.standalone import Case
 from rollout_lab.tolerances import clean_agreement
@@ -281,6 +281,9 @@ class Emitter:
         if last.verdict != "NOT REPRODUCED" or len(chain) == 1:
             return Confirmation(chain[-1], last, [])
         walked = [(Size.of(chain[-1], self.reduction.targets).describe(), last.verdict)]
+        warm = self.warmup(chain[0], chain[-1], walked)
+        if warm is not None:
+            return Confirmation(warm[0], warm[1], walked)
         best: Optional[tuple[int, Verification]] = None
         lo, hi = 0, len(chain) - 1  # chain[hi] does not fail fresh
         while lo < hi:
@@ -294,6 +297,31 @@ class Emitter:
         if best is None:  # no accepted reduction fails in a fresh process
             return Confirmation(chain[-1], last, walked)
         return Confirmation(chain[best[0]], best[1], walked, len(chain) - 1 - best[0])
+
+    def warmup(self, original: Case, minimal: Case, walked: list[tuple[str, str]]) -> Optional[tuple[Case, Verification]]:
+        """The minimal case behind the smallest part of the engine's history it needs, each candidate in a
+        fresh process: the original case's requests as a warm-up, merged into one prompt if that still fails,
+        then halved while a half still fails. None when even the whole original as a warm-up does not fail."""
+        def tried(requests: list) -> Optional[tuple[Case, Verification]]:
+            candidate = replace(minimal, warmup=requests, warmup_max_tokens=original.max_tokens)
+            done = self.run(candidate)
+            walked.append((f"{Size.of(minimal, self.reduction.targets).describe()}, after a warm-up of {len(requests)} "
+                           f"requests x {original.max_tokens} tokens", done.verdict))
+            return (candidate, done) if done.verdict == "REPRODUCED" else None
+
+        best = tried(original.requests)
+        if best is None:
+            return None
+        merged = tried(with_merged_prompts(original, 1).requests) if len(prompt_indices(original)) > 1 else None
+        best = merged or best
+        requests = best[0].warmup
+        while len(requests) > 1:
+            half = len(requests) // 2
+            smaller = tried(requests[:half]) or tried(requests[half:])
+            if smaller is None:
+                break
+            best, requests = smaller, smaller[0].warmup
+        return best
 
     def flips(self, case: Case) -> list[Flip]:
         """Each knob of the trigger back to its default (a boolean one flipped), and the planted fault off."""
@@ -436,6 +464,12 @@ def report(reduction: Reduction, source: str, env_text: str, confirmation: Optio
                      f"engine but not in a fresh process, so this is the smallest accepted reduction that fails fresh "
                      f"({confirmation.steps_back} reduction(s) before the minimal one; {LOG_NAME} lists each one tried).")
     notes.append(f"How it was found and minimized: [{LOG_NAME}]({LOG_NAME}).")
+    if case.warmup:
+        notes.append(f"The failure depends on the engine's history: the case passes on a fresh engine and fails once the same "
+                     f"engine has served {len(case.warmup)} earlier request(s) of {case.warmup_max_tokens} tokens (WARMUP, which "
+                     f"repro.py runs first; {LOG_NAME} lists each warm-up tried in a fresh process).")
+    if reduction.class_note:
+        notes.append(f"Request class: {reduction.class_note}.")
     if confirmation is None:
         go_away, output = ["(not measured: --no-verify)"], "(not run: --no-verify)"
     else:
@@ -461,8 +495,9 @@ def report(reduction: Reduction, source: str, env_text: str, confirmation: Optio
     ).render()
 
 
-def write(reduction: Reduction, out_dir: Path, verify: bool, console=None) -> tuple[Optional[Confirmation], list[Flip]]:
-    """repro.py, REPORT.md and MINIMIZATION.md into out_dir; with verify, the case confirmed in a fresh process first."""
+def write(reduction: Reduction, out_dir: Path, verify: bool, console=None, flip: bool = True) -> tuple[Optional[Confirmation], list[Flip]]:
+    """repro.py, REPORT.md and MINIMIZATION.md into out_dir; with verify, the case confirmed in a fresh process first
+    (and, with flip, each knob of its trigger undone)."""
     from transformers import AutoTokenizer
 
     import torch
@@ -474,7 +509,7 @@ def write(reduction: Reduction, out_dir: Path, verify: bool, console=None) -> tu
     source = emitter.source(case)
     (out_dir / "repro.py").write_text(source)
     # A case the budget left unreduced may hold every knob of the run: flipping each would cost as much again.
-    flips = emitter.flips(case) if verify and not reduction.budget_spent else []
+    flips = emitter.flips(case) if verify and flip and not reduction.budget_spent else []
     upstream = bug_report.search_upstream(upstream_query(reduction, case))
     (out_dir / "REPORT.md").write_text(report(reduction, source, collect_env(), confirmation, flips, device,
                                               str(out_dir / "repro.py"), upstream))

@@ -20,7 +20,8 @@ class HandoffError(ValueError):
 
 def case_from_json(data: dict) -> Case:
     """A Case from its asdict() form."""
-    return Case(**(data | {"requests": [Request(**r) for r in data["requests"]]}))
+    return Case(**(data | {"requests": [Request(**r) for r in data["requests"]],
+                           "warmup": [Request(**r) for r in data.get("warmup", [])]}))
 
 
 @dataclass
@@ -72,6 +73,10 @@ class MinimizedResult:
     env: dict[str, str] = field(default_factory=dict)
     # Where the emitted case starts the free block queue (Case.block_pool_head; None: a fresh engine's order).
     block_pool_head: Optional[float] = None
+    # Requests the emitted case runs first (Case.warmup): the engine's history the failure needs.
+    warmup_requests: int = 0
+    # The triage hint given up (reduce.Reduction.class_note; "" where the finding's class reproduced).
+    class_note: str = ""
 
     FILE = "minimized.json"
 

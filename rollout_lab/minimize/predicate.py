@@ -49,6 +49,8 @@ class FailingRun:
     description: str
     # Where the run's flagged tokens sat, from its scheduling records ("" where there are none).
     placement: str = ""
+    # Where the case came from, for messages: "RL run" (a run dir) or "hunt trial" (a hunt's case.json).
+    origin: str = "RL run"
 
 
 def direct_engine_args(cfg: RunConfig, model_path: str) -> dict:
@@ -215,4 +217,5 @@ def load_case(path: Path | str) -> FailingRun:
     cfg.fault.name, cfg.fault.params = case.fault, dict(case.fault_params)
     cfg.loop.steps = 1
     case.model = resolve_model(case_file.model)
-    return FailingRun(path.parent, path.parent.name, cfg, 0, case, case_file.expected, case_file.description)
+    origin = "hunt trial" if case_file.description.startswith("hunt trial") else "case file"
+    return FailingRun(path.parent, path.parent.name, cfg, 0, case, case_file.expected, case_file.description, origin=origin)

@@ -219,6 +219,8 @@ class Reduction:
     seconds: float = 0.0
     # The --budget-s deadline passed before every candidate was tried.
     budget_spent: bool = False
+    # The triage hint given up, in words ("" where the case's own request class reproduced).
+    class_note: str = ""
 
     def final_outcome(self) -> Optional[Outcome]:
         """The outcome of the last failing run of the minimal case."""
@@ -338,11 +340,21 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
     reducer = Reducer(trials, targets)
     case = run.case
     failures, calibration_runs = reducer.calibrate(case, calibration_runs)
+    class_note = ""
+    observed = observed_class(trials, case) if failures == 0 else None
+    if observed is not None:
+        # Triage is a hint: the replay reproduced the failure on requests of another class, which
+        # the minimizer keeps from here on (the report says so).
+        hinted = run.expected.request_class
+        trials.expected = replace(run.expected, request_class=observed)
+        run.expected = trials.expected
+        console.print(f"[yellow]request class[/]: the replay flagged tokens on '{observed}' requests, not '{hinted}' ones "
+                      f"as the {run.origin} did; minimizing with class '{observed}'", highlight=False)
+        failures, calibration_runs = reducer.calibrate(case, calibration_runs)
+        class_note = (f"the {run.origin}'s flagged requests were '{hinted}'; its replay flagged '{observed}' ones, "
+                      f"so the case is minimized with class '{observed}'")
     if failures == 0:
-        raise ValueError(
-            f"the failure of {run.run_dir} did not reproduce in {calibration_runs} runs of step {run.step} on a "
-            f"direct engine with the run's initial weights; it may need the RL updates or the trainer"
-        )
+        raise ValueError(not_reproduced(run, trials, case, calibration_runs))
     trials.rule = rule or calibrated_rule(failures, calibration_runs)
     console.print(f"[bold]rule[/]: {trials.rule.describe()} (original case failed {failures}/{calibration_runs})")
     # The engine knobs: trials with and without the pool head share an engine.
@@ -367,4 +379,35 @@ def minimize(run: FailingRun, trials: TrialRunner, targets: dict[str, dict], cal
         new_trials=trials.new_trials,
         seconds=time.perf_counter() - started,
         budget_spent=trials.budget_spent(),
+        class_note=class_note,
     )
+
+
+def calibration_outcomes(trials: TrialRunner, case: Case) -> list[Outcome]:
+    """What each calibration run of `case` under the current predicate showed."""
+    key = case_key(case, trials.expected)
+    return [r.result() for r in trials.records if r.stage == "calibrate" and r.key == key]
+
+
+def observed_class(trials: TrialRunner, case: Case) -> Optional[str]:
+    """The request class of the calibration runs' flagged tokens when the predicate refused them for
+    their class alone (a silent mismatch with no crash); None when nothing else kept them out."""
+    if trials.expected.kind != "mismatch":
+        return None
+    classes = [o.request_class for o in calibration_outcomes(trials, case) if o.crash_key is None and o.num_flagged]
+    return max(set(classes), key=classes.count) if classes else None
+
+
+def not_reproduced(run: FailingRun, trials: TrialRunner, case: Case, runs: int) -> str:
+    """Why the original case did not reproduce: what its replays showed, and what it may need that
+    the replay lacks, for where it came from (an RL run, a hunt trial)."""
+    shown = "; ".join(dict.fromkeys(o.describe() for o in calibration_outcomes(trials, case))) or "nothing"
+    if run.origin == "hunt trial":
+        cause = ("a hunt trial has no RL updates and no trainer: it may need the earlier trials its engine ran "
+                 "(its history) or be rarer than the calibration runs (--calibration-runs)")
+    else:
+        cause = ("it may need the RL updates, the trainer, or the engine's earlier steps; or be rarer than the "
+                 "calibration runs (--calibration-runs)")
+    where = {"hunt trial": "the hunt trial's case", "RL run": f"step {run.step} of the run, with its initial weights"}.get(run.origin, "the case")
+    return (f"the failure of {run.run_dir} ({trials.expected.describe()}) did not reproduce in {runs} runs of {where} "
+            f"on a direct engine: the replays showed {shown}; {cause}")

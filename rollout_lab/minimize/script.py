@@ -247,6 +247,10 @@ def _case_block(spec: ReproSpec) -> str:
         _assign("SAMPLING", sampling(case)),
         *([f"BLOCK_POOL_HEAD = {case.block_pool_head!r}  # where the free block queue starts, as a fraction of the pool"]
           if case.block_pool_head is not None else []),
+        *(["# The warm-up: (prompt, seed) of requests run first on the same engine, not judged. A fresh engine",
+           "# does not fail; one that has served these does.",
+           _assign("WARMUP", [(r.prompt_token_ids, r.seed) for r in case.warmup]),
+           f"WARMUP_MAX_TOKENS = {case.warmup_max_tokens!r}"] if case.warmup else []),
     ])
 
 
@@ -378,6 +382,9 @@ def repro_source(spec: ReproSpec) -> str:
     # Before the requests, as the minimizer's trials (standalone.sample) move it; a batch repro moves it per run.
     if case.block_pool_head is not None and kind != "batch_invariance":
         install += "\n    move_pool_head(llm)"
+    if case.warmup:  # the engine's history the failure needs, as the minimizer's trials run it (standalone.run_case)
+        install += ("\n    llm.generate([{\"prompt_token_ids\": p} for p, _ in WARMUP], [vllm.SamplingParams(seed=seed, detokenize=False, "
+                    "**(SAMPLING | {\"max_tokens\": WARMUP_MAX_TOKENS})) for _, seed in WARMUP], use_tqdm=False)")
     run = {"crash": _crash_run, "mismatch": _mismatch_run, "batch_invariance": _batch_run}[kind](spec, model, install)
     usage = "python repro.py [--model DIR_OR_HUB_ID]" + (" [--no-fault]" if case.fault else "")
     fault_note = f" Needs rollout_lab's planted fault {case.fault} (labelled below; --no-fault: without it)." if case.fault else ""

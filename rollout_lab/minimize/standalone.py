@@ -54,6 +54,11 @@ class Case:
     # pressure preset's block_pool_head, rollout_lab/pressure.py): they get the top block ids and
     # state slots first, as on a big cache. None: a fresh engine's order, lowest ids first.
     block_pool_head: Optional[float] = None
+    # The engine's history the failure needs (emit.py finds it when the case passes in a fresh
+    # process): requests sampled first, in one generate call of warmup_max_tokens tokens each, and
+    # not judged. Empty: a fresh engine.
+    warmup: list[Request] = field(default_factory=list)
+    warmup_max_tokens: int = 0
 
 
 @dataclass
@@ -209,6 +214,8 @@ def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) ->
     """Sample the case on `llm` and, for a mismatch, compare with the reference token by token; for
     batch invariance, run each target request again alone and compare bitwise."""
     try:
+        if case.warmup:
+            sample(llm, replace(case, requests=case.warmup, max_tokens=case.warmup_max_tokens, warmup=[]))
         outputs = sample(llm, case)
         if expected.kind == "batch_invariance":
             alone = [sample(llm, replace(case, requests=[r]))[0] for r in case.requests[: expected.targets]]

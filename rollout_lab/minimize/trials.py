@@ -21,7 +21,7 @@ from typing import Optional
 from rich.console import Console
 
 from rollout_lab import engine
-from rollout_lab.minimize.standalone import (Case, Expected, Outcome, Request, TokenDiff, crash_outcome, run_case,
+from rollout_lab.minimize.standalone import (Case, Expected, Outcome, TokenDiff, crash_outcome, run_case,
                                             same_failure, start_engine)
 from rollout_lab.reference import load_reference
 
@@ -84,7 +84,9 @@ class TrialRecord:
         """The candidate this run tried (None in logs written before cases were recorded)."""
         if self.case is None:
             return None
-        return Case(**(self.case | {"requests": [Request(**r) for r in self.case["requests"]]}))
+        from rollout_lab.minimize.handoff import case_from_json
+
+        return case_from_json(self.case)
 
     def result(self) -> Outcome:
         fields = dict(self.outcome)
@@ -94,7 +96,10 @@ class TrialRecord:
 
 def case_key(case: Case, expected: Expected) -> str:
     """A hash of everything that decides a trial's verdict."""
-    payload = json.dumps({"case": asdict(case), "expected": asdict(expected)}, sort_keys=True)
+    fields = asdict(case)
+    if not case.warmup:  # keys of cases without a warm-up stay those logged before it existed
+        del fields["warmup"], fields["warmup_max_tokens"]
+    payload = json.dumps({"case": fields, "expected": asdict(expected)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

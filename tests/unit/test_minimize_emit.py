@@ -235,3 +235,37 @@ def test_a_kept_block_pool_head_is_named_in_the_title_and_flipped_off_on_its_own
     assert tried[-2] == replace(red.case, block_pool_head=None)
     assert all(case.block_pool_head == 0.8 for case in tried[:-2] + tried[-1:])
     assert "block_pool_head -> None" in minimization_log(replace(red, run=replace(red.run, case=red.case)), None)
+
+
+class HistoryEmitter(ScriptedEmitter):
+    """Fresh-process runs fail only after a warm-up of at least `need` requests (the engine's history)."""
+
+    def __init__(self, red, need):
+        super().__init__(red, {})
+        self.need = need
+
+    def run(self, case, args=()):
+        self.ran.append((len(case.requests), len(case.warmup)))
+        verdict = "REPRODUCED" if len(case.warmup) >= self.need else "NOT REPRODUCED"
+        return Verification(list(args), {"REPRODUCED": 1, "NOT REPRODUCED": 0}[verdict], 1.0, "", f"{verdict}: scripted")
+
+
+def test_a_minimal_case_that_needs_the_engines_history_gets_the_smallest_warm_up_that_fails_fresh():
+    red = chain_reduction()
+    emitter = HistoryEmitter(red, need=2)
+    confirmation = emitter.confirm()
+    # The minimal case (1 request) stays; the warm-up: the original 8 requests (all on one prompt: no
+    # merge), then halved while a half still fails: 4, 2, and neither single request.
+    assert len(confirmation.case.requests) == 1 and confirmation.steps_back == 0
+    assert len(confirmation.case.warmup) == 2 and confirmation.case.warmup_max_tokens == red.accepted()[0].max_tokens
+    assert confirmation.verification.verdict == "REPRODUCED"
+    assert emitter.ran == [(1, 0), (1, 8), (1, 4), (1, 2), (1, 1), (1, 1)]
+    assert any("after a warm-up of 2 requests" in size for size, _ in confirmation.walked_back)
+    text = report(red, "", "env", confirmation, [], "CPU", "repro/x/repro.py")
+    assert "fails once the same engine has served 2 earlier request(s)" in " ".join(text.split())
+
+
+def test_without_a_warm_up_that_fails_fresh_the_walk_back_remains():
+    emitter = ScriptedEmitter(chain_reduction(), {8: "REPRODUCED", 6: "REPRODUCED", 4: "REPRODUCED", 2: "NOT REPRODUCED", 1: "NOT REPRODUCED"})
+    confirmation = emitter.confirm()
+    assert len(confirmation.case.requests) == 4 and confirmation.steps_back == 2 and not confirmation.case.warmup

@@ -1,4 +1,6 @@
 """Candidate construction and the knob table, checked by hand."""
+import pytest
+
 from rollout_lab.minimize.reduce import (
     Size,
     case_knobs,
@@ -220,3 +222,50 @@ def test_the_reducer_keeps_the_head_only_when_the_failure_needs_it(tmp_path):
     reducer, _ = _reducer(tmp_path / "indifferent", lambda c: "block_size" in deviating_knobs(c.engine_args, targets))
     reduced = reducer.knobs(case)
     assert case_knobs(reduced, targets) == ["block_size"] and reduced.block_pool_head is None
+
+
+def _mismatch_run(tmp_path, origin: str, hinted: str, observed, flagged: int):
+    """A FailingRun of a silent mismatch of class `hinted`, and a TrialRunner whose replays flag
+    `flagged` tokens on `observed` requests (no engine)."""
+    from rich.console import Console
+
+    from rollout_lab.config import RunConfig
+    from rollout_lab.minimize.predicate import FailingRun
+    from rollout_lab.minimize.standalone import Expected, Outcome
+    from rollout_lab.minimize.trials import Rule, TrialRunner
+
+    case = Case("m", {"dtype": "float32"}, [Request([1, 2, 3], 0, p, 0) for p in range(4)], 8)
+    expected = Expected("mismatch", 1e-3, request_class=hinted)
+    run = FailingRun(tmp_path / "finding", "f00", RunConfig(), 0, case, expected, "hunt trial 3: mismatch", origin=origin)
+    runner = TrialRunner(expected, tmp_path / "log.jsonl", Rule(), Console())
+    runner._outcome = lambda c: (Outcome(num_requests=len(c.requests), num_tokens=32, num_flagged=flagged,
+                                         max_abs_diff=0.25 if flagged else 2e-5, request_class=observed), 0.0)
+    return run, runner
+
+
+def test_a_replay_that_reproduces_on_another_request_class_is_minimized_with_the_class_observed(tmp_path):
+    from rich.console import Console
+
+    from rollout_lab.minimize.reduce import minimize
+
+    run, runner = _mismatch_run(tmp_path, "hunt trial", "prefix_cached", "any", 24)
+    reduction = minimize(run, runner, knob_targets(on_gpu=False), 3, None, Console())
+    assert reduction.run.expected.request_class == "any" and runner.expected.request_class == "any"
+    assert reduction.class_note == ("the hunt trial's flagged requests were 'prefix_cached'; its replay flagged 'any' ones, "
+                                    "so the case is minimized with class 'any'")
+    assert len(reduction.case.requests) == 1
+
+
+def test_did_not_reproduce_says_what_the_replays_showed_and_a_cause_that_fits_the_origin(tmp_path):
+    from rich.console import Console
+
+    from rollout_lab.minimize.reduce import minimize
+
+    for origin, cause, absent in (("hunt trial", "a hunt trial has no RL updates", "it may need the RL updates"),
+                                  ("RL run", "it may need the RL updates, the trainer", "hunt trial")):
+        run, runner = _mismatch_run(tmp_path / origin.replace(" ", "_"), origin, "preempted", None, 0)
+        with pytest.raises(ValueError) as raised:
+            minimize(run, runner, knob_targets(on_gpu=False), 2, None, Console())
+        message = str(raised.value)
+        assert "did not reproduce in 2 runs" in message and "the replays showed 0/32 tokens flagged, max diff 2e-05" in message
+        assert cause in message and absent not in message, message

@@ -181,3 +181,17 @@ def test_a_block_pool_head_is_moved_before_each_generate_call_within_the_budget(
     assert body.count("move_pool_head(llm)") == body.count("llm.generate(") == 1
     assert body.index("move_pool_head(llm)") < body.index("llm.generate(")
     assert "move_pool_head" not in without and "BLOCK_POOL_HEAD" not in without
+
+
+@pytest.mark.parametrize("kind", ["crash", "mismatch"])
+def test_a_warm_up_is_run_first_on_the_same_engine_and_not_judged(kind):
+    base = spec(kind, "smollm2")
+    base.case.warmup, base.case.warmup_max_tokens = [Request(PROMPT[:40], 5, 0, 0)], 16
+    source = repro_source(base)
+    namespace = {}
+    exec(compile(source, "repro.py", "exec"), namespace)
+    assert namespace["WARMUP"] == [(PROMPT[:40], 5)] and namespace["WARMUP_MAX_TOKENS"] == 16
+    body = source[source.index("def reproduce"):]
+    # After the engine starts and before the judged requests.
+    assert body.index("WARMUP") < body.index("for p, _ in REQUESTS")
+    assert "WARMUP" not in repro_source(spec(kind, "smollm2"))

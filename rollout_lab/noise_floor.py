@@ -124,8 +124,11 @@ def above_floor(abs_diff_max: float, floor: Optional[NoiseFloor]) -> str:
     excess = abs_diff_max - floor.abs_diff_max
     if excess <= 0:
         return f"max |sampler - trainer| {abs_diff_max:.3g} is within the trainer's own floor {floor.abs_diff_max:.3g}"
+    if floor.abs_diff_max == 0.0:
+        return (f"max |sampler - trainer| {abs_diff_max:.3g}, all of it above the trainer's own floor: the trainer is bitwise "
+                f"stable against itself ({floor.variant})")
     return (f"max |sampler - trainer| {abs_diff_max:.3g} is {excess:.3g} above the trainer's own floor {floor.abs_diff_max:.3g} "
-            f"({abs_diff_max / max(floor.abs_diff_max, 1e-300):.3g}x)")
+            f"({abs_diff_max / floor.abs_diff_max:.3g}x)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -354,24 +354,37 @@ class DiagnosisReport:
         (Path(run_dir) / REPORT_FILE).write_text(markdown(self))
 
 
-def diagnose(run_dir: Path, floor: Optional[NoiseFloor] = None) -> DiagnosisReport:
-    """Run every diagnosis over the run's steps; write DIAGNOSIS.md and diagnosis.json; return the report."""
-    run_dir = Path(run_dir)
-    summary = read_summary(run_dir)
-    floor = floor or NoiseFloor.read(run_dir)
-    context = Context(run_dir, summary.spike_threshold or 0.0, floor)
-    diagnoses = [cls(context) for cls in DIAGNOSES]
-    tokens = flagged = remaining = 0
-    remaining_requests, remaining_steps, remaining_max, worst = set(), [], 0.0, 0.0
+def _steps(run_dir: Path):
+    """(step, its tokens ordered by request and position), one records file at a time."""
     columns = ["step", "worker", "request_id", "position", "token_id", "sampler_logprob", "trainer_logprob", "abs_diff"]
     paths = sorted((run_dir / "records").glob("step_*.parquet"))
     if not paths:
         raise RecordsError(f"run dir {run_dir} has no records/step_*.parquet")
     for path in paths:
         frame = pq.read_table(path, columns=columns).to_pandas().sort_values(["worker", "request_id", "position"], ignore_index=True)
-        step = int(path.stem.split("_")[1])
-        explained = np.zeros(len(frame), dtype=bool)
+        yield int(path.stem.split("_")[1]), frame
+
+
+def diagnose(run_dir: Path, floor: Optional[NoiseFloor] = None) -> DiagnosisReport:
+    """Run every diagnosis over the run's steps; write DIAGNOSIS.md and diagnosis.json; return the report.
+
+    Two passes: the first decides which diagnoses hold (a pattern is a property of the whole run), the
+    second takes the tokens those explain out of what remains for the engine."""
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    floor = floor or NoiseFloor.read(run_dir)
+    context = Context(run_dir, summary.spike_threshold or 0.0, floor)
+    diagnoses = [cls(context) for cls in DIAGNOSES]
+    for step, frame in _steps(run_dir):
         for d in diagnoses:
+            d.observe(step, frame)
+    findings = [f for f in (d.finding() for d in diagnoses) if f is not None]
+    held = [cls(context) for cls in DIAGNOSES if cls.name in {f.name for f in findings}]
+    tokens = flagged = remaining = 0
+    remaining_requests, remaining_steps, remaining_max, worst = set(), [], 0.0, 0.0
+    for step, frame in _steps(run_dir):
+        explained = np.zeros(len(frame), dtype=bool)
+        for d in held:
             explained |= d.observe(step, frame)
         diff = frame["abs_diff"].to_numpy()
         over = diff > context.threshold
@@ -384,7 +397,6 @@ def diagnose(run_dir: Path, floor: Optional[NoiseFloor] = None) -> DiagnosisRepo
             remaining_steps.append(step)
             remaining_max = max(remaining_max, float(diff[left].max()))
             remaining_requests |= {f"{step}/{w}/{r}" for w, r in zip(frame["worker"][left], frame["request_id"][left])}
-    findings = [f for f in (d.finding() for d in diagnoses) if f is not None]
     ingest = IngestRecord.read(run_dir)
     report = DiagnosisReport(str(run_dir), context.threshold, asdict(floor) if floor else None, findings, tokens, flagged, remaining,
                              len(remaining_requests), remaining_steps, remaining_max, worst,

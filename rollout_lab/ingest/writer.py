@@ -206,6 +206,8 @@ class _StepWriter:
                                 [s.reward for s in group])
             self._writer.write_table(table)
             self.totals.rewards += [s.reward for s in group if s.reward is not None]
+            for s in group:  # written: the step keeps only what its requests and worst tokens need
+                s.sampler_logprobs = s.trainer_logprobs = None
 
     def _close(self) -> None:
         self._writer.close()

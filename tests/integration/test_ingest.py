@@ -271,3 +271,18 @@ def test_cli_with_a_relative_path_and_another_directory(lab_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "rollout_lab.ingest", "slime", "nowhere", "--model", "llama-tiny"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "rollout_lab.ingest: nowhere does not exist"
+
+
+def test_verl_text_is_tokenized_and_both_sides_computed(lab_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("llama-tiny"))
+    step0 = [s for s in lab_sequences(lab_run) if s.step == 0]
+    engine_yaml = tmp_path / "engine.yaml"
+    engine_yaml.write_text("engine:\n  dtype: float32\n  max_model_len: 256\n")
+    result, record = ingest("verl", write_verl(step0, tmp_path / "export", tokenizer), "llama-tiny", tmp_path / "run",
+                            engine_config=engine_yaml, logger_mode="disabled", progress=False)
+    assert record.sampler_side.startswith("replayed") and record.trainer_side.startswith("computed")
+    # vLLM's prefill and the float32 reference on the re-tokenized text: clean, as the run was.
+    assert result.status == "ok" and result.num_tokens > 0 and result.spike_fraction == 0.0
+    assert diagnose(tmp_path / "run").findings == []

@@ -189,3 +189,36 @@ def test_write_rollouts_drops_padding_and_reads_back(tmp_path):
         first, second = read_generic(f, path)
     assert (first.prompt_token_ids, first.token_ids, first.sampler_logprobs, first.weight_version) == ([5, 6], [10, 11], [-1.0, -2.0], 3)
     assert (second.prompt_token_ids, second.token_ids, second.sampler_logprobs, second.trainer_logprobs) == ([7, 8, 9], [12], [-3.0], None)
+
+
+def test_text_formats_tokenize_with_the_models_tokenizer():
+    from transformers import AutoTokenizer
+
+    from rollout_lab.ingest.formats import trl, verl
+    from rollout_lab.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("llama-tiny"))
+    seq = verl.sequence({"input": "1 + 2 =", "output": " 3", "score": 1.0, "step": 5}, 0, 1, tokenizer, "v:1")
+    assert (seq.step, seq.reward, seq.sampler_logprobs, seq.trainer_logprobs) == (5, 1.0, None, None)
+    assert tokenizer.decode(seq.prompt_token_ids + seq.token_ids) == "1 + 2 = 3"
+    row = {"step": 2, "prompt": [{"role": "user", "content": "hi"}], "completion": "ok", "accuracy": 0.5, "format": 0.25,
+           "advantage": 0.1}
+    seq = trl.sequence(row, 0, tokenizer, "t:0")
+    assert seq.reward == 0.75 and tokenizer.decode(seq.token_ids) == "ok"
+    assert "hi" in tokenizer.decode(seq.prompt_token_ids)
+
+
+def test_engine_config_allows_only_engine_sampling_and_fault(tmp_path):
+    from rollout_lab.config import ConfigError, RunConfig
+    from rollout_lab.ingest.writer import load_engine_config
+
+    path = tmp_path / "engine.yaml"
+    path.write_text("engine:\n  max_num_seqs: 4\nworkload:\n  top_p: 0.9\n")
+    cfg = load_engine_config(path, RunConfig())
+    assert (cfg.engine.max_num_seqs, cfg.workload.top_p) == (4, 0.9)
+    path.write_text("trainer:\n  dtype: bfloat16\n")
+    with pytest.raises(ConfigError, match="key\\(s\\) trainer not allowed"):
+        load_engine_config(path, RunConfig())
+    path.write_text("engine:\n  max_num_seq: 4\n")
+    with pytest.raises(ConfigError, match="max_num_seq"):
+        load_engine_config(path, RunConfig())

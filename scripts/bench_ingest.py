@@ -19,21 +19,26 @@ from pathlib import Path
 
 import numpy as np
 
-from rollout_lab.ingest.sequence import ExportedSequence, GenericWriter
+from rollout_lab.ingest.sequence import ExportedSequence, to_dict
 
 
-def write_export(path: Path, target_bytes: int, steps: int, prompt_len: int, completion_len: int, seed: int = 0) -> tuple[int, int]:
-    """A JSONL export of about target_bytes, spread evenly over `steps`; returns (sequences, tokens)."""
+def write_export(path: Path, target_bytes: int, steps: int, prompt_len: int, completion_len: int, seed: int = 0,
+                 distinct: int = 256) -> tuple[int, int]:
+    """A JSONL export of about target_bytes, spread evenly over `steps`; returns (sequences, tokens).
+
+    `distinct` sequences are serialized once and written again under each step and request id:
+    json.dumps of the floats would otherwise take longer than the ingest being measured."""
+    import json
+
     rng = np.random.default_rng(seed)
-    probe = Path(str(path) + ".probe")
-    with GenericWriter(probe) as writer:
-        writer.write(_sequence(rng, 0, 0, prompt_len, completion_len))
-    per_sequence = probe.stat().st_size
-    probe.unlink()
-    total = max(steps, target_bytes // per_sequence)
-    with GenericWriter(path) as writer:
+    bodies = [json.dumps(to_dict(_sequence(rng, 0, 0, prompt_len, completion_len)))[1:] for _ in range(distinct)]
+    # Every body starts with schema_version and step: the step and request id are swapped in per line.
+    per_line = len(bodies[0]) + 32
+    total = max(steps, target_bytes // per_line)
+    with path.open("w") as f:
         for i in range(total):
-            writer.write(_sequence(rng, i * steps // total, i, prompt_len, completion_len))
+            body = bodies[i % distinct].replace('"step": 0,', f'"step": {i * steps // total},', 1)
+            f.write("{" + body.replace('"request_id": "0"', f'"request_id": "{i}"', 1) + "\n")
     return total, total * completion_len
 
 

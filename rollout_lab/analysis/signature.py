@@ -166,6 +166,12 @@ def run_signature(run_dir: Path, name: Optional[str] = None) -> RunSignature:
         tokens=tokens,
     )
     signature.outcome = outcome_class(signature.status, int(tokens["spike"].sum()) if not tokens.empty else 0, refusal is not None)
+    return with_token_stats(signature)
+
+
+def with_token_stats(signature: RunSignature) -> RunSignature:
+    """The signature with its spike rate, quantiles and spike locations computed from its token table."""
+    tokens = signature.tokens
     if tokens.empty:
         return signature
     abs_diff = tokens["abs_diff"].to_numpy()

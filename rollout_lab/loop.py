@@ -16,12 +16,14 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from rollout_lab.analysis.outcome import outcome_class
 from rollout_lab.config import RunConfig, validate
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
 from rollout_lab.mismatch import group_advantages, token_metrics, weight_sync_exercised
 from rollout_lab.placement import plan, reserve
 from rollout_lab.records import RolloutBatch, RunResult, token_table, write_config, write_requests, write_step, write_summary
 from rollout_lab.sampler import PromptRequest
+from rollout_lab.shift import shift_of_run
 from rollout_lab.tolerances import device_name, engine_row, engine_version, threshold_for, tolerance
 from rollout_lab.wandb_log import RunLogger
 from rollout_lab.workload import REWARDS, encode_prompt, make_problems
@@ -196,10 +198,15 @@ def run(cfg: RunConfig) -> RunResult:
             result.abs_diff_max, result.abs_diff_mean = float(diffs.max()), float(diffs.mean())
             result.spike_fraction = float(np.mean(diffs > threshold))
             result.bitwise_equal_fraction = float(np.mean(diffs == 0.0))
+            if result.status == "ok":
+                result.shift = shift_of_run(run_dir, cfg)
+        if result.status != "interrupted":
+            shifted = result.shift is not None and result.shift.shifted
+            result.outcome = outcome_class(result.status, int(np.sum(diffs > threshold)), False, shifted)
         result.reward_mean = float(np.mean(all_rewards)) if all_rewards else 0.0
         result.seconds = time.perf_counter() - started
-        summary = {k: v for k, v in asdict(result).items() if k not in ("crash",)}
-        result.wandb_dir = logger.finish(summary | {"crash_key": result.crash.key if result.crash is not None else None})
+        summary = {k: v for k, v in asdict(result).items() if k not in ("crash", "shift")}
+        result.wandb_dir = logger.finish(summary | {"crash_key": result.crash.key if result.crash is not None else None}, result.shift)
         write_summary(run_dir, result)
         for actor in samplers + [trainer]:
             ray.kill(actor)

@@ -33,7 +33,7 @@ def test_a_fault_below_the_threshold_is_shifted_and_a_clean_run_is_not(tmp_path,
     assert not shift_test(frame[frame.step == 2], frame[frame.step < 2]).shifted
     write_profile(profile_path(profile_key(clean_cfg)), ShiftProfile(profile_key(clean_cfg), 1, 2, clean.seconds, frame[frame.step < 2]))
 
-    noisy_cfg = compose(*COMMON, "loop.steps=1", "fault=logit_noise", "fault.params.scale=0.02", "workload.prompt_seed=1")
+    noisy_cfg = compose(*COMMON, "loop.steps=1", "fault=logit_noise", "fault.params.scale=0.1", "workload.prompt_seed=1")
     noisy_cfg.run_dir = str(tmp_path / "noisy")
     noisy = run(noisy_cfg)
     assert noisy.status == "ok" and noisy.abs_diff_max < noisy.spike_threshold

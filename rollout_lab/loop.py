@@ -198,7 +198,8 @@ def run(cfg: RunConfig) -> RunResult:
             result.abs_diff_max, result.abs_diff_mean = float(diffs.max()), float(diffs.mean())
             result.spike_fraction = float(np.mean(diffs > threshold))
             result.bitwise_equal_fraction = float(np.mean(diffs == 0.0))
-            if result.status == "ok":
+            # A sync mismatch's sampled tokens are evidence too (its outcome stays sync mismatch).
+            if result.status in ("ok", "sync_mismatch"):
                 result.shift = shift_of_run(run_dir, cfg)
         if result.status != "interrupted":
             shifted = result.shift is not None and result.shift.shifted

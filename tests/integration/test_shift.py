@@ -23,15 +23,15 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def test_a_fault_below_the_threshold_is_shifted_and_a_clean_run_is_not(tmp_path, ray_session, compose, private_cache):
-    clean_cfg = compose(*COMMON, "loop.steps=3")
+    clean_cfg = compose(*COMMON, "loop.steps=2")
     clean_cfg.run_dir = str(tmp_path / "clean")
     clean = run(clean_cfg)
     # No profile yet: the run was tested against itself.
     assert clean.status == "ok" and clean.shift.reference == "self" and clean.outcome == "clean", clean.shift.sentence()
     frame = shift_frame(clean_cfg.run_dir)
-    # Steps 0-1 are the profile, step 2 a clean run at other prompts tested against it.
-    assert not shift_test(frame[frame.step == 2], frame[frame.step < 2]).shifted
-    write_profile(profile_path(profile_key(clean_cfg)), ShiftProfile(profile_key(clean_cfg), 1, 2, clean.seconds, frame[frame.step < 2]))
+    # Step 0 is the profile, step 1 a clean run at other prompts tested against it.
+    assert not shift_test(frame[frame.step == 1], frame[frame.step == 0]).shifted
+    write_profile(profile_path(profile_key(clean_cfg)), ShiftProfile(profile_key(clean_cfg), 1, 1, clean.seconds, frame[frame.step == 0]))
 
     noisy_cfg = compose(*COMMON, "loop.steps=1", "fault=logit_noise", "fault.params.scale=0.1", "workload.prompt_seed=1")
     noisy_cfg.run_dir = str(tmp_path / "noisy")

@@ -19,8 +19,9 @@ register()
 def print_summary(result, pressure=None, block_pool_head=None) -> None:
     """The closing lines a person reads: status, size, worst difference, where it all went."""
     console = Console()
-    colour = "green" if result.status == "ok" else "red"
-    console.print(f"[bold {colour}]status: {result.status}[/] after {result.steps_completed} steps, {result.seconds:.0f} s")
+    colour = "green" if result.status == "ok" and result.outcome in ("clean", "") else "red"
+    outcome = f", outcome: {result.outcome}" if result.outcome else ""
+    console.print(f"[bold {colour}]status: {result.status}{outcome}[/] after {result.steps_completed} steps, {result.seconds:.0f} s")
     console.print(
         f"tokens: {result.num_tokens}  max |sampler-trainer|: {result.abs_diff_max:.3g}  "
         f"mean: {result.abs_diff_mean:.3g}  spike fraction (> {result.spike_threshold:g}): {result.spike_fraction:.4f}  "
@@ -36,6 +37,8 @@ def print_summary(result, pressure=None, block_pool_head=None) -> None:
         backends = " | ".join(", ".join(group) for group in env.get("attention_backends") or [])
         console.print(f"engine: {env.get('engine')}, model runner {env.get('model_runner_label') or '?'} "
                       f"({env['model_runner']}), attention {backends or '?'}")
+    if result.shift is not None:
+        console.print(f"[{'red' if result.shift.shifted else 'default'}]{result.shift.sentence()}[/]")
     note = vacuous_sync_note(result)
     if note:
         console.print(f"[yellow]{note}[/]")

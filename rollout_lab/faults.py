@@ -37,6 +37,11 @@ parameters and their defaults: config.fault_params and the conf/fault/<name>.yam
                  requests are exact. Silent, and switched on by batch size: clean while
                  max_num_seqs < min_batch, failing once the scheduler may run min_batch requests
                  together (and as long as enough requests are in flight).
+  kv_noise       Trigger: a token's K and V are written into a KV block with id >= `min_block`.
+                 They are stored with Gaussian noise of std `scale` x the row's RMS, per element
+                 (seeded): a small write-side KV corruption confined to a block range, for the
+                 shift test (docs/shift.md) to find below the spike threshold. Reads are exact;
+                 every later token that attends to those positions sees the noise.
   engine_crash   Raises RuntimeError in the forward pass at engine step `at_step`: a real
                  exception inside the engine, for crash capture and crash minimization.
 
@@ -58,6 +63,7 @@ PARAMS = {
     "foreign_ssm_state": {"p": 1.0, "seed": 0},
     "index_overflow": {"threshold": 16, "stride": 1},
     "logit_noise": {"scale": 0.05, "seed": 0},
+    "kv_noise": {"min_block": 64, "scale": 0.05, "seed": 0},
     "engine_crash": {"at_step": 3},
     "batch_threshold": {"min_batch": 4, "scale": 0.1, "seed": 0},
 }
@@ -275,6 +281,31 @@ def _ssm_states(runner) -> list[tuple[int, list[torch.Tensor]]]:
     return states
 
 
+def _wrap_kv_writes(runner, state: _FaultState) -> None:
+    """kv_noise: every attention layer's KV write adds noise to the rows bound for blocks >= min_block."""
+    impls = [m.impl for m in runner.model.modules() if hasattr(getattr(m, "impl", None), "do_kv_cache_update")]
+    if not impls:
+        raise ValueError("fault kv_noise needs an attention backend that writes the KV cache through "
+                         "do_kv_cache_update (vLLM CPU's CPU_ATTN does); this engine's has none")
+    min_block, scale = int(state.params["min_block"]), float(state.params["scale"])
+    for impl in impls:
+        update = impl.do_kv_cache_update
+
+        def noisy_update(layer, key, value, kv_cache, slot_mapping, update=update):
+            block_size = kv_cache.shape[2]  # CPU_ATTN layout: [num_blocks, num_kv_heads, block_size, 2 * head_size]
+            rows = (slot_mapping[: key.shape[0]] // block_size) >= min_block
+            if bool(rows.any()):
+                key, value = key.clone(), value.clone()
+                for tensor in (key, value):
+                    chosen = tensor[rows].float()
+                    rms = chosen.pow(2).mean(dim=tuple(range(1, chosen.dim())), keepdim=True).sqrt()
+                    noise = torch.randn(chosen.shape, generator=state.generator, dtype=torch.float32)
+                    tensor[rows] = (chosen + scale * rms * noise).to(tensor.dtype)
+            return update(layer, key, value, kv_cache, slot_mapping)
+
+        impl.do_kv_cache_update = noisy_update
+
+
 def install(worker, name: str, params: dict) -> str:
     """Plant fault `name` (params already complete) in `worker`'s model runner; returns a description."""
     runner = worker.model_runner
@@ -306,4 +337,6 @@ def install(worker, name: str, params: dict) -> str:
             return logits + float(params["scale"]) * noise.to(logits.device, logits.dtype)
 
         model.compute_logits = noisy_compute_logits
+    if name == "kv_noise":
+        _wrap_kv_writes(runner, state)
     return f"{name} {json.dumps(params, sort_keys=True)}"

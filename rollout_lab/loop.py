@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from rollout_lab.analysis.outcome import outcome_class
 from rollout_lab.config import RunConfig, validate
 from rollout_lab.engine import check_engine_args
 from rollout_lab.crash import CrashSignature, EngineCrash, crash_signature
@@ -24,6 +25,7 @@ from rollout_lab.mismatch import group_advantages, token_metrics, weight_sync_ex
 from rollout_lab.placement import plan, reserve
 from rollout_lab.records import RolloutBatch, RunResult, token_table, write_config, write_requests, write_step, write_summary
 from rollout_lab.sampler import PromptRequest
+from rollout_lab.shift import shift_of_run
 from rollout_lab.tolerances import device_name, engine_version, threshold_for, weight_sync_tolerance
 from rollout_lab.wandb_log import RunLogger
 from rollout_lab.workload import REWARDS, encode_prompt, make_problems
@@ -266,10 +268,16 @@ def finish(job: Job) -> None:
         result.abs_diff_max, result.abs_diff_mean = float(diffs.max()), float(diffs.mean())
         result.spike_fraction = float(np.mean(diffs > result.spike_threshold))
         result.bitwise_equal_fraction = float(np.mean(diffs == 0.0))
+        # A sync mismatch's sampled tokens are evidence too (its outcome stays sync mismatch).
+        if result.status in ("ok", "sync_mismatch"):
+            result.shift = shift_of_run(job.run_dir, job.cfg)
+    if result.status != "interrupted":
+        shifted = result.shift is not None and result.shift.shifted
+        result.outcome = outcome_class(result.status, int(np.sum(diffs > result.spike_threshold)), False, shifted)
     result.reward_mean = float(np.mean(job.all_rewards)) if job.all_rewards else 0.0
     result.seconds = time.perf_counter() - job.started
-    summary = {k: v for k, v in asdict(result).items() if k not in ("crash",)}
-    result.wandb_dir = job.logger.finish(summary | {"crash_key": result.crash.key if result.crash is not None else None})
+    summary = {k: v for k, v in asdict(result).items() if k not in ("crash", "shift")}
+    result.wandb_dir = job.logger.finish(summary | {"crash_key": result.crash.key if result.crash is not None else None}, result.shift)
     write_summary(job.run_dir, result)
     for actor in job.samplers + [job.trainer]:
         ray.kill(actor)

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ import pyarrow.parquet as pq
 
 from rollout_lab.config import ConfigError, RunConfig, validate
 from rollout_lab.crash import CrashSignature
+
+if TYPE_CHECKING:  # shift.py reads run dirs through this module
+    from rollout_lab.shift import ShiftResult
 
 SCHEMA_VERSION = "1"
 
@@ -264,6 +267,9 @@ class RunResult:
     run_id: str
     run_dir: str
     status: str = "interrupted"
+    # How it ended, as the sweep analysis classes runs (analysis/outcome.py): clean, silent mismatch, shifted,
+    # sync mismatch, crash; "" for an interrupted run or a summary written before it was recorded.
+    outcome: str = ""
     steps_completed: int = 0
     num_tokens: int = 0
     abs_diff_max: float = 0.0
@@ -287,6 +293,9 @@ class RunResult:
     zero_advantage_steps: int = 0
     # Why the run stopped: the engine's crash (status crash) or the failed weight-sync check (sync_mismatch).
     crash: Optional[CrashSignature] = None
+    # The shift test of the run's |difference| distribution per condition (rollout_lab/shift.py); None:
+    # not run (the run did not end ok, or its summary predates the test).
+    shift: Optional[ShiftResult] = None
     engine_start_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     wandb_dir: Optional[str] = None
@@ -296,7 +305,8 @@ class RunResult:
 def write_summary(run_dir: Path, result: RunResult) -> Path:
     """<run_dir>/summary.json; the crash as CrashSignature.to_dict (with its key)."""
     path = Path(run_dir) / "summary.json"
-    data = asdict(result) | {"crash": result.crash.to_dict() if result.crash is not None else None}
+    data = asdict(result) | {"crash": result.crash.to_dict() if result.crash is not None else None,
+                             "shift": result.shift.to_dict() if result.shift is not None else None}
     path.write_text(json.dumps(data, indent=2))
     return path
 
@@ -319,7 +329,13 @@ def read_summary(run_dir: Path) -> RunResult:
         crash = CrashSignature.from_dict(data["crash"]) if data.get("crash") else None
     except (TypeError, ValueError) as exc:
         raise RecordsError(f"{path}: its crash is not a crash signature ({exc})".splitlines()[0]) from None
-    fields = {"run_id": Path(run_dir).name} | data | {"run_dir": str(run_dir), "crash": crash}
+    from rollout_lab.shift import ShiftResult
+
+    try:
+        shift = ShiftResult.from_dict(data["shift"]) if data.get("shift") else None
+    except (TypeError, ValueError) as exc:
+        raise RecordsError(f"{path}: its shift is not a shift test result ({exc})".splitlines()[0]) from None
+    fields = {"run_id": Path(run_dir).name} | data | {"run_dir": str(run_dir), "crash": crash, "shift": shift}
     return RunResult(**fields)
 
 

@@ -92,10 +92,17 @@ class RunLogger:
             )
         self.wandb_run.log(payload, step=step)
 
-    def finish(self, summary: dict) -> Optional[str]:
-        """Write the run summary to W&B and close it; returns the W&B run directory."""
+    def finish(self, summary: dict, shift=None) -> Optional[str]:
+        """Write the run summary (and the shift test's table, a rollout_lab.shift.ShiftResult) to W&B and close
+        it; returns the W&B run directory."""
         if self.wandb_run is None:
             return None
+        if shift is not None and shift.tests:
+            import wandb
+
+            columns, rows = shift.table_rows()
+            self.wandb_run.log({"shift/conditions": wandb.Table(columns=columns, data=rows)})
+            summary = summary | shift.wandb_summary()
         for key, value in summary.items():
             self.wandb_run.summary[key] = value
         wandb_dir = self.wandb_run.dir

@@ -2,6 +2,8 @@
 
     clean            no crash, no weight-sync mismatch, no token above the spike threshold
     silent mismatch  tokens above the spike threshold in a run that ended normally
+    shifted          no token above it, but the |difference| distribution of some recorded condition
+                     moved against the clean profile (or the run itself): rollout_lab/shift.py
     sync mismatch    the weight-sync probe disagreed after a step (the loop stops there)
     crash <key>      the engine raised; keyed by exception type @ innermost vLLM frames
     not run          vLLM refused the configuration at start (its own validation): there is no
@@ -22,20 +24,22 @@ from typing import Any, Optional, Sequence
 from rollout_lab.config import RunConfig
 from rollout_lab.crash import NO_VLLM_FRAME, CrashSignature
 
-CLEAN, SILENT, SYNC, CRASH, NOT_RUN = "clean", "silent mismatch", "sync mismatch", "crash", "not run"
+CLEAN, SILENT, SHIFTED, SYNC, CRASH, NOT_RUN = "clean", "silent mismatch", "shifted", "sync mismatch", "crash", "not run"
 # Points the next sweep puts between the last value of one class and the first of the next.
 NEXT_POINTS = 5
 
 
-def outcome_class(status: str, num_spikes: int, refused: bool) -> str:
-    """The run's class from its summary status and spike count (refused: vLLM refused its engine)."""
+def outcome_class(status: str, num_spikes: int, refused: bool, shifted: bool = False) -> str:
+    """The run's class from its summary status, spike count and shift test (refused: vLLM refused its engine)."""
     if refused:
         return NOT_RUN
     if status == "crash":
         return CRASH
     if status == "sync_mismatch":
         return SYNC
-    return SILENT if num_spikes > 0 else CLEAN
+    if num_spikes > 0:
+        return SILENT
+    return SHIFTED if shifted else CLEAN
 
 
 def outcome_label(outcome: str, crash_key: Optional[str]) -> str:

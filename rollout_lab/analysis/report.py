@@ -142,14 +142,15 @@ def markdown(report: SweepReport) -> str:
             out.append(f"  Next sweep, between {_fmt(v.threshold[0])} and {_fmt(v.threshold[1])}: `{report.next_sweeps[v.variable]}`")
     out += ["", "## Failure signature per run", ""]
     header = ["run", *report.variables, "status", "outcome", "crash", "spike rate", "|diff| p50", "p99", "max",
-              "requests affected", "first spike step", "top-10% share", "spikes fall at"]
+              "requests affected", "first spike step", "top-10% share", "spikes fall at", "shift (rollout_lab/shift.py)"]
     rows = []
     for run in report.runs:
         q = run.abs_diff_quantiles
         rows.append([run.name, *(_fmt(run.config.get(k)) for k in report.variables), run.status, run.outcome,
                      f"{run.crash_key} at step {run.crash_step}: {run.crash_message}" if run.crash_key else "-",
                      _fmt(run.spike_rate), _fmt(q.get("p50")), _fmt(q.get("p99")), _fmt(q.get("max")),
-                     _fmt(run.affected_request_share), _fmt(run.first_spike_step), _fmt(run.spike_concentration), _where(run)])
+                     _fmt(run.affected_request_share), _fmt(run.first_spike_step), _fmt(run.spike_concentration), _where(run),
+                     run.shift.headline.sentence() if run.shift is not None and run.shift.shifted else "-"])
     out += [_table(header, rows), ""]
     if report.not_run:
         out += ["## Not run: configurations vLLM refused at start", "",

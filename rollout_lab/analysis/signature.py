@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
 
 from rollout_lab.analysis.outcome import CLEAN, NOT_RUN, outcome_class, outcome_label, vllm_refusal
 from rollout_lab.records import RecordsError, read_config, read_records, read_summary
+
+if TYPE_CHECKING:  # shift.py imports the sweep analysis' correction (verdict.holm), which imports this
+    from rollout_lab.shift import ShiftResult
 
 # Per-token columns a spike can be located by (null columns are skipped: instrumentation off).
 LOCATION_FEATURES = ("position", "step", "sample_index", "worker", "kv_block", "state_slot")
@@ -64,8 +67,10 @@ class RunSignature:
     first_spike_step: Optional[int] = None
     spike_concentration: float = 0.0
     where: list[SpikeSpread] = field(default_factory=list)
-    # clean | silent mismatch | sync mismatch | crash | not run (outcome.py)
+    # clean | silent mismatch | shifted | sync mismatch | crash | not run (outcome.py)
     outcome: str = CLEAN
+    # The run's shift test (summary.json), None where it did not run.
+    shift: Optional[ShiftResult] = None
     # Not run: vLLM's reason for refusing the configuration.
     refusal: Optional[str] = None
     # One row per token: request, the LOCATION_FEATURES, abs_diff, spike.
@@ -165,7 +170,9 @@ def run_signature(run_dir: Path, name: Optional[str] = None) -> RunSignature:
         refusal=refusal,
         tokens=tokens,
     )
-    signature.outcome = outcome_class(signature.status, int(tokens["spike"].sum()) if not tokens.empty else 0, refusal is not None)
+    signature.shift = summary.shift
+    shifted = summary.shift is not None and summary.shift.shifted
+    signature.outcome = outcome_class(signature.status, int(tokens["spike"].sum()) if not tokens.empty else 0, refusal is not None, shifted)
     return with_token_stats(signature)
 
 

@@ -1,0 +1,41 @@
+"""The shift test on real runs: llama-tiny in bfloat16, a clean profile from one clean run, then a planted
+fault scaled below the spike threshold comes out `shifted` against it and a clean run does not."""
+import numpy as np
+import pytest
+
+from rollout_lab.loop import run
+from rollout_lab.models import cache_dir
+from rollout_lab.shift import ShiftProfile, profile_key, profile_path, shift_frame, shift_test, write_profile
+
+pytestmark = pytest.mark.integration
+
+COMMON = ("model=llama-tiny", "engine.dtype=bfloat16", "trainer.dtype=bfloat16", "loop.check_weight_sync=false",
+          "logger.mode=disabled", "workload.max_tokens=16")
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A cache of this test's own (the profile it writes must not reach other runs), the embedded models linked in."""
+    models = cache_dir() / "models"
+    monkeypatch.setenv("ROLLOUT_LAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(models)
+
+
+def test_a_fault_below_the_threshold_is_shifted_and_a_clean_run_is_not(tmp_path, ray_session, compose, private_cache):
+    clean_cfg = compose(*COMMON, "loop.steps=2")
+    clean_cfg.run_dir = str(tmp_path / "clean")
+    clean = run(clean_cfg)
+    # No profile yet: the run was tested against itself.
+    assert clean.status == "ok" and clean.shift.reference == "self" and clean.outcome == "clean", clean.shift.sentence()
+    frame = shift_frame(clean_cfg.run_dir)
+    # Step 0 is the profile, step 1 a clean run at other prompts tested against it.
+    assert not shift_test(frame[frame.step == 1], frame[frame.step == 0]).shifted
+    write_profile(profile_path(profile_key(clean_cfg)), ShiftProfile(profile_key(clean_cfg), 1, 1, clean.seconds, frame[frame.step == 0]))
+
+    noisy_cfg = compose(*COMMON, "loop.steps=1", "fault=logit_noise", "fault.params.scale=0.1", "workload.prompt_seed=1")
+    noisy_cfg.run_dir = str(tmp_path / "noisy")
+    noisy = run(noisy_cfg)
+    assert noisy.status == "ok" and noisy.abs_diff_max < noisy.spike_threshold
+    assert noisy.shift.reference == "profile" and noisy.outcome == "shifted", noisy.shift.sentence()
+    assert noisy.shift.headline.effect > 0.53 and np.isfinite(noisy.shift.headline.p_adjusted)

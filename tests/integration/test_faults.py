@@ -29,7 +29,8 @@ def blocks_by_request(run_dir):
 
 def test_stale_state_hits_only_preempted_requests(stale_state_run):
     """On the session's stale_state run (8 prompts x 2 samples, shared with test_minimize). Fails with the fault
-    planted on every request that had blocks before (faults._FaultState._start_life without `req_id in resumed`)."""
+    planted on every request (faults._FaultState.remap_block_table shifting each block table by one under stale_state):
+    requests never preempted, without a cache hit, go wrong."""
     result = read_summary(stale_state_run)
     assert result.status == "ok", result.crash
     assert result.preemptions > 0

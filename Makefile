@@ -1,5 +1,9 @@
 # The two commands a new user needs (README.md): `make run` and `make test`.
+# `make test` is the fast tier, `make test-slow` the full-size end-to-end runs (docs/testing.md);
+# .ci/run runs both. TEST_ARGS passes pytest options, e.g. `make test TEST_ARGS=--reverse`.
 .PHONY: setup run test test-slow unit
+
+PYTEST = HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q --durations=10 --durations-min=5 $(TEST_ARGS)
 
 setup:
 	bash scripts/setup.sh
@@ -8,10 +12,10 @@ run: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m rollout_lab $(ARGS)
 
 test: setup
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test-slow: setup
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m slow tests
+	$(PYTEST) -m slow tests
 
 unit: setup
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/unit
+	$(PYTEST) tests/unit

@@ -9,6 +9,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the selected tests in reverse order: a test that needs another's side effects fails")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    # trylast: after pytest has grouped the items by fixture scope, so a module's tests stay together.
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session; runs reuse it."""

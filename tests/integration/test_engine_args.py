@@ -28,6 +28,9 @@ def test_a_bad_engine_argument_fails_at_start_with_one_line(tmp_path, override, 
     assert "Traceback" not in result.stderr and not (tmp_path / "records").exists()
 
 
+# Slow tier (130 s alone: two engines); the fast tier runs a sweep end to end in test_sweep.py and checks
+# engine.args against the installed vLLM in tests/unit/test_engine_args.py.
+@pytest.mark.slow
 def test_a_sweep_over_an_engine_argument_runs_and_is_analyzed_under_its_name(tmp_path):
     # long_prefill_token_threshold caps a prefill's tokens per engine step: 16 splits every prompt.
     sweep_dir = tmp_path / "sweep"

@@ -6,7 +6,7 @@ import pytest
 
 from rollout_lab.instrument import ScheduleReader, engine_request_id
 from rollout_lab.loop import run
-from rollout_lab.records import read_records
+from rollout_lab.records import read_records, read_summary
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +27,14 @@ def blocks_by_request(run_dir):
     return held
 
 
-def test_stale_state_hits_only_preempted_requests(tmp_path, ray_session, compose):
-    _, result = fault_run(tmp_path, compose, "+pressure=kv_tight", "fault=stale_state")
+def test_stale_state_hits_only_preempted_requests(stale_state_run):
+    """On the session's stale_state run (8 prompts x 2 samples, shared with test_minimize). Fails with the fault
+    planted on every request (faults._FaultState.remap_block_table shifting each block table by one under stale_state):
+    requests never preempted, without a cache hit, go wrong."""
+    result = read_summary(stale_state_run)
     assert result.status == "ok", result.crash
     assert result.preemptions > 0
-    table = read_records(tmp_path).to_pandas()
+    table = read_records(stale_state_run).to_pandas()
     flagged = table[table.abs_diff > result.spike_threshold]
     assert len(flagged) > 0
     preempted = table[table.num_preemptions > 0]
@@ -45,6 +48,9 @@ def test_stale_state_hits_only_preempted_requests(tmp_path, ray_session, compose
     assert set(others.prompt_index) <= set(preempted.prompt_index)
 
 
+# Slow tier (78 s alone, its own engine); the fast tier runs index_overflow's remap in
+# tests/unit/test_faults_remap.py and a planted fault end to end above.
+@pytest.mark.slow
 def test_index_overflow_hits_only_requests_holding_high_blocks(tmp_path, ray_session, compose):
     cfg, result = fault_run(tmp_path, compose, "+pressure=many_slots", "fault=index_overflow")
     threshold = cfg.fault.params["threshold"]  # in blocks (stride 1)

@@ -17,7 +17,9 @@ import pytest
 from rollout_lab.hunt.protocol import TrialStarted, read_events
 from rollout_lab.hunt.store import Store
 
-pytestmark = pytest.mark.integration
+# Slow tier (141 s alone): the fast tier covers the driver, its protocol, the search and the report on
+# recorded inputs (tests/unit/test_hunt_*.py).
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}

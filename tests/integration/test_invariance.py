@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# Slow tier (98 s alone: three engines): the fast tier covers the comparisons and the report on recorded
+# outputs (tests/unit/test_invariance.py).
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_invariance_command_measures_the_noise_floor_and_determinism(tmp_path):

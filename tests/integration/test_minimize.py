@@ -27,7 +27,9 @@ from rollout_lab.minimize.trials import read_log
 from rollout_lab.models import resolve_model
 from rollout_lab.records import read_records, read_requests, read_summary
 
-pytestmark = pytest.mark.integration
+# Slow tier: each test is a real run, a minimization of tens of engine trials and fresh-process repro runs
+# (5-6 min alone). The fast tier covers the stages on recorded inputs: tests/unit/test_minimize_*.py.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,16 +77,6 @@ def assert_standalone_repro(repro: Path, with_fault_off: bool, *args: str) -> No
     if with_fault_off:
         clean = run_isolated(repro, (*args, "--no-fault"))
         assert clean.verdict == "NOT REPRODUCED", clean.output
-
-
-@pytest.fixture(scope="module")
-def stale_state_run(tmp_path_factory, ray_session) -> Path:
-    """`python -m rollout_lab fault=stale_state +pressure=kv_tight engine.seed_policy=engine workload.samples_per_prompt=2
-    loop.steps=1`: 8 prompts x 2 samples x 32 tokens sampled from the engine's RNG (no request has a seed). Half the
-    default job's requests still overflow kv_tight's 16 blocks (4 preempted, ~60 tokens flagged) and minimize to the
-    same case in a third less trial time; 4 x 4 preempted none (most samples end in under 32 tokens)."""
-    return loop_run(tmp_path_factory.mktemp("stale_state_run"), "fault=stale_state", "+pressure=kv_tight", "engine.seed_policy=engine",
-                    "workload.samples_per_prompt=2")
 
 
 def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale_state_run, tmp_path):
@@ -154,7 +146,6 @@ def test_engine_crash_shrinks_to_its_triggering_call_with_the_cli_defaults_from_
     assert fresh and int(fresh.group(1)) < 60, done.stdout[-3000:]
 
 
-@pytest.mark.slow
 def test_an_overflow_that_needs_high_block_ids_keeps_the_block_pool_head_into_its_repro(tmp_path, ray_session):
     """`python -m rollout_lab +pressure=high_ids fault=index_overflow fault.params.threshold=160` (the
     preset as shipped, 2 prompts x 2 samples x 8 tokens): only the pool head puts the requests past

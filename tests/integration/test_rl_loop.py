@@ -59,6 +59,7 @@ def test_float32_run_records_every_token_and_agrees(tmp_path, ray_session, compo
     assert summary.environment["attention_backends"] and all(summary.environment["attention_backends"])
 
 
+@pytest.mark.slow  # 77 s alone: a second engine process; the weight sync itself is checked by the float32 job above
 def test_an_engine_core_in_its_own_process_takes_each_weight_sync(tmp_path, ray_session, compose):
     """engine.multiprocessing=true: collective_rpc crosses into vLLM's engine-core process through msgpack."""
     result = run(short_job(compose, tmp_path, "model=llama-tiny", "engine.multiprocessing=true", "workload.reward=even_tokens"))

@@ -1,6 +1,10 @@
 """Sweeps end to end, the way a user runs them: `python -m rollout_lab +sweep=<preset> ...` runs a
 Hydra multirun of the real RL loop on Ray and ends with the analysis. Tiny points (one RL step of
-4 prompts x 2 samples x 16 tokens, a 64 MB KV cache) keep each sweep to a few minutes on 2 cores."""
+4 prompts x 2 samples x 16 tokens, a 64 MB KV cache) keep each sweep to a few minutes on 2 cores.
+
+The sweeps over real engines are slow-tier (70-220 s each alone, an engine per point). The fast tier
+covers their stages: the multirun through the Ray launcher into the analysis callback (the last test
+here, whose jobs stop before an engine starts) and the verdicts on recorded runs (tests/unit/test_analysis*.py)."""
 import json
 import os
 import shutil
@@ -52,6 +56,7 @@ def analyze(sweep_dir: Path) -> dict:
     return json.loads((sweep_dir / "sweep_report.json").read_text())
 
 
+@pytest.mark.slow
 def test_index_overflow_over_cache_size_states_its_threshold_and_a_refused_point_is_not_run(tmp_path):
     # 8 prompts x 2 samples need ~24 blocks of 32 tokens at once (a 64-token context is 2 blocks;
     # 1.47 MB a block). Blocks >= 8 are read wrongly: a 12 MB cache (8 blocks) never hands one
@@ -103,6 +108,7 @@ def test_index_overflow_over_cache_size_states_its_threshold_and_a_refused_point
     assert [b["name"] for b in again["broken"]] == ["2"] and len(again["runs"]) == 2 and len(again["not_run"]) == 1
 
 
+@pytest.mark.slow
 def test_a_fault_switched_on_by_batch_size_is_structural_over_max_num_seqs_and_its_clean_runs_are_none(tmp_path):
     # batch_threshold corrupts every logit of an engine step that schedules >= 4 requests: with
     # 8 requests in flight, max_num_seqs 1 and 2 never reach it, 8 does.
@@ -129,6 +135,7 @@ def test_a_fault_switched_on_by_batch_size_is_structural_over_max_num_seqs_and_i
     assert clean["sentence"] == "clean at every value (1, 2): engine.max_num_seqs does not switch a failure on here"
 
 
+@pytest.mark.slow
 def test_logit_noise_over_its_scale_is_magnitude_only(tmp_path):
     report, _ = sweep(tmp_path, "+sweep=noise_scale", "fault.params.scale=0.02,0.1", "logger.mode=disabled")
     scale = verdict(report, "fault.params.scale")

@@ -38,6 +38,7 @@ def cli(cwd: Path, *args: str, pythonpath: str = "") -> subprocess.CompletedProc
                           timeout=900)
 
 
+@pytest.mark.slow  # 61 s alone: two rank processes; placement is covered by tests/unit/test_placement.py
 def test_a_tp2_sampler_runs_clean_and_follows_the_trainers_weights(tmp_path):
     result = cli(tmp_path, *TP2_JOB, "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -24,9 +24,8 @@ import pyarrow.parquet as pq
 
 from rollout_lab.config import ConfigError, RunConfig, validate
 from rollout_lab.crash import CrashSignature
+from rollout_lab.shift_result import ShiftResult
 
-if TYPE_CHECKING:  # shift.py reads run dirs through this module
-    from rollout_lab.shift import ShiftResult
 
 SCHEMA_VERSION = "1"
 
@@ -329,7 +328,6 @@ def read_summary(run_dir: Path) -> RunResult:
         crash = CrashSignature.from_dict(data["crash"]) if data.get("crash") else None
     except (TypeError, ValueError) as exc:
         raise RecordsError(f"{path}: its crash is not a crash signature ({exc})".splitlines()[0]) from None
-    from rollout_lab.shift import ShiftResult
 
     try:
         shift = ShiftResult.from_dict(data["shift"]) if data.get("shift") else None

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rollout_lab.analysis.verdict import ALPHA, holm
+from rollout_lab.shift_result import ConditionTest, ShiftResult
 
 PROFILE_VERSION = "1"
 # Permutations per condition: with Holm over ~20 conditions the smallest reachable adjusted p is
@@ -179,85 +180,6 @@ def paired_signflip_test(x: np.ndarray, x_clusters: np.ndarray, y: np.ndarray, y
     signs = rng.choice([-1.0, 1.0], size=(permutations, diffs.size))
     null = (signs * diffs).mean(axis=1)
     return float((1 + np.sum(null >= diffs.mean() - 1e-9)) / (permutations + 1))
-
-
-@dataclass
-class ConditionTest:
-    """The run's |difference| in one condition against its reference (the profile's, or the rest of the run)."""
-
-    factor: str
-    level: str
-    test: str
-    run_tokens: int
-    run_sequences: int
-    reference_tokens: int
-    reference_sequences: int
-    run_mean: float
-    reference_mean: float
-    run_p95: float
-    reference_p95: float
-    effect: float  # Vargha-Delaney A
-    p_value: float
-    p_adjusted: float = 1.0
-    moved: bool = False
-
-    @property
-    def condition(self) -> str:
-        return f"{self.factor} {self.level}"
-
-    def sentence(self) -> str:
-        """'position 16-31: A 0.61, p 0.004 (Holm), mean |diff| 0.045 vs 0.038, p95 0.15 vs 0.10, 132 tokens'."""
-        return (f"{self.condition}: A {self.effect:.3f}, p {self.p_adjusted:.3g} (Holm), mean |diff| {self.run_mean:.3g} vs "
-                f"{self.reference_mean:.3g}, p95 {self.run_p95:.3g} vs {self.reference_p95:.3g}, {self.run_tokens} tokens")
-
-
-@dataclass
-class ShiftResult:
-    """A run's shift test (summary.json's `shift`): what it was tested against, and every condition's test."""
-
-    reference: str  # profile | self | none
-    reference_detail: str
-    shifted: bool = False
-    tests: list[ConditionTest] = field(default_factory=list)
-
-    @property
-    def headline(self) -> Optional[ConditionTest]:
-        """The moved condition with the smallest adjusted p (then the largest effect); else the closest one."""
-        pool = [t for t in self.tests if t.moved] or self.tests
-        return min(pool, key=lambda t: (t.p_adjusted, -t.effect)) if pool else None
-
-    def sentence(self) -> str:
-        """One line for the console and reports."""
-        if self.reference == NONE:
-            return f"shift test not run: {self.reference_detail}"
-        against = "the clean profile" if self.reference == PROFILE else "itself (no profile: weaker)"
-        head = self.headline
-        if head is None:
-            return f"shift test against {against}: no condition had enough tokens"
-        verdict = "shifted" if self.shifted else "no condition moved; closest"
-        return f"shift test against {against}, {len(self.tests)} conditions: {verdict} {head.sentence()}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def wandb_summary(self) -> dict:
-        """Flat shift/* keys for the W&B run summary: the verdict and the headline condition's numbers."""
-        head = self.headline
-        out = {"shift/shifted": self.shifted, "shift/reference": self.reference, "shift/conditions_tested": len(self.tests)}
-        if head is not None:
-            out |= {"shift/condition": head.condition, "shift/effect_A": head.effect, "shift/p_adjusted": head.p_adjusted,
-                    "shift/run_mean": head.run_mean, "shift/reference_mean": head.reference_mean, "shift/run_tokens": head.run_tokens}
-        return out
-
-    def table_rows(self) -> tuple[list[str], list[list]]:
-        """Every condition's test as (columns, rows), for a W&B table."""
-        columns = ["condition", "effect_A", "p_value", "p_adjusted", "moved", "run_tokens", "reference_tokens", "run_mean", "reference_mean"]
-        return columns, [[t.condition, t.effect, t.p_value, t.p_adjusted, t.moved, t.run_tokens, t.reference_tokens, t.run_mean,
-                          t.reference_mean] for t in self.tests]
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ShiftResult":
-        return cls(**{**data, "tests": [ConditionTest(**t) for t in data.get("tests", [])]})
 
 
 def _summary(test: str, factor: str, level: str, x: pd.DataFrame, y: pd.DataFrame, p: float) -> ConditionTest:

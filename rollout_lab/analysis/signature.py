@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -18,8 +18,7 @@ import pandas as pd
 from rollout_lab.analysis.outcome import CLEAN, NOT_RUN, outcome_class, outcome_label, vllm_refusal
 from rollout_lab.records import RecordsError, read_config, read_records, read_summary
 
-if TYPE_CHECKING:  # shift.py imports the sweep analysis' correction (verdict.holm), which imports this
-    from rollout_lab.shift import ShiftResult
+from rollout_lab.shift_result import ShiftResult
 
 # Per-token columns a spike can be located by (null columns are skipped: instrumentation off).
 LOCATION_FEATURES = ("position", "step", "sample_index", "worker", "kv_block", "state_slot")

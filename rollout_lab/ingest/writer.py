@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from rollout_lab.config import ConfigError, RunConfig, validate
-from rollout_lab.ingest.formats import FORMATS, ExportFormat
+from rollout_lab.ingest.formats import FORMATS
+from rollout_lab.ingest.formats.base import ExportFormat
 from rollout_lab.ingest.record import COMPUTED_TRAINER, FROM_EXPORT, REPLAYED_SAMPLER, IngestRecord
 from rollout_lab.ingest.sequence import ExportError, ExportedSequence
 from rollout_lab.mismatch import token_metrics

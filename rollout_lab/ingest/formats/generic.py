@@ -1,7 +1,7 @@
 """The generic schema: JSONL or Parquet files of rollout_lab.ingest.sequence's fields, one completion each."""
 from pathlib import Path
 
-from rollout_lab.ingest.formats import ExportFormat, glob_files
+from rollout_lab.ingest.formats.base import ExportFormat, glob_files
 from rollout_lab.ingest.sequence import read_generic
 
 

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from rollout_lab.ingest.formats import ExportFormat, glob_files, number_in, require
+from rollout_lab.ingest.formats.base import ExportFormat, glob_files, number_in, require
 from rollout_lab.ingest.sequence import ExportError, ExportedSequence, json_line
 
 STEP = r"train_data_step(\d+)"

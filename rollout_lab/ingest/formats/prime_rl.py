@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from rollout_lab.ingest.formats import ExportFormat, number_in, require
+from rollout_lab.ingest.formats.base import ExportFormat, number_in, require
 from rollout_lab.ingest.sequence import ExportError, ExportedSequence, json_line
 
 SCHEMA_VERSION = 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from rollout_lab.ingest.formats import ExportFormat, glob_files, number_in, require
+from rollout_lab.ingest.formats.base import ExportFormat, glob_files, number_in, require
 from rollout_lab.ingest.sequence import ExportError, ExportedSequence
 
 STEP = r"rollout_(\d+)\.pt"

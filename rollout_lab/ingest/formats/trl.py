@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from rollout_lab.ingest.formats import ExportFormat, glob_files, require
+from rollout_lab.ingest.formats.base import ExportFormat, glob_files, require
 from rollout_lab.ingest.formats.verl import encode
 from rollout_lab.ingest.sequence import ExportError, ExportedSequence
 

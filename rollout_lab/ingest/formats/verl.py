@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from rollout_lab.ingest.formats import ExportFormat, glob_files, require
+from rollout_lab.ingest.formats.base import ExportFormat, glob_files, require
 from rollout_lab.ingest.sequence import ExportError, ExportedSequence, json_line
 
 

@@ -7,7 +7,7 @@ from rollout_lab.loop import run
 from rollout_lab.models import cache_dir
 from rollout_lab.shift import ShiftProfile, profile_key, profile_path, shift_frame, shift_test, write_profile
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow tier: see docs/testing.md
 
 COMMON = ("model=llama-tiny", "engine.dtype=bfloat16", "trainer.dtype=bfloat16", "loop.check_weight_sync=false",
           "logger.mode=disabled", "workload.max_tokens=16")

@@ -93,9 +93,9 @@ def _schedule_facts(run_dir: Path) -> dict[tuple[int, str], tuple[dict[int, int]
     for path in sorted((Path(run_dir) / "schedule").glob("worker_*.jsonl")):
         worker = int(path.stem.split("_")[1])
         log = ScheduleReader(path).read_new()
-        sizes = {step["step"]: len(step["requests"]) for step in log.steps}
+        sizes = {step.step: len(step.requests) for step in log.steps}
         for request_id, ends in join_schedule(log).items():
-            facts[(worker, request_id)] = ({end: sizes[entry[0]] for end, entry in ends.items()}, ends)
+            facts[(worker, request_id)] = ({end: sizes[entry.step] for end, entry in ends.items()}, ends)
     return facts
 
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rollout_lab.analysis.verdict import ALPHA, holm
-from rollout_lab.shift_result import ConditionTest, ShiftResult
+from rollout_lab.shift_result import NONE, PROFILE, SELF, ConditionTest, ShiftResult
 
 PROFILE_VERSION = "1"
 # Permutations per condition: with Holm over ~20 conditions the smallest reachable adjusted p is
@@ -44,7 +44,6 @@ PERMUTATIONS = 1999
 MIN_EFFECT = 0.03
 # Fewest run tokens and sequences a condition needs to be tested.
 MIN_TOKENS, MIN_SEQUENCES = 30, 4
-PROFILE, SELF, NONE = "profile", "self", "none"
 
 
 def _buckets(values: pd.Series, edges: tuple[int, ...]) -> pd.Series:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+# What a run was tested against: the clean profile, itself, or nothing (the test did not run).
+PROFILE, SELF, NONE = "profile", "self", "none"
 
 @dataclass
 class ConditionTest:

@@ -56,7 +56,7 @@ def load_engine_config(path: Path, cfg: RunConfig) -> RunConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from rollout_lab.config import check_keys
+    from rollout_lab.config_keys import check_keys
 
     path = Path(path)
     if not path.is_file():

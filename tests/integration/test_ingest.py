@@ -21,7 +21,7 @@ from rollout_lab.models import resolve_model
 from rollout_lab.noise_floor import measure
 from rollout_lab.records import read_records, read_requests, read_summary
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow tier: see docs/testing.md
+pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -95,8 +95,11 @@ def title(reduction: Reduction, case: Case, device: str) -> str:
     knobs = [n for knob in case_knobs(case, reduction.targets) for n in knob_args(knob) if n in values]
     fault = " [planted fault]" if case.fault else ""
     if expected.kind == "crash":
-        site = _crash_function(expected) or ("engine start" if expected.at_start else "generate")
-        what = f"{'engine start: ' if expected.at_start else ''}{expected.crash_key.split('@', 1)[0]} in {site}"
+        exc_type, site = expected.crash_key.split("@", 1)[0], _crash_function(expected)
+        if expected.at_start:
+            what = f"engine start raises {exc_type}" + (f" in {site}" if site else "")
+        else:
+            what = f"{exc_type} in {site or 'generate'}"
     elif expected.kind == "batch_invariance":
         env = " ".join(f"{k}={v}" for k, v in sorted(case.env.items()))
         what = f"{env}: logprobs depend on the batch" if env else "a request's logprobs depend on its batch"

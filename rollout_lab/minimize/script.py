@@ -36,8 +36,9 @@ from rollout_lab.minimize.standalone import Case, Expected, is_scheduled
 LINE_BUDGET = {"crash": 82, "mismatch": 112, "batch_invariance": 102}
 # What a case's block_pool_head adds: the value, the free-queue restart (move_pool_head) and its call.
 POOL_HEAD_LINES = 12
-# What a case's schedule adds: SCHEDULE and the loop stepping the engine on it (run_schedule).
-SCHEDULE_LINES = 24
+# What a case's schedule adds: SCHEDULE and the loop stepping the engine on it (run_schedule, 21 lines),
+# and in a batch repro the requests it does not abort (KEPT) and a run() that takes the schedule.
+SCHEDULE_LINES = 26
 # The planted fault's section of a repro.py begins and ends with these lines.
 FAULT_BEGIN, FAULT_END = "# ---- PLANTED FAULT", "# ---- end of the planted fault"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

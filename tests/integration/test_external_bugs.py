@@ -6,8 +6,10 @@ directory, and the hunt finds and minimizes it from nothing.
 
 The plugin's ground truth (external_bugs/__init__.py): long_context corrupts layer 0's MLP output at
 positions >= 56, mid_layer layer 2's attention output there, warm_engine layer 1's MLP output once
-the process has computed 200 rows. long_context runs in the default suite; the others are slow.
+the process has computed 200 rows, abort_then_arrival layer 0's MLP output once a request arrived
+after an abort while the engine was busy. long_context runs in the default suite; the others are slow.
 """
+import ast
 import json
 import os
 import shutil
@@ -119,3 +121,60 @@ def test_the_hunt_finds_and_minimizes_it(bug, tmp_path):
     assert mismatches, [str(f.signature) for f in findings]
     verified = [f for f in mismatches if f.state == "verified"]
     assert verified, [(str(f.signature), f.state, f.why) for f in mismatches]
+
+
+# A hunt trial (the hunt's runner and oracles, hunt/runner.run_trial) on a staggered trace: request 0
+# aborted after step 2 while request 1 runs, request 2 arriving at step 4; its finding's case.json.
+HUNT_TRIAL = """
+import os, sys
+from pathlib import Path
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from rollout_lab import engine
+from rollout_lab.hunt.protocol import Finding
+from rollout_lab.hunt.repros import case_file
+from rollout_lab.hunt.runner import GroupSpec, run_trial
+from rollout_lab.hunt.space import OracleConfig, engine_args
+from rollout_lab.hunt.workloads import TraceRequest
+from rollout_lab.models import resolve_model
+from rollout_lab.reference import load_reference
+
+point = {"model": "llama-tiny", "engine.dtype": "float32", "engine.enforce_eager": True, "engine.kv_cache_memory_bytes": 16_000_000}
+workload = {"generator": "timed_trace", "seed": 1, "sampling.max_tokens": 8, "sampling.temperature": 1.0, "sampling.logprobs": 0}
+trace = [TraceRequest(list(range(100, 112)), 0, 2), TraceRequest(list(range(300, 309)), 0), TraceRequest(list(range(500, 507)), 4)]
+oracles = OracleConfig()
+spec = GroupSpec("g", point, resolve_model("llama-tiny"), [], 0.0, reference_tolerance=oracles.reference_tolerance,
+                 metamorphic_tolerance=oracles.metamorphic_tolerance)
+llm = engine.start(model=spec.model_path, **(engine_args(point) | {"disable_log_stats": False}))
+engine.remember_clean(llm)
+result = run_trial(llm, load_reference(spec.model_path), spec, workload, trace, "t", "float32")
+print("trial:", result.status, result.num_aborted, "aborted")
+if result.status == "fail":
+    case_file(Finding(result.signature(point), "t", 0.0, 1, 1, point, workload, result), oracles.reference_tolerance, None, {}).write(Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow  # a hunt trial, a minimization (~17 trials, two engine starts) and two fresh repro runs: ~5 min on 2 shared cores
+def test_a_staggered_hunt_trial_with_an_abort_minimizes_to_a_repro_that_steps_the_engine(tmp_path):
+    """abort_then_arrival needs an abort followed by an arrival: a case collapsed to one generate call
+    cannot show it. The minimized repro.py keeps the schedule, steps the engine on it, and fails in a
+    fresh process in an empty directory with the plugin on and passes with it off."""
+    bug = "abort_then_arrival"
+    case_json = tmp_path / "findings" / "t" / "case.json"
+    trial = subprocess.run([sys.executable, "-c", HUNT_TRIAL, str(case_json)], cwd=REPO, env=env(bug), capture_output=True,
+                           text=True, timeout=600)
+    assert trial.returncode == 0 and case_json.is_file(), trial.stdout[-3000:] + trial.stderr[-3000:]
+    done = lab(bug, "rollout_lab.minimize", str(case_json), "--out", str(tmp_path / "repro"), "--name", bug,
+               "--calibration-runs", "1", "--no-verify")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    at_once = next(line for line in done.stdout.splitlines() if "all at once: every arrival at step 0" in line)
+    assert " pass " in at_once, at_once  # one generate call does not show it
+    repro = tmp_path / "repro" / bug / "repro.py"
+    source = repro.read_text()
+    assert "run_schedule(llm, " in source and "llm.generate(" not in source.split("def reproduce", 1)[1]
+    schedule = next(ast.literal_eval(node.value) for node in ast.parse(source).body
+                    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SCHEDULE")
+    aborts = [abort for _, abort in schedule if abort is not None]
+    assert aborts and any(arrival > min(aborts) for arrival, _ in schedule), schedule  # an arrival after the abort
+    on, off = run_repro(repro, bug, tmp_path), run_repro(repro, None, tmp_path)
+    assert on.returncode == 1 and "REPRODUCED: " in on.stdout, on.stdout[-3000:] + on.stderr[-2000:]
+    assert off.returncode == 0 and "NOT REPRODUCED: " in off.stdout, off.stdout[-3000:] + off.stderr[-2000:]

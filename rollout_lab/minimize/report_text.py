@@ -14,7 +14,7 @@ from rollout_lab.localize.report import where_inside
 from rollout_lab.minimize import bug_report
 from rollout_lab.minimize.fresh import Confirmation, Flip
 from rollout_lab.minimize.reduce import KNOB_ARGS, POOL_HEAD, Reduction, Size, case_knobs, knob_args, knob_text
-from rollout_lab.minimize.standalone import Case
+from rollout_lab.minimize.standalone import Case, completed, is_scheduled
 from rollout_lab.tolerances import clean_agreement
 
 # The minimization log (stages, every trial) goes here, beside REPORT.md.
@@ -179,7 +179,9 @@ def expected_actual(reduction: Reduction, case: Case) -> tuple[str, str]:
     if expected.kind == "crash":
         message = f": {outcome.crash_message}" if outcome is not None and outcome.crash_message else ""
         where = _crash_function(expected)
-        return (f"`llm.generate` returns the {len(case.requests)} completion(s).",
+        ran = (f"the engine, stepped on the schedule, finishes the {len(completed(case))} request(s) it does not abort"
+               if is_scheduled(case.requests) else f"`llm.generate` returns the {len(case.requests)} completion(s)")
+        return (f"{ran}.",
                 f"it raises `{expected.crash_key.split('@', 1)[0]}{message}`" + (f" in `{where}`." if where else "."))
     if expected.kind == "batch_invariance":
         return ("each target request gives bitwise the same tokens and logprobs alone as inside the batch "

@@ -16,8 +16,8 @@ Knobs go first: a knob put back can only let the workload shrink further, so the
 reduced once, on the final engine, instead of again after the knobs. Unless --budget-s leaves too
 little for the knob pass's engine starts (knobs_fit): then the workload goes first.
 
-A batch-invariance case keeps at least two requests (standalone.MIN_BATCH): a candidate of
-one is not run. Its vLLM environment variables are no knob: one process holds one env (emit.py
+A case keeps the requests its oracle needs (Oracle.min_requests: two for batch invariance): a
+smaller candidate is not run. Its vLLM environment variables are no knob: one process holds one env (emit.py
 flips each in fresh processes instead).
 
 What a direct case already drops from the run: Ray and the workers (one vllm.LLM), the trainer
@@ -35,7 +35,7 @@ from rich.console import Console
 from rollout_lab.config import EngineConfig
 from rollout_lab.minimize.ddmin import ddmin, smallest_failing
 from rollout_lab.minimize.predicate import FailingRun
-from rollout_lab.minimize.standalone import MIN_BATCH, Case, Outcome
+from rollout_lab.minimize.standalone import Case, Outcome
 from rollout_lab.minimize.trials import Rule, TrialRecord, TrialRunner, calibrated_rule, case_key
 
 # Engine knobs walked back to their defaults, with the vllm.LLM arguments each one covers.
@@ -250,8 +250,8 @@ class Reducer:
         self.trials, self.targets = trials, targets
 
     def fails(self, case: Case, stage: str, change: str) -> bool:
-        if self.trials.expected.kind == "batch_invariance" and len(case.requests) < MIN_BATCH:
-            return False  # no batch left: same_failure cannot hold, so no run is spent on it
+        if len(case.requests) < self.trials.expected.oracle.min_requests:
+            return False  # too few requests for the oracle: same_failure cannot hold, so no run is spent on it
         return self.trials.fails(case, stage, change, asdict(Size.of(case, self.targets)))
 
     def calibrate(self, case: Case, runs: int) -> tuple[int, int]:
@@ -392,7 +392,7 @@ def calibration_outcomes(trials: TrialRunner, case: Case) -> list[Outcome]:
 def observed_class(trials: TrialRunner, case: Case) -> Optional[str]:
     """The request class of the calibration runs' flagged tokens when the predicate refused them for
     their class alone (a silent mismatch with no crash); None when nothing else kept them out."""
-    if trials.expected.kind != "mismatch":
+    if trials.expected.request_class is None:  # only a mismatch's predicate names a class
         return None
     classes = [o.request_class for o in calibration_outcomes(trials, case) if o.crash_key is None and o.num_flagged]
     return max(set(classes), key=classes.count) if classes else None

@@ -12,7 +12,7 @@ import pytest
 
 from rollout_lab.engine import SampledOutput
 from rollout_lab.minimize.handoff import CaseFile
-from rollout_lab.minimize.standalone import batch_outcome
+from rollout_lab.oracles.batch_invariance import batch_outcome
 from rollout_lab.minimize.script import LINE_BUDGET, ReproSpec, budget_lines, repro_source
 from rollout_lab.minimize.standalone import Case, Expected, Outcome, Request, same_failure
 from rollout_lab.minimize.trials import TrialRecord

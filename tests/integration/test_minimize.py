@@ -20,7 +20,7 @@ from rollout_lab.config import RunConfig, register
 from rollout_lab.config_keys import CONF_DIR
 from rollout_lab.presets import apply_pressure_by_model
 from rollout_lab.minimize import bug_report
-from rollout_lab.minimize.emit import run_isolated
+from rollout_lab.minimize.fresh import run_isolated
 from rollout_lab.minimize.predicate import load_run
 from rollout_lab.minimize.reduce import deviating_knobs, knob_targets
 from rollout_lab.minimize.trials import read_log
@@ -138,7 +138,7 @@ def test_engine_crash_shrinks_to_its_triggering_call_with_the_cli_defaults_from_
     # at_step=3 needs a 4th engine step: one request of 4 tokens, nothing more.
     assert len(script["REQUESTS"]) == 1 and script["SAMPLING"]["max_tokens"] == 4
     assert deviating_knobs(script["ENGINE_ARGS"], knob_targets(on_gpu=False)) == []
-    # The CLI's own fresh-process runs (emit.run_isolated, as assert_standalone_repro runs them).
+    # The CLI's own fresh-process runs (fresh.run_isolated, as assert_standalone_repro runs them).
     report = (out / "REPORT.md").read_text()
     assert "\nREPRODUCED: RuntimeError: planted engine_crash" in report
     assert "- planted fault off (--no-fault): clean 1/1" in report and bug_report.problems(report) == []

@@ -4,7 +4,9 @@ from pathlib import Path
 
 from rollout_lab.config import RunConfig
 from rollout_lab.minimize import bug_report
-from rollout_lab.minimize.emit import Confirmation, Emitter, Flip, Verification, minimization_log, report, run_isolated, title
+from rollout_lab.minimize.emit import Emitter
+from rollout_lab.minimize.fresh import Confirmation, Flip, Verification, run_isolated
+from rollout_lab.minimize.report_text import minimization_log, report, title
 from rollout_lab.minimize.predicate import FailingRun
 from rollout_lab.minimize.reduce import Reduction, Size, knob_targets
 from rollout_lab.minimize.standalone import Case, Expected, Request

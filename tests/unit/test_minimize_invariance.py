@@ -232,7 +232,9 @@ def batch_reduction(tmp_path, env=ENV):
 
 
 def test_the_report_names_the_env_and_flips_each_switch_in_fresh_processes(tmp_path):
-    from rollout_lab.minimize.emit import Emitter, Verification, description, title, where_it_fails
+    from rollout_lab.minimize.emit import Emitter
+    from rollout_lab.minimize.fresh import Verification
+    from rollout_lab.minimize.report_text import description, title, where_it_fails
 
     red = batch_reduction(tmp_path)
     assert title(red, red.case, "GPU") == "[Bug]: VLLM_BATCH_INVARIANT=1 VLLM_USE_V2_MODEL_RUNNER=1: logprobs depend on the batch (GPU)"

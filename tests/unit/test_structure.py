@@ -7,8 +7,7 @@ MAX_LINES = 400
 # Modules still over MAX_LINES, each to be split along its ideas (issue 32); the list may only shrink.
 # Over the limit, to be split (issue 32): it can only shrink. The last five grew past 400 lines when
 # the 2026-12-07 branches (reports, hunt, triage, ingest, shift) were merged.
-STILL_OVER = {"minimize/emit.py", "analysis/verdict.py",
-              "minimize/script.py", "minimize/reduce.py", "hunt/runner.py", "ingest/diagnose.py", "shift.py"}
+STILL_OVER = {"analysis/verdict.py", "minimize/reduce.py", "hunt/runner.py", "ingest/diagnose.py", "shift.py"}
 
 
 def module_name(path: Path) -> str:

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from rollout_lab import engine, pressure
-from rollout_lab.oracles import Expected, Replay
+from rollout_lab.oracles.base import Expected, Replay
 from rollout_lab.oracles.records import Outcome
-# The oracles' records, where hunt/runner.py and minimize/script.py import them.
-from rollout_lab.oracles.records import SAME_CLASS, request_class  # noqa: F401
+# Where hunt/runner.py imports it.
+from rollout_lab.oracles.records import request_class  # noqa: F401
 
 
 @dataclass

@@ -81,6 +81,10 @@ class Oracle:
     needs_reference: bool = False
     # Requests a case needs before this oracle's predicate can hold (a reducer skips smaller ones).
     min_requests: int = 1
+    # Its failure is an exception: the repro.py's `except` clause is its verdict (script_run.exception_block).
+    raises: bool = False
+    # Its repro check runs the case more than once and moves the free block queue before each run itself.
+    moves_pool_head: bool = False
 
     def tolerance(self, oracles: Any, row: str) -> float:
         """Its bound for an engine of tolerance row `row` (tolerances.oracle_row), from the hunt's OracleConfig."""
@@ -118,6 +122,34 @@ class Oracle:
     def describe(self, expected: Expected) -> str:
         """The predicate in a sentence (MINIMIZATION.md, the minimizer's console)."""
         return self.name
+
+    def repro_check(self, case: Any, expected: Expected, model: str, install: str) -> str:
+        """The text of repro.py's `def reproduce(args) -> (verdict, why)`: start vllm.LLM on `model`, run
+        `install` (lines after the start), send the case's requests, judge them (helpers: minimize/script_run.py)."""
+        raise NotImplementedError(f"oracle {self.name!r} has no repro check: the minimizer cannot emit its repro.py")
+
+    # What REPORT.md says of its failure (minimize/report_text.py lays the words out).
+    def report_symptom(self, expected: Expected, case: Any) -> str:
+        """The title's few words for the symptom."""
+        return f"{self.name} fails"
+
+    def report_happened(self, expected: Expected, case: Any, outcome: Optional[Outcome]) -> str:
+        """The description's clause saying what goes wrong (`outcome`: the final case's, if run)."""
+        return expected.describe() + (f": {outcome.describe()}" if outcome is not None else "")
+
+    def report_where(self, expected: Expected, outcome: Outcome) -> list[str]:
+        """Lines on where the minimal case fails."""
+        return [f"- Minimal case: {outcome.describe()}."]
+
+    def report_expected_actual(self, expected: Expected, case: Any, outcome: Optional[Outcome]) -> tuple[str, str]:
+        """("Expected", "Actual"), a line each."""
+        return (f"no {self.name} failure.", (outcome.describe() if outcome is not None else expected.describe()) + ".")
+
+    def report_query(self, expected: Expected, case: Any, knobs: tuple) -> str:
+        """What to search vLLM's issues for (bug_report.search_query)."""
+        from rollout_lab.minimize.bug_report import search_query
+
+        return search_query(self.name, "vllm", knobs)
 
     def console(self, verdict: OracleVerdict) -> str:
         """Its part of the hunt's line for a finished trial."""

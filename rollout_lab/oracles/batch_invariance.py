@@ -14,6 +14,7 @@ class BatchInvariance(Oracle):
     name = "batch_invariance"
     order = 2
     min_requests = MIN_BATCH  # with one request, "alone" and "in the batch" are the same run twice
+    moves_pool_head = True  # its repro runs the batch, then each target alone
 
     def measure(self, trial: Trial) -> OracleVerdict:
         """On a trial of more than one request: a failure only where vLLM promises invariance; elsewhere
@@ -43,6 +44,39 @@ class BatchInvariance(Oracle):
     def describe(self, expected: Expected) -> str:
         return (f"one of the first {expected.targets} requests, run again alone on the same engine after the whole "
                 f"batch, gives other sampled tokens or sampled-token logprobs (bitwise) than in the batch")
+
+    def repro_check(self, case, expected: Expected, model: str, install: str) -> str:
+        from rollout_lab.minimize.script_run import batch_run
+
+        return batch_run(case, expected, model, install)
+
+    def report_symptom(self, expected: Expected, case) -> str:
+        env = " ".join(f"{k}={v}" for k, v in sorted(case.env.items()))
+        return f"{env}: logprobs depend on the batch" if env else "a request's logprobs depend on its batch"
+
+    def report_happened(self, expected: Expected, case, outcome) -> str:
+        env = f"with {' '.join(f'{k}={v}' for k, v in sorted(case.env.items()))}, " if case.env else ""
+        happened = (f"{env}a request run again alone on the same engine, after the whole batch, returns other sampled "
+                    "tokens or sampled-token logprobs (compared bitwise) than it did inside the batch")
+        return happened + (f": {outcome.describe()}" if outcome is not None else "")
+
+    def report_where(self, expected: Expected, outcome: Outcome) -> list[str]:
+        text = (f"- Minimal case: target requests {outcome.differing} of the first {outcome.targets} differ; "
+                f"{outcome.num_flagged}/{outcome.num_tokens} compared positions hold the same token with another logprob")
+        if outcome.worst:
+            text += f", worst {outcome.worst[0].abs_diff:.3g} (request {outcome.worst[0].request}, position {outcome.worst[0].position})"
+        if outcome.first_token_diff is not None:
+            text += f"; first other token at position {outcome.first_token_diff}"
+        return [text + "."]
+
+    def report_expected_actual(self, expected: Expected, case, outcome) -> tuple[str, str]:
+        return ("each target request gives bitwise the same tokens and logprobs alone as inside the batch "
+                "(vLLM's batch-invariance promise).", (outcome.describe() if outcome is not None else "they differ") + ".")
+
+    def report_query(self, expected: Expected, case, knobs: tuple) -> str:
+        from rollout_lab.minimize.bug_report import search_query
+
+        return search_query("VLLM_BATCH_INVARIANT", "logprobs", tuple(sorted(set(case.env) - {"VLLM_BATCH_INVARIANT"})))
 
     def console(self, verdict: OracleVerdict) -> str:
         return f"batch vs alone {verdict.identical}/{verdict.requests} identical" if verdict.requests else ""

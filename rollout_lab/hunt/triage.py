@@ -21,7 +21,7 @@ def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding
     minimal case (dtype is no part of it unless the minimizer kept it), and the same vLLM environment
     variables. Crash signatures are already specific (exception type and vLLM frames); they are left alone."""
     from rollout_lab.hunt.space import engine_args, engine_env
-    from rollout_lab.minimize.reduce import POOL_HEAD, knob_args
+    from rollout_lab.minimize.knobs import POOL_HEAD, knob_args
 
     if finding.kind != "mismatch":
         return None

@@ -13,7 +13,8 @@ from typing import Optional
 from rollout_lab.localize.report import where_inside
 from rollout_lab.minimize import bug_report
 from rollout_lab.minimize.fresh import Confirmation, Flip
-from rollout_lab.minimize.reduce import KNOB_ARGS, POOL_HEAD, Reduction, Size, case_knobs, knob_args, knob_text
+from rollout_lab.minimize.knobs import KNOB_ARGS, POOL_HEAD, case_knobs, knob_args, knob_text
+from rollout_lab.minimize.reduce import Reduction, Size
 from rollout_lab.minimize.standalone import Case
 
 # The minimization log (stages, every trial) goes here, beside REPORT.md.

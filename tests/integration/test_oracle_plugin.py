@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def test_a_registered_toy_oracle_is_minimized_to_a_repro_that_reproduces_fresh(toy_oracle, tmp_path, capsys):
     from rollout_lab.minimize.__main__ import main as minimize_main
 
-    # The CPU defaults the knob pass goes back to (reduce.knob_targets): no knob is left to reduce.
+    # The CPU defaults the knob pass goes back to (knobs.knob_targets): no knob is left to reduce.
     args = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": EngineConfig.gpu_memory_utilization,
             "seed": 0, "disable_log_stats": False}
     case = Case("llama-tiny", args, [Request([100 + 7 * i + j for j in range(6)], 10 + i, i, 0) for i in range(3)], max_tokens=4)

@@ -7,7 +7,8 @@ import pytest
 
 from rollout_lab import oracles
 from rollout_lab.hunt.protocol import Signature, TrialFinished, TrialResult
-from rollout_lab.hunt.runner import Scored, judge
+from rollout_lab.hunt.runner import Scored
+from rollout_lab.oracles.records import OracleVerdict, WorstToken
 from rollout_lab.minimize.handoff import CaseFile, HandoffError
 from rollout_lab.minimize.standalone import Case, Expected, Request
 
@@ -28,10 +29,17 @@ def test_the_builtins_are_found_by_name_and_judge_a_trial_as_the_runner_did():
     with pytest.raises(KeyError, match="no oracle 'nope'; registered: .*reference"):
         oracles.get("nope")
     verdicts = oracles.measure_trial(oracles.Trial(None, items(), {"reference": 1e-3, "metamorphic": 1e-3}))
-    assert verdicts["reference"] == judge(items(), 1e-3, "reference")
-    assert verdicts["metamorphic"] == judge(items(), 1e-3, "rescored")
-    assert (verdicts["reference"].flagged, verdicts["reference"].request_class, verdicts["reference"].max_diff) == (1, "preempted", 0.5)
-    assert verdicts["batch_invariance"].requests == 0  # fewer than two requests sampled alone: nothing measured
+    assert verdicts["reference"] == OracleVerdict(4, 1, 0.5, "preempted", WorstToken(0.5, 1, 0, 7))
+    assert verdicts["metamorphic"].flagged == 1 and verdicts["metamorphic"].max_diff == pytest.approx(2e-3)
+    assert verdicts["batch_invariance"].requests == 0  # fewer than two requests sampled: nothing run alone
+
+
+def test_the_batch_oracle_runs_nothing_alone_where_nothing_is_promised_and_the_floor_is_measured(monkeypatch):
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    sampled = [([1], None, None), ([2], None, None)]
+    # No engine: a verdict that ran nothing alone must not touch it.
+    verdict = oracles.get("batch_invariance").measure(oracles.Trial(None, [], {}, sampled, measure_floor=False))
+    assert (verdict.requests, verdict.flagged, verdict.promised) == (0, 0, False)
 
 
 def hunt_cfg():

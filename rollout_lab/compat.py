@@ -120,6 +120,27 @@ def was_preempted(num_preemptions: Optional[int]) -> bool:
     return num_preemptions is not None and num_preemptions > 0
 
 
+
+# The engine stepped by hand (LLM.llm_engine: add_request / step / abort_request), as a schedule of
+# arrivals and aborts drives it (rollout_lab/stepping.py); the same calls in vLLM 0.25 and 0.32.
+def add_request(llm, request_id: str, prompt_token_ids: list[int], params) -> None:
+    """Queue one request (token ids, its SamplingParams) for the engine's next step."""
+    llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
+
+
+def step(llm) -> list:
+    """One engine step; the RequestOutputs of the requests it finished."""
+    return [out for out in llm.llm_engine.step() if out.finished]
+
+
+def abort_requests(llm, request_ids: list[str]) -> None:
+    """Abort requests mid-flight: vLLM frees their blocks and returns no output for them."""
+    llm.llm_engine.abort_request(request_ids)
+
+
+def has_unfinished_requests(llm) -> bool:
+    return llm.llm_engine.has_unfinished_requests()
+
 def engine_metrics(llm) -> dict[str, float]:
     """The engine's counters and gauges under the lab's names, summed over engines. A metric this
     vLLM does not report is absent from the result (unknown), not 0."""

@@ -37,7 +37,7 @@ def draws(space_name: str, count: int, seed: int) -> None:
 
     from rollout_lab import engine
     from rollout_lab.hunt.constraints import Learned
-    from rollout_lab.hunt.runner import valid_workload
+    from rollout_lab.hunt.trace import valid_workload
     from rollout_lab.hunt.search import Coverage, Planner
     from rollout_lab.hunt.space import Space, engine_args, register, with_pressure
     from rollout_lab.models import resolve_model
@@ -78,7 +78,8 @@ def trials(count: int, seed: int, out: Path) -> None:
 
     from rollout_lab.hunt import runner
     from rollout_lab.hunt.protocol import TrialFinished, read_events
-    from rollout_lab.hunt.runner import GroupSpec, run_group, valid_workload
+    from rollout_lab.hunt.runner import GroupSpec, run_group
+    from rollout_lab.hunt.trace import valid_workload
     from rollout_lab.hunt.search import Coverage, Planner
     from rollout_lab.hunt.space import OracleConfig, Space, register
     from rollout_lab.models import resolve_model

@@ -69,7 +69,7 @@ class Hunt:
 
         from rollout_lab.config import fault_params
         from rollout_lab.hunt.repros import Repros
-        from rollout_lab.hunt.runner import valid_workload
+        from rollout_lab.hunt.trace import valid_workload
         from rollout_lab.hunt.search import Coverage, Planner
         from rollout_lab.hunt.space import Space
         from rollout_lab.hunt.store import Store

@@ -1,8 +1,8 @@
 """One engine group, run in its own process: start one vllm.LLM, run each workload as a trial, judge it.
 
     GroupSpec -> engine start (rejected / crash / ok) -> for each workload: reset the engine to a
-    fresh one's state, plant the fault if any, drive the trace, apply the oracles -> one JSON line
-    per event in the group's lines file
+    fresh one's state, plant the fault if any, drive the trace (trace.py), apply the oracles -> one
+    JSON line per event in the group's lines file
 
 The driver (supervise.py) runs this as a Ray task (a crash, hang or OOM kills one process, never the
 hunt) and reads the lines file as it grows; each line is a protocol.TrialEvent. A heartbeat line
@@ -40,16 +40,16 @@ from rollout_lab import compat, engine, pressure
 from rollout_lab.hunt.protocol import (EngineStarted, EngineStarting, Heartbeat, OracleVerdict, OutOfTime, TrialEvent,
                                        TrialFinished, TrialResult, TrialStarted, WorstToken, event_line)
 from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
+from rollout_lab.hunt.trace import RejectedWorkload, drive, request_seed, trace_params, trace_requests, trial_case
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace, token_pool
-from rollout_lab.minimize.standalone import Case, Request, request_class
+from rollout_lab.minimize.standalone import Request, request_class
 from rollout_lab.tolerances import oracle_row
+
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
 RESCORE_MAX = 8
 # Ordinary sequences (not flagged, preempted or prefix-cached) among them: re-scoring one alone already
 # checks the sampled path against the prompt_logprobs path on that engine; each more costs a prefill.
 RESCORE_ORDINARY = 1
-# Engine steps a step-driven trace may take before it counts as stuck.
-MAX_ENGINE_STEPS = 20000
 # Seconds between heartbeat lines (engine steps so far) while a group runs.
 HEARTBEAT_S = 10.0
 
@@ -109,70 +109,6 @@ def heartbeat(lines: Lines, counter: dict, group: str) -> None:
             lines.emit(Heartbeat(group, counter["steps"]))
 
     threading.Thread(target=beat, daemon=True).start()
-
-
-def request_seed(workload: dict, index: int) -> Optional[int]:
-    """The seed request `index` of the workload is sent with; None: it samples from the engine's RNG."""
-    if not workload.get("sampling.per_request_seed", True):
-        return None
-    return (int(workload["seed"]) * 1009 + index) % (2**31)
-
-
-class RejectedWorkload(ValueError):
-    """vLLM refused the workload's sampling parameters (e.g. n > 1 with greedy sampling): not a bug."""
-
-
-def trace_params(trace: list[TraceRequest], workload: dict) -> list:
-    """SamplingParams per request; RejectedWorkload when vLLM's validation refuses them."""
-    knobs = {k: v for k, v in sampling_args(workload).items() if k != "per_request_seed"}
-    try:
-        return [engine.sampling_params(request_seed(workload, i), **knobs) for i in range(len(trace))]
-    except Exception as exc:
-        if not compat.is_rejection(exc):
-            raise
-        raise RejectedWorkload(engine.rejection_message(exc)) from None
-
-
-def valid_workload(workload: dict) -> bool:
-    """Whether vLLM accepts the workload's sampling parameters (checked without an engine)."""
-    try:
-        trace_params([TraceRequest([0])], workload | {"seed": workload.get("seed", 0)})
-    except RejectedWorkload:
-        return False
-    return True
-
-
-def drive(llm, trace: list[TraceRequest], workload: dict, trial: str) -> tuple[list[engine.SampledOutput], list[int]]:
-    """Run the trace; (the completions of non-aborted requests, in trace order; indices of aborted ones)."""
-    params = trace_params(trace, workload)
-    if is_batch(trace):
-        return engine.generate(llm, [r.prompt_token_ids for r in trace], params), []
-    llm_engine = llm.llm_engine
-    pending = sorted(range(len(trace)), key=lambda i: (trace[i].arrive_step, i))
-    added: dict[int, int] = {}
-    finished: dict[int, object] = {}
-    aborted: list[int] = []
-    step = 0
-    while pending or llm_engine.has_unfinished_requests():
-        if not llm_engine.has_unfinished_requests() and pending:
-            step = max(step, trace[pending[0]].arrive_step)
-        while pending and trace[pending[0]].arrive_step <= step:
-            i = pending.pop(0)
-            llm_engine.add_request(f"{trial}-{i}", {"prompt_token_ids": trace[i].prompt_token_ids}, params[i])
-            added[i] = step
-        for out in llm_engine.step():
-            if out.finished:
-                finished[int(out.request_id.rsplit("-", 1)[1])] = out
-        to_abort = [i for i, at in added.items() if trace[i].abort_after is not None and i not in finished
-                    and i not in aborted and step - at >= trace[i].abort_after]
-        if to_abort:
-            llm_engine.abort_request([f"{trial}-{i}" for i in to_abort])
-            aborted.extend(to_abort)
-        step += 1
-        if step > MAX_ENGINE_STEPS:
-            raise TimeoutError(f"trace still running after {MAX_ENGINE_STEPS} engine steps")
-    kept = [finished[i] for i in range(len(trace)) if i in finished and i not in aborted]
-    return engine.sampled_outputs(kept), sorted(aborted)
 
 
 @dataclass
@@ -278,14 +214,6 @@ def batch_invariance(llm, trace: list[TraceRequest], outputs: list[engine.Sample
     return batch_oracle(llm, sampled, promised, limit=4 if promised else 1)
 
 
-def trial_case(spec: GroupSpec, workload: dict, requests: list[Request]) -> Case:
-    """A trial's requests, all at once, as a minimizer Case (the model by its hunt name, no fault)."""
-    sampling = sampling_args(workload)
-    return Case(str(spec.engine["model"]), engine_args(spec.engine) | {"disable_log_stats": False}, requests,
-                max_tokens=int(sampling.get("max_tokens", 16)), temperature=float(sampling.get("temperature", 1.0)),
-                top_p=float(sampling.get("top_p", 1.0)), top_k=int(sampling.get("top_k", -1)))
-
-
 def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[TraceRequest], trial: str,
               dtype: str, progress: Optional[dict] = None, measure_floor: bool = True) -> TrialResult:
     """One workload on the (reset) engine, judged by every oracle (`measure_floor`: batch_invariance's)."""
@@ -330,7 +258,9 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
                        "alone": round(t4 - t3, 2)},
     )
     if result.status == "fail":
-        result.case = trial_case(spec, workload, failing_requests(items))
+        # A step-driven trace keeps its schedule, the aborted requests too; a batch, the completions it judged.
+        requests = failing_requests(items) if is_batch(trace) else trace_requests(trace, workload)
+        result.case = trial_case(spec.engine, workload, requests)
     return result
 
 
@@ -339,11 +269,6 @@ def failing_requests(items: list[Scored]) -> list[Request]:
     seeds it; one sent without a seed (None) drew from the engine's RNG, and so does its replay."""
     return [Request(s.prompt_token_ids, None if s.seed is None else s.seed + s.completion, s.request, s.completion)
             for s in items]
-
-
-def crash_requests(trace: list[TraceRequest], workload: dict) -> list[Request]:
-    """Every request of a trial that crashed, all at once, with the seed it was sent with."""
-    return [Request(r.prompt_token_ids, request_seed(workload, j), j, 0) for j, r in enumerate(trace)]
 
 
 def run_group(spec: GroupSpec, lines_path: str) -> None:
@@ -404,7 +329,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
             return result
         except BaseException as exc:  # SystemExit too: vLLM ends a dead engine core that way
             return TrialResult("crash", dtype=dtype, crash=crash_signature(exc),
-                               case=trial_case(spec, workload, crash_requests(trace, workload)))
+                               case=trial_case(spec.engine, workload, trace_requests(trace, workload)))
 
     run_trials(spec, lines, run_one)
 

@@ -7,7 +7,8 @@
       -> workload, on the final engine: prompts (first merged into one, then two, concatenated
          prompts, for failures that need many tokens in the cache but not many requests; then
          all requests on one prompt, for failures that need many requests but not many different
-         prompts; then ddmin), samples per prompt, max_tokens, prompt length (bisection each)
+         prompts; then ddmin), the schedule of a step-driven case (schedule.py: all at once, aborts,
+         arrivals merged, gaps capped), samples per prompt, max_tokens, prompt length (bisection each)
       -> Reduction
 
 A crash while the engine starts (Expected.at_start) ran no request: only its engine knobs are reduced.
@@ -35,6 +36,7 @@ from rich.console import Console
 from rollout_lab.minimize.ddmin import ddmin, smallest_failing
 from rollout_lab.minimize.knobs import case_knobs, deviating_knobs, with_case_knobs
 from rollout_lab.minimize.predicate import FailingRun
+from rollout_lab.minimize.schedule import describe as describe_schedule, reduce_schedule
 from rollout_lab.minimize.standalone import Case, Outcome
 from rollout_lab.minimize.trials import Rule, TrialRecord, TrialRunner, calibrated_rule, case_key
 
@@ -98,6 +100,8 @@ class Size:
     max_tokens: int
     prompt_tokens: int
     knobs: list[str]
+    # The schedule in words (schedule.describe; "": every request at once).
+    schedule: str = ""
 
     @classmethod
     def of(cls, case: Case, targets: dict[str, dict]) -> "Size":
@@ -108,6 +112,7 @@ class Size:
             max_tokens=case.max_tokens,
             prompt_tokens=max(len(r.prompt_token_ids) for r in case.requests),
             knobs=case_knobs(case, targets),
+            schedule=describe_schedule(case),
         )
 
     def describe(self) -> str:
@@ -115,6 +120,7 @@ class Size:
         return (
             f"{self.prompts} prompts x {self.samples_per_prompt} samples ({self.requests} requests), "
             f"max_tokens {self.max_tokens}, prompts <= {self.prompt_tokens} tokens, non-default knobs: {knobs}"
+            + (f", {self.schedule}" if self.schedule else "")
         )
 
 
@@ -196,7 +202,7 @@ class Reducer:
             if self.fails(one, "prompts", f"all {len(one.requests)} requests on prompt {prompts[0]}"):
                 case, prompts = one, prompt_indices(one)
         kept = ddmin(prompts, lambda subset: self.fails(with_prompts(case, subset), "prompts", f"prompts {len(prompts)} -> {len(subset)}: {subset}"))
-        case = with_prompts(case, kept)
+        case = reduce_schedule(with_prompts(case, kept), self.fails)
 
         samples = Size.of(case, self.targets).samples_per_prompt
         best = smallest_failing(1, samples, lambda n: self.fails(with_samples(case, n), "samples", f"samples per prompt {samples} -> {n}"))

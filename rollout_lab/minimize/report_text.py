@@ -47,6 +47,8 @@ def description(reduction: Reduction, case: Case) -> str:
     workload = (f"{size.requests} request(s) on {size.prompts} prompt(s) of up to {size.prompt_tokens} tokens, "
                 f"max_tokens={case.max_tokens}, " + ("sampled from the engine's seeded RNG" if any(
                     r.seed is None for r in case.requests) else "each with its own seed"))
+    if size.schedule:
+        workload += f", the engine stepped with {size.schedule}"
     return f"With {knobs} and {workload}, {expected.oracle.report_happened(expected, case, outcome)}."
 
 

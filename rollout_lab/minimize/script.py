@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from rollout_lab import faults, models, tiny_models
-from rollout_lab.minimize.script_run import ENGINE_CHOICES, exception_block, is_seeded, reproduce_function, sampling
-from rollout_lab.minimize.standalone import Case, Expected
+from rollout_lab.minimize.script_run import ENGINE_CHOICES, SCHEDULE_LOOP, exception_block, is_seeded, reproduce_function, sampling
+from rollout_lab.minimize.standalone import Case, Expected, is_scheduled
 
 # Line budgets of an emitted repro.py, not counting a planted fault's carried source. A one-prompt
 # crash takes ~50 on a hub model and ~60 rebuilding an embedded random model, a one-prompt batch-
@@ -36,6 +36,8 @@ from rollout_lab.minimize.standalone import Case, Expected
 LINE_BUDGET = {"crash": 82, "mismatch": 112, "batch_invariance": 102}
 # What a case's block_pool_head adds: the value, the free-queue restart (move_pool_head) and its call.
 POOL_HEAD_LINES = 12
+# What a case's schedule adds: SCHEDULE and the loop stepping the engine on it (run_schedule).
+SCHEDULE_LINES = 24
 # The planted fault's section of a repro.py begins and ends with these lines.
 FAULT_BEGIN, FAULT_END = "# ---- PLANTED FAULT", "# ---- end of the planted fault"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -190,13 +192,15 @@ def _case_block(spec: ReproSpec) -> str:
         text = ("PREFIX + " if shared else "") + repr(prompt[shared:]) + ","
         lines += textwrap.wrap(text, 100, initial_indent="    ", subsequent_indent="    ")
     lines.append("]")
-    seeded = is_seeded(case)
+    seeded, scheduled = is_seeded(case), is_scheduled(case.requests)
     requests = [(index[tuple(r.prompt_token_ids)], r.seed) if seeded else index[tuple(r.prompt_token_ids)] for r in case.requests]
     return "\n".join([
         _assign("ENGINE_ARGS", engine_args(case)),
         *lines,
-        _assign("REQUESTS", requests) + ("  # (prompt, seed) of each request, sampled in one generate call" if seeded
-                                         else "  # the prompt of each request, sampled in one generate call"),
+        _assign("REQUESTS", requests) + ("  # (prompt, seed) of each request, " if seeded else "  # the prompt of each request, ")
+        + ("stepped on SCHEDULE" if scheduled else "sampled in one generate call"),
+        *([_assign("SCHEDULE", [(r.arrive_step, r.abort_step) for r in case.requests])
+           + "  # (arrival step, abort step: None runs to completion)"] if scheduled else []),
         _assign("SAMPLING", sampling(case)),
         *([f"BLOCK_POOL_HEAD = {case.block_pool_head!r}  # where the free block queue starts, as a fraction of the pool"]
           if case.block_pool_head is not None else []),
@@ -238,7 +242,7 @@ import {", ".join(imports)}
 
 {model_block}
 {_case_block(spec)}
-{_pool_head_block(spec)}{_fault_block(spec)}{ENGINE_CHOICES}
+{_pool_head_block(spec)}{_fault_block(spec)}{SCHEDULE_LOOP if is_scheduled(case.requests) else ""}{ENGINE_CHOICES}
 {run}
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import textwrap
 from typing import Optional
 
-from rollout_lab.minimize.standalone import Case, Expected
+from rollout_lab.minimize.standalone import Case, Expected, completed, is_scheduled
 from rollout_lab.oracles.records import SAME_CLASS
 from rollout_lab.tolerances import clean_agreement
 
@@ -43,6 +43,39 @@ def _prompts(case: Case, requests: str) -> str:
     """The expression of the prompts of `requests`, in order."""
     each = "p, _" if is_seeded(case) else "p"
     return f'[{{"prompt_token_ids": PROMPTS[p]}} for {each} in {requests}]'
+
+
+def _sample(case: Case, requests: str) -> str:
+    """The call that samples `requests` with `params`: one generate call, or the engine stepped on SCHEDULE."""
+    if is_scheduled(case.requests):
+        return f"run_schedule(llm, {_prompts(case, requests)}, params, SCHEDULE)"
+    return f"llm.generate({_prompts(case, requests)}, params, use_tqdm=False)"
+
+
+# The engine stepped on a schedule, as the minimizer replays it (rollout_lab/stepping.py: the same clock).
+SCHEDULE_LOOP = '''
+
+def run_schedule(llm, prompts, params, schedule) -> list:
+    # One tick per engine step, skipping ahead to the next arrival while the engine is idle: request i is
+    # added before step schedule[i][0] and aborted after step schedule[i][1] unless it finished by then.
+    engine, pending = llm.llm_engine, sorted(range(len(prompts)), key=lambda i: (schedule[i][0], i))
+    added, finished, aborted, step = [], {}, [], 0
+    while pending or engine.has_unfinished_requests():
+        if pending and not engine.has_unfinished_requests():
+            step = max(step, schedule[pending[0]][0])
+        while pending and schedule[pending[0]][0] <= step:
+            added.append(i := pending.pop(0))
+            engine.add_request(f"r-{i}", prompts[i], params[i])
+        finished |= {int(out.request_id.split("-")[1]): out for out in engine.step() if out.finished}
+        late = [i for i in added if schedule[i][1] is not None and step >= schedule[i][1] and i not in finished and i not in aborted]
+        if late:
+            print(f"step {step}: abort {late}")
+            engine.abort_request([f"r-{i}" for i in late])
+            aborted += late
+        step += 1
+    print(f"{step} engine steps; added at {[schedule[i][0] for i in added]}, aborted {aborted}")
+    return [finished[i] for i in range(len(prompts)) if i in finished and i not in aborted]  # the aborted return none
+'''
 
 
 # What vLLM chose for the engine, read in its worker (the in-process engine core takes a plain function):
@@ -79,8 +112,8 @@ def reproduce(args) -> tuple[str, str]:
 {_VERSIONS}
     llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){_PRINT_CHOICES}{install}
     params = {_params(case, "REQUESTS", False)}
-    llm.generate({_prompts(case, "REQUESTS")}, params, use_tqdm=False)
-    return "NOT REPRODUCED", f"generate returned {{len(REQUESTS)}} completion(s) without an error"
+    {_sample(case, "REQUESTS")}
+    return "NOT REPRODUCED", f"{"the schedule ran its {len(REQUESTS)} request(s)" if is_scheduled(case.requests) else "generate returned {len(REQUESTS)} completion(s)"} without an error"
 '''
 
 
@@ -105,7 +138,7 @@ def reproduce(args) -> tuple[str, str]:
     model = {model}
     llm = vllm.LLM(model=model, skip_tokenizer_init=True, **ENGINE_ARGS){_PRINT_CHOICES}{install}
     params = {_params(case, "REQUESTS", True)}
-    outputs = llm.generate({_prompts(case, "REQUESTS")}, params, use_tqdm=False)
+    outputs = {_sample(case, "REQUESTS")}
     reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     print("request  preemptions  cached tokens  tokens  flagged  first bad position  max |vLLM - transformers|")
     flagged, bad_tokens = [], 0
@@ -131,9 +164,25 @@ def reproduce(args) -> tuple[str, str]:
 '''
 
 
+def _batch_sample(case: Case, head: str) -> str:
+    """The first lines of the batch repro's run(): the requests in one generate call, or stepped on a schedule."""
+    if not is_scheduled(case.requests):
+        return f'''    def run(requests):  # (sampled tokens, their logprobs) of each request, the requests in one generate call
+        params = {_params(case, "requests", True)}{head}
+        outputs = llm.generate({_prompts(case, "requests")}, params, use_tqdm=False)'''
+    return f'''    def run(requests, schedule=None):  # (sampled tokens, their logprobs): stepped on `schedule`, else one generate call
+        params = {_params(case, "requests", True)}{head}
+        prompts = {_prompts(case, "requests")}
+        outputs = llm.generate(prompts, params, use_tqdm=False) if schedule is None else run_schedule(llm, prompts, params, schedule)'''
+
+
 def batch_run(case: Case, expected: Expected, model: str, install: str) -> str:
-    targets = min(expected.targets, len(case.requests))
+    scheduled = is_scheduled(case.requests)
+    targets = min(expected.targets, len(completed(case)))
     head = "\n        move_pool_head(llm)" if case.block_pool_head is not None else ""
+    # A schedule's batch leaves out the requests it aborts: the targets are the first of the others (KEPT).
+    kept = ("\n    KEPT = [r for r, (_, abort) in zip(REQUESTS, SCHEDULE) if abort is None]  # the requests not aborted"
+            if scheduled else "")
     return f'''{_comment("The failure: one of the first TARGETS requests, run again alone on the same engine after the "
                          "batch, gives other sampled tokens or sampled-token logprobs than in the batch (bitwise).")}
 TARGETS = {targets!r}
@@ -143,16 +192,14 @@ def reproduce(args) -> tuple[str, str]:
 {_VERSIONS}
     llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){_PRINT_CHOICES}{install}
 
-    def run(requests):  # (sampled tokens, their logprobs) of each request, the requests in one generate call
-        params = {_params(case, "requests", True)}{head}
-        outputs = llm.generate({_prompts(case, "requests")}, params, use_tqdm=False)
+{_batch_sample(case, head)}
         return [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in (o.outputs[0] for o in outputs)]
 
-    batch = run(REQUESTS)
+    batch = run({"REQUESTS, SCHEDULE" if scheduled else "REQUESTS"}){kept}
     print("request  tokens  first other token  bitwise-equal logprobs  max |batch - alone|")
     differ, worst, firsts = 0, 0.0, []
     for i in range(TARGETS):
-        (tokens, logprobs), (alone, alone_logprobs) = batch[i], run([REQUESTS[i]])[0]
+        (tokens, logprobs), (alone, alone_logprobs) = batch[i], run([{"KEPT" if scheduled else "REQUESTS"}[i]])[0]
         first = next((p for p, (a, b) in enumerate(zip(tokens, alone)) if a != b),
                      None if len(tokens) == len(alone) else min(len(tokens), len(alone)))
         same = list(zip(logprobs, alone_logprobs))[: len(tokens) if first is None else first]  # the same tokens

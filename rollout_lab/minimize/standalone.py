@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from rollout_lab import engine, pressure
+from rollout_lab import engine, pressure, stepping
 from rollout_lab.oracles.base import Expected, Replay
 from rollout_lab.oracles.records import Outcome
 # Where hunt/runner.py imports it.
@@ -29,6 +29,11 @@ class Request:
     # Coordinates in the run the case came from (reports only).
     prompt_index: int = -1
     sample_index: int = -1
+    # Its schedule (a hunt trial's step-driven trace; rollout_lab/stepping.py's clock): added before engine
+    # step `arrive_step`, aborted after step `abort_step` (None: it runs to completion). A case whose
+    # requests all arrive at 0 and none is aborted runs in one generate call.
+    arrive_step: int = 0
+    abort_step: Optional[int] = None
 
 
 @dataclass
@@ -90,7 +95,22 @@ def sample(llm, case: Case) -> list[engine.SampledOutput]:
     params = [engine.sampling_params(request.seed, n=1, max_tokens=case.max_tokens, temperature=case.temperature,
                                      top_p=case.top_p, top_k=case.top_k, logprobs=0) for request in case.requests]
     pressure.move_pool_head(llm, case.block_pool_head)
-    return engine.generate(llm, [request.prompt_token_ids for request in case.requests], params)
+    prompts = [request.prompt_token_ids for request in case.requests]
+    if not is_scheduled(case.requests):
+        return engine.generate(llm, prompts, params)
+    # The aborted requests leave no output: the others come back in request order, as from generate.
+    return stepping.drive(llm, prompts, params, [r.arrive_step for r in case.requests],
+                          [r.abort_step for r in case.requests], "case")[0]
+
+
+def is_scheduled(requests: list[Request]) -> bool:
+    """Whether the requests need the engine stepped (an arrival after step 0 or an abort), not one generate call."""
+    return any(r.arrive_step or r.abort_step is not None for r in requests)
+
+
+def completed(case: Case) -> list[Request]:
+    """The requests the case's schedule does not abort: those whose outputs it judges, in order."""
+    return [r for r in case.requests if r.abort_step is None]
 
 
 def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) -> Outcome:

@@ -99,6 +99,9 @@ def case_key(case: Case, expected: Expected) -> str:
     fields = asdict(case)
     if not case.warmup:  # keys of cases without a warm-up stay those logged before it existed
         del fields["warmup"], fields["warmup_max_tokens"]
+    for request in fields["requests"]:  # and of requests without a schedule, those logged before schedules
+        if not request["arrive_step"] and request["abort_step"] is None:
+            del request["arrive_step"], request["abort_step"]
     payload = json.dumps({"case": fields, "expected": asdict(expected)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -33,7 +33,12 @@ class BatchInvariance(Oracle):
         return Expected(self.name, 0.0, targets=finding.result.oracles[self.name].requests)
 
     def rerun(self, sample, case, expected: Expected) -> list:
-        return [sample([request])[0] for request in case.requests[: expected.targets]]
+        from dataclasses import replace
+
+        from rollout_lab.minimize.standalone import completed
+
+        # Each target alone, with no schedule: a request by itself has no one to arrive after.
+        return [sample([replace(r, arrive_step=0, abort_step=None)])[0] for r in completed(case)[: expected.targets]]
 
     def judge(self, replay: Replay, expected: Expected) -> Outcome:
         return batch_outcome(replay.outputs, replay.reruns, replay.worst)

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 
 from rollout_lab import engine
-from rollout_lab.hunt.runner import GroupSpec, collect, drive, failing_requests, trial_case
+from rollout_lab.hunt.runner import collect, failing_requests
+from rollout_lab.hunt.trace import drive, trial_case
 from rollout_lab.hunt.workloads import Limits, make_trace
 from rollout_lab.minimize.standalone import sample
 from rollout_lab.models import resolve_model
@@ -21,10 +22,9 @@ def test_an_unseeded_trials_case_replays_the_trials_tokens(monkeypatch):
              "engine.kv_cache_memory_bytes": 16_000_000}
     workload = {"generator": "many_short", "seed": 5, "sampling.per_request_seed": False, "sampling.max_tokens": 8,
                 "sampling.temperature": 1.0, "sampling.logprobs": 0}
-    spec = GroupSpec("g", point, resolve_model("llama-tiny"), [], deadline=0.0)
     trace = make_trace("many_short", 5, list(range(100, 1100)), Limits(256, 2048, 32), 8)[:6]  # one batch
-    case = trial_case(spec, workload, [])
-    llm = engine.start(model=spec.model_path, **case.engine_args)
+    case = trial_case(point, workload, [])
+    llm = engine.start(model=resolve_model("llama-tiny"), **case.engine_args)
     engine.remember_clean(llm)
     outputs, _ = drive(llm, trace, workload, "t")
     case = replace(case, requests=failing_requests(collect(outputs, workload)))

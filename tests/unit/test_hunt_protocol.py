@@ -175,7 +175,8 @@ def test_the_request_index_of_a_completion_is_its_requests_not_its_position_amon
     """LLM.generate numbers requests from a counter that runs on across calls; with n > 1 each
     request holds n completions. The seed recorded for a completion (and put in the case) is its request's."""
     from rollout_lab.engine import sampled_outputs
-    from rollout_lab.hunt.runner import collect, request_seed
+    from rollout_lab.hunt.runner import collect
+    from rollout_lab.hunt.trace import request_seed
 
     def output(request_id, prompt):
         completion = SimpleNamespace(token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-1.0)}], finish_reason="length", text="")

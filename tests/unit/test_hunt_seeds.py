@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from rollout_lab.engine import sampled_outputs
-from rollout_lab.hunt.runner import collect, crash_requests, failing_requests, request_seed, trace_params
+from rollout_lab.hunt.runner import collect, failing_requests
+from rollout_lab.hunt.trace import request_seed, trace_params, trace_requests
 from rollout_lab.hunt.space import Space, SpaceConfig
 from rollout_lab.hunt.workloads import Limits, make_trace
 
@@ -38,10 +39,10 @@ def test_a_crashed_trials_case_keeps_the_seeds_it_sent_a_real_seed_0_included():
     rewrite a real seed 0 the same way."""
     trace = make_trace("many_short", 1, list(range(100, 400)), Limits(256, 256, 32), 8)
     unseeded = {"seed": 0, "sampling.per_request_seed": False}
-    assert [r.seed for r in crash_requests(trace, unseeded)] == [None] * len(trace)
+    assert [r.seed for r in trace_requests(trace, unseeded)] == [None] * len(trace)
     seeded = {"seed": 0}
-    assert [r.seed for r in crash_requests(trace, seeded)] == [p.seed for p in trace_params(trace, seeded)]
-    assert crash_requests(trace, seeded)[0].seed == 0
+    assert [r.seed for r in trace_requests(trace, seeded)] == [p.seed for p in trace_params(trace, seeded)]
+    assert trace_requests(trace, seeded)[0].seed == 0
 
 
 @pytest.mark.parametrize("space_file", ["default.yaml", "gpu.yaml"])
@@ -59,4 +60,4 @@ def test_the_unseeded_path_of_the_shipped_spaces_replays_from_the_engines_rng(sp
         assert [p.seed for p in trace_params(trace, workload)] == [None] * len(trace), generator
         outputs = [output(f"t-{i}", r.prompt_token_ids, 2) for i, r in enumerate(trace)]
         assert {r.seed for r in failing_requests(collect(sampled_outputs(outputs), workload))} == {None}, generator
-        assert {r.seed for r in crash_requests(trace, workload)} == {None}, generator
+        assert {r.seed for r in trace_requests(trace, workload)} == {None}, generator

@@ -5,7 +5,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "rollout_lab"
 MAX_LINES = 400
 # Modules still over MAX_LINES, each to be split along its ideas (issue 32); the list may only shrink.
-STILL_OVER = {"hunt/runner.py", "shift.py"}
+STILL_OVER = {"shift.py"}
 
 
 def module_name(path: Path) -> str:

@@ -16,7 +16,7 @@ from rollout_lab.hunt.space import HuntRunConfig, OracleConfig
 from rollout_lab.hunt.store import Store
 from rollout_lab.hunt.triage import duplicate_of, why_not_minimized
 from rollout_lab.minimize.handoff import CaseFile, HandoffError, MinimizedResult
-from rollout_lab.oracles import get, oracle_of
+from rollout_lab.oracles import oracle_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -222,7 +222,7 @@ class Repros:
         if finding.needs_planted_fault:
             finding.no_fault_exit = run_isolated(out / "repro.py", (*info.verify_args, "--no-fault")).status
         finding.state = "verified" if finding.verify_exits.count(1) == runs else "flaky"
-        if oracle_of(finding.signature) is get("crash") and not finding.needs_planted_fault:
+        if oracle_of(finding.signature).known_bug and not finding.needs_planted_fault:
             write_known_bug(out, finding.signature)
         self.store.put_finding(finding)
         off = finding.no_fault_exit

@@ -85,6 +85,9 @@ class Oracle:
     raises: bool = False
     # Its repro check runs the case more than once and moves the free block queue before each run itself.
     moves_pool_head: bool = False
+    # A verified repro of it marks its folder as a known bug (protocol.write_known_bug): only a crash's
+    # signature names its site; a mismatch's names no knob.
+    known_bug: bool = False
 
     def tolerance(self, oracles: Any, row: str) -> float:
         """Its bound for an engine of tolerance row `row` (tolerances.oracle_row), from the hunt's OracleConfig."""

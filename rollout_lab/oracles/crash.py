@@ -9,6 +9,7 @@ class Crash(Oracle):
     name = "crash"
     signature_kind = "crash"
     raises = True
+    known_bug = True
 
     def expected(self, finding, tolerance: float) -> Expected:
         # The driver records an engine that crashed while starting as a trial of phase engine_start.

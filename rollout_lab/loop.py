@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from rollout_lab import oracles
 from rollout_lab.analysis.outcome import outcome_class
 from rollout_lab.config import RunConfig, validate
 from rollout_lab.engine import check_engine_args
@@ -26,7 +27,7 @@ from rollout_lab.placement import plan, reserve
 from rollout_lab.records import RolloutBatch, RunResult, token_table, write_config, write_requests, write_step, write_summary
 from rollout_lab.sampler import PromptRequest
 from rollout_lab.shift import shift_of_run
-from rollout_lab.tolerances import device_name, engine_version, threshold_for, weight_sync_tolerance
+from rollout_lab.tolerances import device_name, engine_version, threshold_for
 from rollout_lab.wandb_log import RunLogger
 from rollout_lab.workload import REWARDS, encode_prompt, make_problems
 
@@ -179,7 +180,7 @@ def setup(cfg: RunConfig) -> Job:
     )
     return Job(cfg, run_dir, result, tokenizer, problems, [encode_prompt(tokenizer, p) for p in problems],
                tokenizer(PROBE_TEXT)["input_ids"], samplers, trainer, group, RunLogger(cfg, run_dir, run_id, config_dict),
-               weight_sync_tolerance(cfg), started)
+               oracles.get("weight_sync").tolerance(cfg), started)
 
 
 def rl_step(job: Job, step: int, timer: "_PhaseTimer") -> tuple[dict, pa.Table, list]:
@@ -251,7 +252,7 @@ def sync_weights(job: Job, step: int, metrics: dict, timer: "_PhaseTimer") -> No
 
 def check_sync(job: Job, step: int, metrics: dict) -> None:
     """WeightSyncError when vLLM's probe logprobs after the step's sync are off the trainer's by more than the bound."""
-    if job.cfg.loop.check_weight_sync and metrics["sync/max_abs_diff"] > job.sync_tolerance:
+    if job.cfg.loop.check_weight_sync and not oracles.get("weight_sync").synced(metrics["sync/max_abs_diff"], job.sync_tolerance):
         raise WeightSyncError(
             f"after step {step} vLLM and trainer disagree by {metrics['sync/max_abs_diff']:.3g} > {job.sync_tolerance}"
         )

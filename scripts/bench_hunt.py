@@ -105,8 +105,7 @@ def trials(count: int, seed: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     spec = GroupSpec("trials", engine, resolve_model("smollm2"), [(k, workloads[i // 2]) for i, k in enumerate(keys)],
-                     time.time() + 3600, reference_tolerance=dict(oracles.reference_tolerance),
-                     metamorphic_tolerance=dict(oracles.metamorphic_tolerance))
+                     time.time() + 3600, oracles=oracles)
     run_group(spec, str(path))
     results = {e.trial: e.result for e in read_events(path, 0)[0] if isinstance(e, TrialFinished)}
     for label in ("before", "now"):

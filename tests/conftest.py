@@ -52,3 +52,59 @@ def compose():
         return OmegaConf.to_object(apply_pressure_by_model(cfg, list(overrides)))
 
     return build
+
+
+@pytest.fixture
+def toy_oracle():
+    """A new oracle registered through the public interface (docs/oracles.md), dropped after the test:
+    a sampled token that vLLM itself gave a logprob below its floor (spike_threshold). llama-tiny's random
+    weights spread every next-token distribution thin, so every token it samples is one."""
+    from rollout_lab.oracles import Expected, Oracle, register, unregister
+    from rollout_lab.oracles.records import Outcome, OracleVerdict
+
+    class UnlikelyToken(Oracle):
+        name = "unlikely_token"
+        floor = -1.0
+
+        def tolerance(self, oracles, row: str) -> float:
+            return self.floor
+
+        def measure(self, trial) -> OracleVerdict:
+            logprobs = [(lp, item.request, p) for item in trial.items for p, lp in enumerate(item.logprobs)]
+            flagged = [lp for lp, _, _ in logprobs if lp < trial.tolerances[self.name]]
+            return OracleVerdict(tokens=len(logprobs), flagged=len(flagged), max_diff=-min((lp for lp, _, _ in logprobs), default=0.0),
+                                 request_class="any" if flagged else None)
+
+        def expected(self, finding, tolerance: float) -> Expected:
+            return Expected(self.name, self.floor)
+
+        def judge(self, replay, expected: Expected) -> Outcome:
+            logprobs = [lp for out in replay.outputs for lp in out.logprobs]
+            return Outcome(num_requests=len(replay.outputs), num_tokens=len(logprobs),
+                           num_flagged=sum(lp < expected.spike_threshold for lp in logprobs),
+                           max_abs_diff=-min(logprobs, default=0.0))
+
+        def same_failure(self, expected: Expected, outcome: Outcome) -> bool:
+            return outcome.crash_key is None and outcome.num_flagged > 0
+
+        def describe(self, expected: Expected) -> str:
+            return f"a sampled token whose vLLM logprob is below {expected.spike_threshold:g}"
+
+        def repro_check(self, case, expected: Expected, model: str, install: str) -> str:
+            from rollout_lab.minimize.script_run import is_seeded
+
+            each, seed = ("p, seed", "seed=seed, ") if is_seeded(case) else ("p", "")
+            return f'''FLOOR = {expected.spike_threshold!r}  # the failure: a sampled token vLLM gives a logprob below this
+
+def reproduce(args) -> tuple[str, str]:
+    import vllm
+    llm = vllm.LLM(model={model}, skip_tokenizer_init=True, **ENGINE_ARGS){install}
+    params = [vllm.SamplingParams({seed}logprobs=0, detokenize=False, **SAMPLING) for {each} in REQUESTS]
+    outputs = llm.generate([{{"prompt_token_ids": PROMPTS[p]}} for {each} in REQUESTS], params, use_tqdm=False)
+    low = [lp[t].logprob for o in outputs for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids) if lp[t].logprob < FLOOR]
+    return ("REPRODUCED", f"{{len(low)}} sampled tokens below {{FLOOR}}") if low else ("NOT REPRODUCED", "none below")
+'''
+
+    oracle = register(UnlikelyToken())
+    yield oracle
+    unregister(oracle.name)

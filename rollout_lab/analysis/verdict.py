@@ -36,7 +36,6 @@ carries one sentence a user can act on, and for a threshold the values the next 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -45,6 +44,7 @@ import pandas as pd
 from scipy import stats
 
 from rollout_lab.analysis.outcome import Switch, fmt_value, values_between
+from rollout_lab.analysis.stats import bin_codes, cramers_v, holm, stratified_rank_test
 from rollout_lab.analysis.signature import LOCATION_FEATURES, RunSignature
 
 STRUCTURE, MAGNITUDE = "structure", "magnitude"
@@ -52,9 +52,6 @@ STRUCTURAL, MAGNITUDE_ONLY, NONE, NO_VERDICT = "structural", "magnitude-only", "
 ALPHA = 0.05
 # Smallest effect that counts as a move, per effect measure (Cohen-style "small to medium").
 MIN_EFFECT = {"D": 0.15, "eta^2": 0.02, "Cramer's V": 0.2, "|rho|": 0.2, "epsilon^2": 0.04}
-PERMUTATIONS = 999
-# Location features with more distinct values are cut into this many equal-width bins.
-MAX_BINS = 8
 # Fewest tokens a group needs for a token-level test.
 MIN_TOKENS = 10
 # Config keys that differ between runs without being swept.
@@ -141,17 +138,6 @@ def _ordered(values: set) -> list[Any]:
     return sorted(values) if _is_ordered(values) else sorted(values, key=str)
 
 
-def holm(p_values: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the input order."""
-    order = np.argsort(p_values)
-    adjusted = np.empty(len(p_values))
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted.tolist()
-
-
 def group_runs(runs: list[RunSignature], variable: str, values: list[Any]) -> list[list[RunSignature]]:
     """The runs at each value of the variable, in the order of values."""
     return [[run for run in runs if _hashable(run.config.get(variable)) == value] for value in values]
@@ -195,15 +181,7 @@ def _outcome_test(groups: list[list[RunSignature]]) -> Optional[FeatureTest]:
     table = np.array([[group.count(label) for label in labels] for group in ends])
     moved = len(set(value_labels(groups))) > 1
     return FeatureTest("outcome", STRUCTURE, "outcome classes compared (clean, silent, sync, crash key)", float(len(labels)), None,
-                       _cramers_v(table), "Cramer's V", moved=moved)
-
-
-def _cramers_v(table: np.ndarray) -> float:
-    table = table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
-    if min(table.shape) < 2:
-        return 0.0
-    chi2 = stats.chi2_contingency(table, correction=False)[0]
-    return float(math.sqrt(chi2 / (table.sum() * (min(table.shape) - 1))))
+                       cramers_v(table), "Cramer's V", moved=moved)
 
 
 def _shape_test(tokens: pd.DataFrame, ordered: bool) -> Optional[FeatureTest]:
@@ -217,52 +195,6 @@ def _shape_test(tokens: pd.DataFrame, ordered: bool) -> Optional[FeatureTest]:
     # Bonferroni within the feature: the largest of several pairwise D's.
     p = min(1.0, min(r.pvalue for r in results) * len(pairs))
     return FeatureTest("shape", STRUCTURE, "KS, standardized log|diff|", float(worst.statistic), p, float(worst.statistic), "D")
-
-
-def bin_codes(values: np.ndarray, max_bins: int = MAX_BINS) -> tuple[np.ndarray, list[str]]:
-    """Integer categories and their labels: the values themselves when few, else equal-width bins."""
-    distinct = np.unique(values)
-    if distinct.size <= max_bins:
-        return np.searchsorted(distinct, values), [str(v) for v in distinct]
-    edges = np.linspace(values.min(), values.max() + 1, max_bins + 1)
-    codes = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, max_bins - 1)
-    bounds = np.ceil(edges).astype(int)
-    return codes, [f"{lo}-{hi - 1}" for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def stratified_rank_test(rank: np.ndarray, group: np.ndarray, category: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
-    """Do ranks differ between groups within categories? (between-group SS, permutation p, eta^2).
-
-    Group labels are shuffled within each category, which keeps every group's count per
-    category, so only where in the rank order a group's tokens sit can make the statistic large.
-    """
-    order = np.argsort(category, kind="stable")
-    rank, group, category = rank[order], group[order], category[order]
-    _, category = np.unique(category, return_inverse=True)
-    _, group = np.unique(group, return_inverse=True)
-    n_groups, n_categories = group.max() + 1, category.max() + 1
-    cells = np.bincount(group * n_categories + category, minlength=n_groups * n_categories).astype(float)
-    category_sum = np.bincount(category, weights=rank, minlength=n_categories)
-    category_n = np.bincount(category, minlength=n_categories)
-    # SS_between = sum over cells of S^2/n minus sum over categories of S^2/n; the second is fixed.
-    fixed = np.sum(category_sum**2 / np.maximum(category_n, 1))
-
-    def between(groups: np.ndarray) -> np.ndarray:
-        rows = groups.shape[0]
-        index = groups * n_categories + category + (np.arange(rows) * n_groups * n_categories)[:, None]
-        sums = np.bincount(index.ravel(), weights=np.tile(rank, rows), minlength=rows * n_groups * n_categories)
-        sums = sums.reshape(rows, n_groups * n_categories)
-        return np.sum(sums**2 / np.maximum(cells, 1), axis=1) - fixed
-
-    observed = float(between(group[None, :])[0])
-    exceed, chunk = 0, 100
-    for start in range(0, PERMUTATIONS, chunk):
-        rows = min(chunk, PERMUTATIONS - start)
-        # Sorting random keys offset by the category shuffles labels within each category block.
-        shuffled = np.argsort(rng.random((rows, rank.size)) + category[None, :], axis=1)
-        exceed += int(np.sum(between(group[shuffled]) >= observed - 1e-12))
-    total = float(np.sum((rank - rank.mean()) ** 2))
-    return observed, (1 + exceed) / (1 + PERMUTATIONS), observed / total if total > 0 else 0.0
 
 
 def _location_tests(tokens: pd.DataFrame, rng: np.random.Generator) -> list[FeatureTest]:
@@ -289,7 +221,7 @@ def _affected_test(tokens: pd.DataFrame) -> Optional[FeatureTest]:
     if table.shape[0] < 2 or table.shape[1] < 2:
         return None  # every request affected, or none: nothing to compare
     chi2, p, _, _ = stats.chi2_contingency(table, correction=False)
-    return FeatureTest("affected_requests", STRUCTURE, "chi-square, requests with a spike", float(chi2), float(p), _cramers_v(table), "Cramer's V")
+    return FeatureTest("affected_requests", STRUCTURE, "chi-square, requests with a spike", float(chi2), float(p), cramers_v(table), "Cramer's V")
 
 
 def _magnitude_tests(tokens: pd.DataFrame, values: list[Any], ordered: bool) -> list[FeatureTest]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from rollout_lab import engine as engines
-from rollout_lab.hunt.protocol import OracleVerdict
+from rollout_lab.oracles.records import OracleVerdict
 from rollout_lab.invariance import Output, compare, output_of
 
 

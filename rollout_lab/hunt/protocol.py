@@ -15,11 +15,9 @@ from typing import Optional, Union
 
 from rollout_lab.crash import CrashSignature
 from rollout_lab.minimize.handoff import MinimizedResult, case_from_json
-from rollout_lab.minimize.standalone import SAME_CLASS, Case
-
-# The oracles, in the order a failing trial is keyed by (TrialResult.first_flagged): the float32
-# reference speaks for the sampled tokens; the others only when it passed them.
-ORACLE_ORDER = ("reference", "metamorphic", "batch_invariance")
+from rollout_lab.minimize.standalone import Case
+from rollout_lab.oracles import trial_oracles
+from rollout_lab.oracles.records import SAME_CLASS, OracleVerdict, WorstToken  # noqa: F401 (TrialResult's parts)
 # The file in repro/<name>/ that makes its bug known to the hunt.
 SIGNATURE_FILE = "signature.txt"
 
@@ -70,43 +68,11 @@ class Signature:
     def mismatch(cls, oracle: str, model: str, dtype: str, request_class: Optional[str]) -> "Signature":
         """A mismatch's key, its request class as the minimizer will judge it."""
         # The minimizer counts flagged prefix-cache hits as the same failure as flagged ordinary
-        # requests (standalone.SAME_CLASS): one fault hitting whichever requests hold a bad block is
+        # requests (oracles.records.SAME_CLASS): one fault hitting whichever requests hold a bad block is
         # one finding, not one per class of the requests it happened to land on.
         klass = request_class or "any"
         return cls("mismatch", oracle=oracle, model=model, dtype=dtype,
                    request_class="any" if klass in SAME_CLASS["any"] else klass)
-
-
-@dataclass
-class WorstToken:
-    """The token an oracle found furthest off."""
-
-    diff: float
-    request: int
-    position: int
-    token_id: int
-
-
-@dataclass
-class OracleVerdict:
-    """What one oracle said about one trial."""
-
-    tokens: int = 0
-    flagged: int = 0
-    max_diff: float = 0.0
-    request_class: Optional[str] = None  # of the flagged requests (standalone.request_class)
-    worst: Optional[WorstToken] = None
-    # The batch-invariance oracle's: requests run again alone, how many came back bitwise identical,
-    # whether vLLM promised invariance, the first differing token position.
-    requests: int = 0
-    identical: int = 0
-    promised: bool = False
-    first_token_diff: Optional[int] = None
-
-    @classmethod
-    def from_json(cls, data: dict) -> "OracleVerdict":
-        worst = data.get("worst")
-        return cls(**(data | {"worst": WorstToken(**worst) if worst else None}))
 
 
 @dataclass
@@ -134,10 +100,11 @@ class TrialResult:
 
     @property
     def failed_oracles(self) -> list[str]:
-        return [name for name in ORACLE_ORDER if name in self.oracles and self.oracles[name].flagged]
+        """The oracles that failed the trial, in the order its signature is keyed by (Oracle.order)."""
+        return [o.name for o in trial_oracles() if o.name in self.oracles and o.flagged(self.oracles[o.name])]
 
     def first_flagged(self) -> str:
-        """The oracle a failing trial's signature names: the first in ORACLE_ORDER that flagged."""
+        """The oracle a failing trial's signature names: the first (by Oracle.order) that flagged."""
         return self.failed_oracles[0]
 
     def signature(self, engine: dict) -> Optional[Signature]:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rollout_lab.hunt.constraints import Learned
-from rollout_lab.hunt.protocol import ORACLE_ORDER, Finding
+from rollout_lab.hunt.protocol import Finding
+from rollout_lab.oracles import trial_oracles
 from rollout_lab.hunt.search import Coverage
 from rollout_lab.hunt.space import HuntRunConfig
 from rollout_lab.hunt.store import Store, TrialRow
@@ -142,12 +143,12 @@ def oracle_levels(trials: list[TrialRow]) -> list[str]:
         for name, verdict in t.result.oracles.items():
             key = (dtype, name)
             levels[key] = max(levels.get(key, 0.0), verdict.max_diff)
-            if name == "batch_invariance":
-                alone[(dtype, "requests")] += verdict.requests
-                alone[(dtype, "identical")] += verdict.identical
+            # Requests run again alone and compared bitwise: the batch-invariance oracle's noise floor.
+            alone[(dtype, "requests")] += verdict.requests
+            alone[(dtype, "identical")] += verdict.identical
     lines = []
     for dtype in sorted({d for d, _ in levels}):
-        parts = [f"{name} {levels[(dtype, name)]:.2g}" for name in ORACLE_ORDER if (dtype, name) in levels]
+        parts = [f"{name} {levels[(dtype, name)]:.2g}" for name in [o.name for o in trial_oracles()] if (dtype, name) in levels]
         if alone[(dtype, "requests")]:
             parts.append(f"batch vs alone bitwise identical {alone[(dtype, 'identical')]}/{alone[(dtype, 'requests')]} requests")
         lines.append(f"- {dtype}: max |diff| " + ", ".join(parts))

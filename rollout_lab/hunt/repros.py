@@ -16,7 +16,7 @@ from rollout_lab.hunt.space import HuntRunConfig, OracleConfig
 from rollout_lab.hunt.store import Store
 from rollout_lab.hunt.triage import duplicate_of, why_not_minimized
 from rollout_lab.minimize.handoff import CaseFile, HandoffError, MinimizedResult
-from rollout_lab.minimize.standalone import Expected
+from rollout_lab.oracles import oracle_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,15 +43,7 @@ def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: st
     dtype = result.dtype or finding.engine.get("engine.dtype", "float32")
     # The row the trial's reference oracle judged by (fp8_kv for an fp8 KV cache, runner.run_trial).
     tolerance = float(reference_tolerance[oracle_row(dtype, finding.engine.get("engine.kv_cache_dtype"))])
-    # The driver records an engine that crashed while starting as a trial of phase engine_start.
-    at_start = result.phase == "engine_start"
-    if finding.kind == "crash":
-        expected = Expected("crash", tolerance, crash_key=finding.signature.crash_key, at_start=at_start)
-    elif finding.signature.oracle == "batch_invariance":
-        # Bitwise, as promised; the targets are the requests the oracle ran alone (the first ones).
-        expected = Expected("batch_invariance", 0.0, targets=result.oracles["batch_invariance"].requests)
-    else:
-        expected = Expected("mismatch", tolerance, request_class=result.oracles[result.first_flagged()].request_class or "any")
+    expected = oracle_of(finding.signature).expected(finding, tolerance)
     # An engine that crashed at start left no requests: one short request stands in (the minimizer
     # reduces only the engine knobs of such a case; the repro.py generates it once the engine starts).
     case = result.case or Case(model, engine_args(finding.engine) | {"disable_log_stats": False},
@@ -230,7 +222,7 @@ class Repros:
         if finding.needs_planted_fault:
             finding.no_fault_exit = run_isolated(out / "repro.py", (*info.verify_args, "--no-fault")).status
         finding.state = "verified" if finding.verify_exits.count(1) == runs else "flaky"
-        if finding.kind == "crash" and not finding.needs_planted_fault:
+        if oracle_of(finding.signature).known_bug and not finding.needs_planted_fault:
             write_known_bug(out, finding.signature)
         self.store.put_finding(finding)
         off = finding.no_fault_exit

@@ -37,12 +37,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rollout_lab import compat, engine, pressure
-from rollout_lab.hunt.protocol import (EngineStarted, EngineStarting, Heartbeat, OracleVerdict, OutOfTime, TrialEvent,
-                                       TrialFinished, TrialResult, TrialStarted, WorstToken, event_line)
-from rollout_lab.hunt.space import engine_args, engine_env, sampling_args
+from rollout_lab.hunt.protocol import (EngineStarted, EngineStarting, Heartbeat, OutOfTime, TrialEvent, TrialFinished,
+                                       TrialResult, TrialStarted, event_line)
+from rollout_lab.hunt.space import OracleConfig, engine_args, engine_env, sampling_args
 from rollout_lab.hunt.trace import RejectedWorkload, drive, request_seed, trace_params, trace_requests, trial_case
 from rollout_lab.hunt.workloads import Limits, TraceRequest, is_batch, make_trace, token_pool
-from rollout_lab.minimize.standalone import Request, request_class
+from rollout_lab.invariance import output_of
+from rollout_lab.minimize.standalone import Request
+from rollout_lab.oracles import Trial, get, measure_trial, trial_oracles
 from rollout_lab.tolerances import oracle_row
 
 # Sequences re-scored alone per trial by the metamorphic oracle (the most suspicious first).
@@ -67,8 +69,7 @@ class GroupSpec:
     deadline: float
     fault: Optional[str] = None
     fault_params: dict = field(default_factory=dict)
-    reference_tolerance: dict = field(default_factory=dict)
-    metamorphic_tolerance: dict = field(default_factory=dict)
+    oracles: OracleConfig = field(default_factory=OracleConfig)  # each oracle's tolerance rows
     threads: int = 0
 
 
@@ -177,46 +178,9 @@ def suspicious_first(items: list[Scored], tolerance: float) -> list[Scored]:
     return sorted(items, key=key)
 
 
-def judge(items: list[Scored], tolerance: float, attr: str) -> OracleVerdict:
-    """Flagged tokens of one oracle: counts, max, the class of the flagged requests, the worst token."""
-    flagged_requests, flagged, worst, num = [], 0, None, 0
-    for item in items:
-        other = getattr(item, attr)
-        if not other:
-            continue
-        diffs = item.diffs(other)
-        num += len(diffs)
-        hits = [d for d in diffs if d > tolerance]
-        if hits:
-            flagged += len(hits)
-            flagged_requests.append((item.num_preemptions, item.num_cached_tokens))  # None: unknown, as recorded
-        for p, d in enumerate(diffs):
-            if worst is None or d > worst.diff:
-                worst = WorstToken(d, item.request, p, item.token_ids[p])
-    return OracleVerdict(num, flagged, worst.diff if worst else 0.0, request_class(flagged_requests), worst)
-
-
-def batch_invariance(llm, trace: list[TraceRequest], outputs: list[engine.SampledOutput], workload: dict,
-                     measure_floor: bool = True) -> OracleVerdict:
-    """The batch-invariance oracle (hunt/batch_oracle.py) on a trial of more than one request:
-    a failure only where vLLM promises invariance (VLLM_BATCH_INVARIANT=1 on a supported GPU);
-    elsewhere the noise floor, measured only when `measure_floor` (once an engine: it cannot fail)."""
-    from rollout_lab.hunt.batch_oracle import batch_oracle
-    from rollout_lab.invariance import output_of, promises_invariance
-
-    firsts = [s for s in outputs if s.completion == 0]
-    promised = promises_invariance(os.environ.get("VLLM_BATCH_INVARIANT") == "1")
-    if len(firsts) < 2 or not (promised or measure_floor):
-        return batch_oracle(llm, [], False)
-    params = trace_params(trace, workload)
-    sampled = [(s.prompt_token_ids, params[request_index(s)], output_of(s)) for s in firsts if s.logprobs]
-    # Where nothing is promised one request measures the noise floor; decoding alone is costly.
-    return batch_oracle(llm, sampled, promised, limit=4 if promised else 1)
-
-
 def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[TraceRequest], trial: str,
               dtype: str, progress: Optional[dict] = None, measure_floor: bool = True) -> TrialResult:
-    """One workload on the (reset) engine, judged by every oracle (`measure_floor`: batch_invariance's)."""
+    """One workload on the (reset) engine, judged by every registered oracle (`measure_floor`: batch_invariance's)."""
     from rollout_lab.reference import reference_logprobs
 
     t0 = time.perf_counter()
@@ -225,7 +189,7 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
     t1 = time.perf_counter()
     # An fp8 KV cache has a tolerance row of its own, whatever the engine dtype.
     row = oracle_row(dtype, spec.engine.get("engine.kv_cache_dtype"))
-    tolerance = float(spec.reference_tolerance[row])
+    tolerance = get("reference").tolerance(spec.oracles, row)
 
     def count_batch() -> None:  # the heartbeat's progress counter
         progress["steps"] += 1
@@ -238,14 +202,12 @@ def run_trial(llm, reference, spec: GroupSpec, workload: dict, trace: list[Trace
     t2 = time.perf_counter()
     rescore(llm, to_rescore(items, tolerance))
     t3 = time.perf_counter()
-    oracles = {
-        "reference": judge(items, tolerance, "reference"),
-        "metamorphic": judge(items, float(spec.metamorphic_tolerance[row]), "rescored"),
-        "batch_invariance": batch_invariance(llm, trace, outputs, workload, measure_floor),
-    }
+    params = trace_params(trace, workload)
+    sampled = [(s.prompt_token_ids, params[request_index(s)], output_of(s)) for s in outputs if s.completion == 0 and s.logprobs]
+    oracles = measure_trial(Trial(llm, items, {o.name: o.tolerance(spec.oracles, row) for o in trial_oracles()}, sampled, measure_floor))
     t4 = time.perf_counter()
     result = TrialResult(
-        "fail" if any(o.flagged for o in oracles.values()) else "ok",
+        "fail" if any(get(name).flagged(verdict) for name, verdict in oracles.items()) else "ok",
         dtype=dtype,
         oracles=oracles,
         num_requests=len(trace),
@@ -325,7 +287,8 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
             if spec.fault:
                 engine.install_fault(llm, spec.fault, spec.fault_params)
             result = run_trial(llm, reference, spec, workload, trace, trial, dtype, counter, not floor["measured"])
-            floor["measured"] |= result.oracles["batch_invariance"].requests > 0
+            # The noise floor: requests some oracle ran again alone (batch_invariance's).
+            floor["measured"] |= any(v.requests > 0 for v in result.oracles.values())
             return result
         except BaseException as exc:  # SystemExit too: vLLM ends a dead engine core that way
             return TrialResult("crash", dtype=dtype, crash=crash_signature(exc),

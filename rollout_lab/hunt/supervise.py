@@ -20,6 +20,7 @@ from rollout_lab.hunt.protocol import (EngineStarted, Heartbeat, OutOfTime, Tria
 from rollout_lab.hunt.search import Group
 from rollout_lab.hunt.space import HuntRunConfig
 from rollout_lab.hunt.store import Store
+from rollout_lab.oracles import trial_oracles
 
 # record(group index, engine point, trial key, workload point, result)
 Record = Callable[[int, dict, str, dict, TrialResult], None]
@@ -70,7 +71,7 @@ class Supervisor:
         cores = os.cpu_count() or 1
         spec = GroupSpec(group.key, group.engine, resolve_model(group.engine["model"]),
                          [(group.trial_key(w), w) for w in workloads], deadline, self.fault, self.fault_params,
-                         dict(o.reference_tolerance), dict(o.metamorphic_tolerance), threads=max(cores // hunt.parallel, 1))
+                         o, threads=max(cores // hunt.parallel, 1))
         path = lines_path(self.dir, group.index)
         path.unlink(missing_ok=True)
         # max_calls=1: the process exits after its group, and the engine's memory with it.
@@ -149,11 +150,9 @@ class Supervisor:
         if result.status == "crash":
             self.console.print(f"  trial {event.trial}: [red]crash[/] {result.crash.key}", highlight=False)
             return
-        ref, meta = result.oracles["reference"], result.oracles["metamorphic"]
-        alone = result.oracles.get("batch_invariance")
-        invariance = f" batch vs alone {alone.identical}/{alone.requests} identical" if alone and alone.requests else ""
+        said = [o.console(result.oracles[o.name]) for o in trial_oracles() if o.name in result.oracles]
         colour = "red" if result.status == "fail" else "green"
         self.console.print(
             f"  trial {event.trial}: [{colour}]{result.status}[/] {result.num_requests} requests, "
             f"{result.num_tokens} tokens, {result.preempted_requests} preempted, {result.cached_requests} cached; "
-            f"max |ref| {ref.max_diff:.2g} |alone| {meta.max_diff:.2g}{invariance} ({result.seconds:.1f} s)", highlight=False)
+            f"{' '.join(s for s in said if s)} ({result.seconds:.1f} s)", highlight=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from rollout_lab.hunt.protocol import Finding, TrialResult
+from rollout_lab.oracles import oracle_of
 
 
 def is_harness_error(result: TrialResult) -> bool:
@@ -20,7 +21,7 @@ def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding
     minimal case (dtype is no part of it unless the minimizer kept it), and the same vLLM environment
     variables. Crash signatures are already specific (exception type and vLLM frames); they are left alone."""
     from rollout_lab.hunt.space import engine_args, engine_env
-    from rollout_lab.minimize.reduce import POOL_HEAD, knob_args
+    from rollout_lab.minimize.knobs import POOL_HEAD, knob_args
 
     if finding.kind != "mismatch":
         return None
@@ -42,14 +43,7 @@ def duplicate_of(finding: Finding, minimized: list[Finding]) -> Optional[Finding
 
 def why_not_minimized(finding: Finding) -> Optional[str]:
     """Why the minimizer cannot replay this finding (None: it can)."""
-    if finding.kind in ("hang", "died"):
-        return "the minimizer replays crashes and mismatches, not hangs or dead engine processes"
-    if finding.signature.oracle == "metamorphic":
-        # The reference oracle ran and passed the sampled logprobs: the re-scoring pass
-        # (prompt_logprobs, one request alone) is the side that went wrong.
-        return ("the sampled logprobs match the float32 reference; the re-scoring pass (prompt_logprobs, "
-                "alone) disagreed with both, and the minimizer replays sampling, not prompt_logprobs")
-    return None
+    return oracle_of(finding.signature).why_not_minimized()
 
 
 def behaviours(result: TrialResult) -> list[str]:

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from rollout_lab.minimize import emit
     from rollout_lab.minimize.handoff import MinimizedResult
     from rollout_lab.minimize.predicate import RunDirError, load_case, load_run
-    from rollout_lab.minimize.reduce import Size, case_knobs, knob_targets, minimize
+    from rollout_lab.minimize.knobs import case_knobs, knob_targets
+    from rollout_lab.minimize.reduce import Size, minimize
     from rollout_lab.minimize.trials import Rule, TrialRunner
     from rollout_lab.models import ModelError
 

@@ -17,7 +17,8 @@ from rich.markup import escape
 
 from rollout_lab.minimize import bug_report, standalone
 from rollout_lab.minimize.fresh import Confirmation, Flip, Verification, run_isolated
-from rollout_lab.minimize.reduce import POOL_HEAD, Reduction, Size, case_knobs, knob_args, prompt_indices, with_knobs, with_merged_prompts
+from rollout_lab.minimize.knobs import POOL_HEAD, case_knobs, knob_args, with_knobs
+from rollout_lab.minimize.reduce import Reduction, Size, prompt_indices, with_merged_prompts
 from rollout_lab.minimize.report_text import LOG_NAME, description, minimization_log, report, title, upstream_query
 from rollout_lab.minimize.script import RANDOM_MODELS, ReproSpec, distinct_prompts, repro_source
 from rollout_lab.minimize.standalone import Case

@@ -47,6 +47,10 @@ class CaseFile:
                             data.get("description", "a failing case"))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise HandoffError(f"{path} is not a case file: {type(exc).__name__}: {exc}") from None
+        try:
+            case_file.expected.oracle  # the failure to keep names a registered oracle
+        except KeyError as exc:
+            raise HandoffError(f"{path}: {exc.args[0]}") from None
         if case_file.case.fault is not None:
             try:
                 fault_params(case_file.case.fault, case_file.case.fault_params)

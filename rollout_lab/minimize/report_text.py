@@ -13,26 +13,12 @@ from typing import Optional
 from rollout_lab.localize.report import where_inside
 from rollout_lab.minimize import bug_report
 from rollout_lab.minimize.fresh import Confirmation, Flip
-from rollout_lab.minimize.reduce import KNOB_ARGS, POOL_HEAD, Reduction, Size, case_knobs, knob_args, knob_text
-from rollout_lab.minimize.standalone import Case, completed, is_scheduled
-from rollout_lab.tolerances import clean_agreement
+from rollout_lab.minimize.knobs import KNOB_ARGS, POOL_HEAD, case_knobs, knob_args, knob_text
+from rollout_lab.minimize.reduce import Reduction, Size
+from rollout_lab.minimize.standalone import Case
 
 # The minimization log (stages, every trial) goes here, beside REPORT.md.
 LOG_NAME = "MINIMIZATION.md"
-WHERE = {
-    "preempted": "requests that were preempted and resumed",
-    "prefix_cached": "requests with prefix-cache hits",
-    "any": "ordinary requests",
-}
-
-# The same, in a title's few words.
-SHORT_WHERE = {"preempted": "preempted requests", "prefix_cached": "prefix-cache hits", "any": "ordinary requests"}
-
-
-def env_assignments(env: dict[str, str]) -> str:
-    """vLLM's environment variables as a shell would set them."""
-    return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
-
 
 def title(reduction: Reduction, case: Case, device: str) -> str:
     """A title a person would write, at most bug_report.MAX_TITLE characters: the symptom, the trigger knobs
@@ -41,17 +27,7 @@ def title(reduction: Reduction, case: Case, device: str) -> str:
     values = {POOL_HEAD: case.block_pool_head, **case.engine_args}
     knobs = [n for knob in case_knobs(case, reduction.targets) for n in knob_args(knob) if n in values]
     fault = " [planted fault]" if case.fault else ""
-    if expected.kind == "crash":
-        exc_type, site = expected.crash_key.split("@", 1)[0], _crash_function(expected)
-        if expected.at_start:
-            what = f"engine start raises {exc_type}" + (f" in {site}" if site else "")
-        else:
-            what = f"{exc_type} in {site or 'generate'}"
-    elif expected.kind == "batch_invariance":
-        env = " ".join(f"{k}={v}" for k, v in sorted(case.env.items()))
-        what = f"{env}: logprobs depend on the batch" if env else "a request's logprobs depend on its batch"
-    else:
-        what = f"logprobs off transformers' on {SHORT_WHERE[expected.request_class]}"
+    what = expected.oracle.report_symptom(expected, case)
     # The trigger knobs with their values if they fit, else their names, else as many names as fit.
     candidates = [", ".join(f"{n}={values[n]}" for n in knobs)] + [
         ", ".join(knobs[:count]) + (" ..." if count < len(knobs) else "") for count in range(len(knobs), 0, -1)]
@@ -61,12 +37,6 @@ def title(reduction: Reduction, case: Case, device: str) -> str:
             return text
     text = f"{bug_report.TITLE_PREFIX}{what} ({device}){fault}"
     return text if len(text) <= bug_report.MAX_TITLE else text[: bug_report.MAX_TITLE - 3] + "..."
-
-
-def _crash_function(expected) -> str:
-    """The innermost vLLM function of a crash key ("" when the crash had no vLLM frame)."""
-    frames = expected.crash_key.split("@", 1)[1]
-    return "" if frames == "no-vllm-frame" else frames.split("|")[-1].rsplit(":", 1)[-1]
 
 
 def description(reduction: Reduction, case: Case) -> str:
@@ -79,55 +49,18 @@ def description(reduction: Reduction, case: Case) -> str:
                     r.seed is None for r in case.requests) else "each with its own seed"))
     if size.schedule:
         workload += f", the engine stepped with {size.schedule}"
-    if expected.kind == "crash":
-        happened = f"{'vllm.LLM (the engine start)' if expected.at_start else 'llm.generate'} raises {expected.crash_key.split('@', 1)[0]}"
-        if outcome is not None:
-            happened += f" ({outcome.crash_message})"
-    elif expected.kind == "batch_invariance":
-        happened = ("a request run again alone on the same engine, after the whole batch, returns other sampled tokens "
-                    "or sampled-token logprobs (compared bitwise) than it did inside the batch")
-        if outcome is not None:
-            happened += f": {outcome.describe()}"
-        if case.env:
-            workload += f", with {env_assignments(case.env)}"
-    else:
-        happened = ("the logprob vLLM returns for some sampled tokens differs from transformers' float32 "
-                    f"teacher-forced logprob by more than {expected.spike_threshold:g} "
-                    f"({clean_agreement(str(case.engine_args.get('dtype')), case.engine_args.get('kv_cache_dtype'))}), "
-                    f"on {WHERE[expected.request_class]}")
-        if outcome is not None:
-            happened += f": {outcome.num_flagged}/{outcome.num_tokens} tokens, max difference {outcome.max_abs_diff:.3g}"
-    return f"With {knobs} and {workload}, {happened}."
+    return f"With {knobs} and {workload}, {expected.oracle.report_happened(expected, case, outcome)}."
 
 
 def where_it_fails(reduction: Reduction, case: Case) -> list[str]:
     """Which requests fail in the minimal case, and where the run's flagged tokens sat in the caches."""
-    outcome, lines = reduction.outcome_of(case), []
-    if reduction.run.expected.kind == "crash":
-        if outcome is not None:
-            lines.append(f"- The crash: `{outcome.crash_message}` (key `{reduction.run.expected.crash_key}`).")
-    elif reduction.run.expected.kind == "batch_invariance":
-        if outcome is not None:
-            text = (f"- Minimal case: target requests {outcome.differing} of the first {outcome.targets} differ; "
-                    f"{outcome.num_flagged}/{outcome.num_tokens} compared positions hold the same token with another logprob")
-            if outcome.worst:
-                text += f", worst {outcome.worst[0].abs_diff:.3g} (request {outcome.worst[0].request}, position {outcome.worst[0].position})"
-            if outcome.first_token_diff is not None:
-                text += f"; first other token at position {outcome.first_token_diff}"
-            lines.append(text + ".")
-    elif outcome is not None and outcome.worst:
-        bad = [d for d in outcome.worst if d.abs_diff > reduction.run.expected.spike_threshold]
-        requests = sorted({d.request for d in bad})
-        first = min(bad, key=lambda d: d.position)
-        lines.append(
-            f"- Minimal case: {outcome.num_flagged}/{outcome.num_tokens} sampled tokens flagged, on requests "
-            f"{requests} of {outcome.num_requests} ({outcome.num_preempted_requests} preempted); first bad position "
-            f"{first.position} (request {first.request}: {first.num_preemptions} preemptions, "
-            f"{first.num_cached_tokens} prefix-cached tokens); max |diff| {outcome.max_abs_diff:.3g}.")
+    expected, outcome = reduction.run.expected, reduction.outcome_of(case)
+    lines = expected.oracle.report_where(expected, outcome) if outcome is not None else []
     placement = reduction.run.placement
     if placement:
         lines.append(f"- In the original run (scheduling records): {placement}.")
-    if reduction.run.expected.kind == "mismatch":
+    # The localizer's per-layer capture compares against the same float32 reference.
+    if expected.oracle.needs_reference:
         lines += where_inside(reduction.run.run_dir)
     return lines
 
@@ -176,30 +109,14 @@ def minimization_log(reduction: Reduction, confirmation: Optional[Confirmation])
 def expected_actual(reduction: Reduction, case: Case) -> tuple[str, str]:
     """("Expected", "Actual"), a line each."""
     expected, outcome = reduction.run.expected, reduction.outcome_of(case)
-    if expected.kind == "crash":
-        message = f": {outcome.crash_message}" if outcome is not None and outcome.crash_message else ""
-        where = _crash_function(expected)
-        ran = (f"the engine, stepped on the schedule, finishes the {len(completed(case))} request(s) it does not abort"
-               if is_scheduled(case.requests) else f"`llm.generate` returns the {len(case.requests)} completion(s)")
-        return (f"{ran}.",
-                f"it raises `{expected.crash_key.split('@', 1)[0]}{message}`" + (f" in `{where}`." if where else "."))
-    if expected.kind == "batch_invariance":
-        return ("each target request gives bitwise the same tokens and logprobs alone as inside the batch "
-                "(vLLM's batch-invariance promise).", (outcome.describe() if outcome is not None else "they differ") + ".")
-    agreement = clean_agreement(str(case.engine_args.get("dtype")), case.engine_args.get("kv_cache_dtype"))
-    return (f"every sampled token's logprob within {expected.spike_threshold:g} of transformers' float32 one ({agreement}).",
-            (outcome.describe() if outcome is not None else "some are further off") + ".")
+    return expected.oracle.report_expected_actual(expected, case, outcome)
 
 
 def upstream_query(reduction: Reduction, case: Case) -> str:
     """What to search vLLM's issues for: the exception and its function, or the symptom, and the trigger knobs."""
     expected = reduction.run.expected
     knobs = tuple(name for knob in case_knobs(case, reduction.targets) for name in knob_args(knob))[:2]
-    if expected.kind == "crash":
-        return bug_report.search_query(expected.crash_key.split("@", 1)[0], _crash_function(expected), knobs)
-    if expected.kind == "batch_invariance":
-        return bug_report.search_query("VLLM_BATCH_INVARIANT", "logprobs", tuple(sorted(set(case.env) - {"VLLM_BATCH_INVARIANT"})))
-    return bug_report.search_query("logprobs", "mismatch", knobs)
+    return expected.oracle.report_query(expected, case, knobs)
 
 
 def report(reduction: Reduction, source: str, env_text: str, confirmation: Optional[Confirmation],

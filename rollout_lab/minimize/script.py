@@ -214,11 +214,11 @@ def _case_block(spec: ReproSpec) -> str:
 
 def repro_source(spec: ReproSpec) -> str:
     """The text of repro.py for the spec."""
-    case, kind = spec.case, spec.expected.kind
+    case = spec.case
     model_block, model = _model_block(spec)
     install = "\n    install_fault(llm, args.no_fault)" if case.fault else ""
     # Before the requests, as the minimizer's trials (standalone.sample) move it; a batch repro moves it per run.
-    if case.block_pool_head is not None and kind != "batch_invariance":
+    if case.block_pool_head is not None and not spec.expected.oracle.moves_pool_head:
         install += "\n    move_pool_head(llm)"
     if case.warmup:  # the engine's history the failure needs, as the minimizer's trials run it (standalone.run_case)
         install += ("\n    llm.generate([{\"prompt_token_ids\": p} for p, _ in WARMUP], [vllm.SamplingParams(seed=seed, detokenize=False, "
@@ -250,7 +250,7 @@ if __name__ == "__main__":
     parser.add_argument("--model", help="model directory or hub id (default: the model above)"){no_fault_arg}
     try:
         verdict, why = reproduce(parser.parse_args())
-{exception_block(kind)}
+{exception_block(spec.expected)}
     print(f"{{verdict}}: {{why}}".splitlines()[0], flush=True)
     sys.exit({{"REPRODUCED": 1, "NOT REPRODUCED": 0, "CANNOT RUN": 2}}[verdict])
 '''

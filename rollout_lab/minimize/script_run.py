@@ -1,15 +1,16 @@
-"""The reproduce() of a repro.py, for each failure kind: how the script sends the case's requests to
+"""The reproduce() of a repro.py, for each built-in oracle (each oracle's repro_check picks its own): how the script sends the case's requests to
 the engine and judges what comes back (script.repro_source puts it between the case and the main block).
 
     Case + Expected -> reproduce_function() -> `def reproduce(args) -> (verdict, why)`
-    failure kind -> exception_block() -> how the main block judges an exception
+    Expected's oracle -> exception_block() -> how the main block judges an exception
 """
 from __future__ import annotations
 
 import textwrap
 from typing import Optional
 
-from rollout_lab.minimize.standalone import SAME_CLASS, Case, Expected, completed, is_scheduled
+from rollout_lab.minimize.standalone import Case, Expected, completed, is_scheduled
+from rollout_lab.oracles.records import SAME_CLASS
 from rollout_lab.tolerances import clean_agreement
 
 
@@ -102,7 +103,7 @@ def _crash_site(expected: Expected) -> Optional[str]:
 _VERSIONS = '''    print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, platform.platform())'''
 
 
-def _crash_run(case: Case, expected: Expected, model: str, install: str) -> str:
+def crash_run(case: Case, expected: Expected, model: str, install: str) -> str:
     exc_type, site = expected.crash_key.split("@", 1)[0], _crash_site(expected)
     return f'''CRASH = ({exc_type!r}, {site!r})  # the failure: this exception, raised in this vLLM function
 
@@ -124,7 +125,7 @@ CLASS_TEXT = {
 }
 
 
-def _mismatch_run(case: Case, expected: Expected, model: str, install: str) -> str:
+def mismatch_run(case: Case, expected: Expected, model: str, install: str) -> str:
     return f'''{_comment("The failure: sampled tokens whose vLLM logprob is off transformers' float32 one by > TOLERANCE "
            f"({clean_agreement(str(case.engine_args.get('dtype')), case.engine_args.get('kv_cache_dtype'))}), "
            f"on requests of CLASSES: {CLASS_TEXT[expected.request_class]}.")}
@@ -175,7 +176,7 @@ def _batch_sample(case: Case, head: str) -> str:
         outputs = llm.generate(prompts, params, use_tqdm=False) if schedule is None else run_schedule(llm, prompts, params, schedule)'''
 
 
-def _batch_run(case: Case, expected: Expected, model: str, install: str) -> str:
+def batch_run(case: Case, expected: Expected, model: str, install: str) -> str:
     scheduled = is_scheduled(case.requests)
     targets = min(expected.targets, len(completed(case)))
     head = "\n        move_pool_head(llm)" if case.block_pool_head is not None else ""
@@ -225,15 +226,12 @@ _NO_VERDICT = '''    except Exception as exc:  # anything unexpected is no verdi
         verdict, why = "CANNOT RUN", f"{type(exc).__name__}: {exc}"'''
 
 
-RUNS = {"crash": _crash_run, "mismatch": _mismatch_run, "batch_invariance": _batch_run}
-
-
 def reproduce_function(case: Case, expected: Expected, model: str, install: str) -> str:
     """The text of reproduce(): start the engine on `model`, run `install` (lines after the start), send the
-    case's requests and judge them for the failure `expected` keeps."""
-    return RUNS[expected.kind](case, expected, model, install)
+    case's requests and judge them for the failure `expected` keeps (its oracle's repro check)."""
+    return expected.oracle.repro_check(case, expected, model, install)
 
 
-def exception_block(kind: str) -> str:
+def exception_block(expected: Expected) -> str:
     """The main block's `except` clause: a crash repro's exception is the bug when it is CRASH."""
-    return _CRASH_VERDICT if kind == "crash" else _NO_VERDICT
+    return _CRASH_VERDICT if expected.oracle.raises else _NO_VERDICT

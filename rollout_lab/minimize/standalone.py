@@ -2,8 +2,8 @@
 
 The emitted repro.py (script.py) states the same predicate in a few lines of its own.
 
-    Case (model, engine args, fault, requests) -> sample (vLLM) -> reference_logprobs
-        (transformers, teacher forcing) -> Outcome (crash key, flagged tokens) -> same_failure
+    Case (model, engine args, fault, requests) -> sample (vLLM) -> the expected failure's oracle
+        (rollout_lab/oracles/: rerun, judge) -> Outcome (crash key, flagged tokens) -> same_failure
 """
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import platform
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from rollout_lab import compat, engine, pressure, stepping
-from rollout_lab.invariance import compare, output_of
-from rollout_lab.reference import reference_logprobs
-
-# Requests a case needs to be a batch: with one, "alone" and "in the batch" are the same run twice.
-MIN_BATCH = 2
+from rollout_lab import engine, pressure, stepping
+from rollout_lab.oracles.base import Expected, Replay
+from rollout_lab.oracles.records import Outcome
+# Where hunt/runner.py imports it.
+from rollout_lab.oracles.records import request_class  # noqa: F401
 
 
 @dataclass
@@ -66,125 +65,9 @@ class Case:
     warmup_max_tokens: int = 0
 
 
-@dataclass
-class Expected:
-    """The failure to keep: the same crash key, flagged tokens on the same class of requests, or
-    (batch_invariance) a target request whose output alone differs bitwise from its output in the batch."""
-
-    kind: str  # "crash", "mismatch" or "batch_invariance"
-    spike_threshold: float
-    crash_key: Optional[str] = None
-    request_class: Optional[str] = None
-    # batch_invariance: the first `targets` requests are each run again alone and compared.
-    targets: Optional[int] = None
-    # crash: vLLM raised it while the engine started, so no request ever ran and only engine knobs
-    # can matter (the minimizer reduces those alone; the crash must come at start again).
-    at_start: bool = False
-
-    def describe(self) -> str:
-        if self.kind == "crash":
-            return f"a crash with key {self.crash_key}" + (" while the engine starts" if self.at_start else "")
-        if self.kind == "batch_invariance":
-            return (f"one of the first {self.targets} requests, run again alone on the same engine after the whole "
-                    f"batch, gives other sampled tokens or sampled-token logprobs (bitwise) than in the batch")
-        where = {
-            "preempted": "every flagged request preempted, or reusing a preempted one's KV through the prefix cache",
-            "prefix_cached": "every flagged request a prefix-cache hit, none preempted",
-            "any": "flagged requests neither needing a preemption nor, in the run, a prefix-cache hit",
-        }[self.request_class]
-        return (
-            f"at least one token with |vLLM - transformers float32| logprob > {self.spike_threshold:g}, "
-            f"request class '{self.request_class}' ({where})"
-        )
-
-
-@dataclass
-class TokenDiff:
-    """One sampled token: vLLM's logprob beside the reference's."""
-
-    request: int
-    position: int
-    token_id: int
-    vllm_logprob: float
-    reference_logprob: float
-    abs_diff: float
-    num_preemptions: Optional[int]  # None: unknown (no per-request count in this vLLM)
-    num_cached_tokens: int
-
-
-@dataclass
-class Outcome:
-    """What one run of a case showed."""
-
-    crash_key: Optional[str] = None
-    crash_message: str = ""
-    num_requests: int = 0
-    num_tokens: int = 0
-    num_flagged: int = 0
-    max_abs_diff: float = 0.0
-    request_class: Optional[str] = None
-    num_preempted_requests: int = 0
-    # Requests whose preemption count this vLLM does not keep (compat.preemptions_of is None).
-    num_unknown_preemptions: int = 0
-    worst: list[TokenDiff] = field(default_factory=list)
-    # batch_invariance: the target requests run alone, those whose output differed (request
-    # indices), and the first position whose sampled token differed (None: only logprobs did).
-    targets: int = 0
-    differing: list[int] = field(default_factory=list)
-    first_token_diff: Optional[int] = None
-    # The crash came from starting the engine (out of memory beside another job, a refused
-    # configuration): unless it is the expected failure, the candidate did not run at all.
-    at_start: bool = False
-
-    def describe(self) -> str:
-        if self.crash_key is not None and self.at_start:
-            return f"the engine did not start: {self.crash_key}: {self.crash_message}"
-        if self.crash_key is not None:
-            return f"crash {self.crash_key}: {self.crash_message}"
-        if self.targets:
-            first = "" if self.first_token_diff is None else f", first other token at position {self.first_token_diff}"
-            return (f"{len(self.differing)}/{self.targets} targets differ alone vs in a batch of {self.num_requests} "
-                    f"(max |diff| {self.max_abs_diff:.3g}{first})")
-        if not self.num_tokens:
-            return "no crash"
-        flagged = f"{self.num_flagged}/{self.num_tokens} tokens flagged, max diff {self.max_abs_diff:.3g}"
-        where = f" on '{self.request_class}' requests" if self.request_class else ""
-        if self.num_unknown_preemptions:
-            return f"{flagged}{where} (preemptions unknown for {self.num_unknown_preemptions}/{self.num_requests} requests)"
-        return f"{flagged}{where} ({self.num_preempted_requests}/{self.num_requests} requests preempted)"
-
-
-def request_class(flagged: list[tuple[Optional[int], int]]) -> Optional[str]:
-    """Class of the requests holding flagged tokens, from (num_preemptions, num_cached_tokens) each;
-    a preemption count of None is unknown (vLLM before 0.30 keeps none) and never counts as one.
-
-    preempted: every flagged request was preempted or reused KV through the prefix cache, and one
-    at least was preempted (wrong KV computed after a resume spreads through the cache).
-    prefix_cached: every flagged request hit the prefix cache, none was preempted.
-    any: some flagged request was neither (or may have been: its count is unknown).
-    """
-    if not flagged:
-        return None
-    if any(not compat.was_preempted(preemptions) and cached == 0 for preemptions, cached in flagged):
-        return "any"
-    if any(compat.was_preempted(preemptions) for preemptions, _ in flagged):
-        return "preempted"
-    return "prefix_cached"
-
-
-# Request classes that count as the same failure as each expected one. A failure on ordinary
-# requests may land on prefix-cache hits only once fewer requests remain; a failure that needed a
-# preemption must still need one, and one that did not must not.
-SAME_CLASS = {"preempted": ("preempted",), "prefix_cached": ("prefix_cached",), "any": ("any", "prefix_cached")}
-
-
 def same_failure(expected: Expected, outcome: Outcome) -> bool:
-    """The predicate: the same crash key, or flagged tokens (rate above the clean 0) of the same class."""
-    if expected.kind == "crash":
-        return outcome.crash_key == expected.crash_key and (outcome.at_start or not expected.at_start)
-    if expected.kind == "batch_invariance":
-        return outcome.crash_key is None and outcome.num_requests >= MIN_BATCH and bool(outcome.differing)
-    return outcome.crash_key is None and outcome.num_flagged > 0 and outcome.request_class in SAME_CLASS[expected.request_class]
+    """The predicate: the expected failure's oracle sees it again in `outcome`."""
+    return expected.oracle.same_failure(expected, outcome)
 
 
 def crash_outcome(exc: BaseException) -> Outcome:
@@ -231,75 +114,17 @@ def completed(case: Case) -> list[Request]:
 
 
 def run_case(llm, reference, case: Case, expected: Expected, worst: int = 10) -> Outcome:
-    """Sample the case on `llm` and, for a mismatch, compare with the reference token by token; for
-    batch invariance, run each target request again alone and compare bitwise."""
+    """Sample the case on `llm` (and whatever else the expected failure's oracle reruns on it), and
+    let that oracle judge it; an exception from the engine is a crash outcome."""
+    oracle = expected.oracle
     try:
         if case.warmup:
             sample(llm, replace(case, requests=case.warmup, max_tokens=case.warmup_max_tokens, warmup=[]))
         outputs = sample(llm, case)
-        if expected.kind == "batch_invariance":
-            # Each target alone, with no schedule: a request by itself has no one to arrive after.
-            alone = [sample(llm, replace(case, requests=[replace(r, arrive_step=0, abort_step=None)]))[0]
-                     for r in completed(case)[: expected.targets]]
+        reruns = oracle.rerun(lambda requests: sample(llm, replace(case, requests=requests)), case, expected)
     except Exception as exc:  # the engine's exception is the result
         return crash_outcome(exc)
-    if expected.kind == "batch_invariance":
-        return batch_outcome(outputs, alone)
-    outcome = Outcome(num_requests=len(outputs))
-    if expected.kind == "crash":
-        return outcome
-    sequences = [(out.prompt_token_ids, out.token_ids) for out in outputs]
-    diffs, flagged = [], []
-    for index, (out, ref) in enumerate(zip(outputs, reference_logprobs(reference, sequences))):
-        preemptions, cached = out.num_preemptions, out.num_cached_tokens
-        outcome.num_preempted_requests += compat.was_preempted(preemptions)
-        outcome.num_unknown_preemptions += preemptions is None
-        request_flagged = False
-        for position, (token_id, vllm_logprob, ref_logprob) in enumerate(zip(out.token_ids, out.logprobs, ref)):
-            diff = TokenDiff(index, position, token_id, vllm_logprob, ref_logprob, abs(vllm_logprob - ref_logprob), preemptions, cached)
-            diffs.append(diff)
-            if diff.abs_diff > expected.spike_threshold:
-                outcome.num_flagged += 1
-                request_flagged = True
-        if request_flagged:
-            flagged.append((preemptions, cached))
-    outcome.num_tokens = len(diffs)
-    outcome.max_abs_diff = max((d.abs_diff for d in diffs), default=0.0)
-    outcome.request_class = request_class(flagged)
-    outcome.worst = sorted(diffs, key=lambda d: -d.abs_diff)[:worst]
-    return outcome
-
-
-# The batch-invariance predicate: each target request's output in the batch against its output alone
-# on the same engine, bitwise (sampled tokens and each sampled token's logprob), by
-# rollout_lab.invariance.compare, as the invariance command and the hunt's oracle compare: vLLM's
-# promise is bitwise, so any difference counts.
-def batch_outcome(batch: list, alone: list, worst: int = 10) -> Outcome:
-    """The Outcome of a batch run (RequestOutputs in request order) against each of the first
-    len(alone) requests run alone (one RequestOutput each, in the same order)."""
-    outcome = Outcome(num_requests=len(batch), targets=len(alone))
-    diffs, firsts = [], []
-    for index, (in_batch, by_itself) in enumerate(zip(batch, alone)):
-        ours, theirs = output_of(in_batch), output_of(by_itself)
-        comparison = compare(theirs, ours, "in batch", "as sampled", index)
-        outcome.num_tokens += comparison.compared
-        if comparison.identical:
-            continue
-        outcome.differing.append(index)
-        if comparison.first_token_diff is not None:
-            firsts.append(comparison.first_token_diff)
-        # Positions before the first other token hold the same token in both: their logprobs compare.
-        same = comparison.compared - (comparison.first_token_diff is not None)
-        for position in range(same):
-            a, b = ours.logprobs[position], theirs.logprobs[position]
-            if a != b:
-                outcome.num_flagged += 1
-                diffs.append(TokenDiff(index, position, ours.tokens[position], a, b, abs(a - b), None,
-                                       int(in_batch.num_cached_tokens or 0)))
-        outcome.max_abs_diff = max(outcome.max_abs_diff, comparison.max_abs_diff)
-    outcome.first_token_diff = min(firsts, default=None)
-    outcome.worst = sorted(diffs, key=lambda d: -d.abs_diff)[:worst]
-    return outcome
+    return oracle.judge(Replay(case, outputs, reruns, reference, worst), expected)
 
 
 def environment() -> dict[str, str]:

@@ -21,8 +21,8 @@ from typing import Optional
 from rich.console import Console
 
 from rollout_lab import engine
-from rollout_lab.minimize.standalone import (Case, Expected, Outcome, TokenDiff, crash_outcome, run_case,
-                                            same_failure, start_engine)
+from rollout_lab.minimize.standalone import Case, Expected, Outcome, crash_outcome, run_case, same_failure, start_engine
+from rollout_lab.oracles.records import TokenDiff
 from rollout_lab.reference import load_reference
 
 
@@ -225,7 +225,7 @@ class TrialRunner:
     def _outcome(self, case: Case) -> tuple[Outcome, float]:
         """The candidate's outcome on a fresh-state engine, and the seconds spent starting one."""
         # Loaded before the engine starts or resets: loading may draw from the RNG that unseeded requests sample with.
-        reference = self._reference(case.model) if self.expected.kind == "mismatch" else None
+        reference = self._reference(case.model) if self.expected.oracle.needs_reference else None
         started = time.perf_counter()
         try:
             engine_seconds = self._engine(case)

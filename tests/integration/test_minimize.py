@@ -22,7 +22,7 @@ from rollout_lab.presets import apply_pressure_by_model
 from rollout_lab.minimize import bug_report
 from rollout_lab.minimize.fresh import run_isolated
 from rollout_lab.minimize.predicate import load_run
-from rollout_lab.minimize.reduce import deviating_knobs, knob_targets
+from rollout_lab.minimize.knobs import deviating_knobs, knob_targets
 from rollout_lab.minimize.trials import read_log
 from rollout_lab.models import resolve_model
 from rollout_lab.records import read_records, read_requests, read_summary

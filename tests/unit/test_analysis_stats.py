@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from rollout_lab.analysis.signature import flatten
-from rollout_lab.analysis.verdict import bin_codes, holm, stratified_rank_test
+from rollout_lab.analysis.stats import bin_codes, holm, stratified_rank_test
 
 
 def test_holm_adjusts_in_input_order_and_stays_monotone():

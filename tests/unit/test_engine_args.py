@@ -13,7 +13,7 @@ from rollout_lab.analysis.signature import flatten
 from rollout_lab.config import ConfigError, EngineConfig, RunConfig
 from rollout_lab.config_keys import check_override_keys
 from rollout_lab.engine import engine_arg_message, engine_kwargs, vllm_engine_args
-from rollout_lab.minimize.reduce import deviating_knobs, knob_args, knob_targets, with_knobs
+from rollout_lab.minimize.knobs import deviating_knobs, knob_args, knob_targets, with_knobs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

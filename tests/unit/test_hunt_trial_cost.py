@@ -1,8 +1,7 @@
-"""What a trial spends its engine passes on (hunt/runner.py): the sequences re-scored alone and the
-batch-invariance noise floor, checked by hand without an engine."""
-from types import SimpleNamespace
+"""What a trial spends its engine passes on (hunt/runner.py): the sequences re-scored alone, checked by
+hand without an engine (the batch oracle's noise floor: tests/unit/test_oracles.py)."""
 
-from rollout_lab.hunt.runner import Scored, batch_invariance, to_rescore
+from rollout_lab.hunt.runner import Scored, to_rescore
 
 
 def item(i, diff=0.0, preempted=0, cached=0, prompt=1):
@@ -16,10 +15,3 @@ def test_every_suspicious_sequence_is_rescored_and_only_the_longest_ordinary_one
     many = [item(i, preempted=1) for i in range(12)] + [item(12)]
     assert [s.request for s in to_rescore(many, tolerance=1e-3)] == list(range(8))
 
-
-def test_the_noise_floor_is_not_measured_again_where_nothing_is_promised(monkeypatch):
-    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
-    outputs = [SimpleNamespace(completion=0, logprobs=[-1.0]), SimpleNamespace(completion=0, logprobs=[-2.0])]
-    # No engine: a verdict that ran nothing alone must not touch it.
-    verdict = batch_invariance(None, [], outputs, {}, measure_floor=False)
-    assert (verdict.requests, verdict.flagged, verdict.promised) == (0, 0, False)

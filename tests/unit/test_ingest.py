@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rollout_lab.ingest.diagnose import Context, FillValue, ShiftByOne, StaleWeights, TrainerVariance, TruncatedSampling
+from rollout_lab.ingest.diagnoses import Context, FillValue, ShiftByOne, StaleWeights, TrainerVariance, TruncatedSampling
 from rollout_lab.ingest.formats import FORMATS, nemo_rl, prime_rl, slime
 from rollout_lab.ingest.record import IngestRecord
 from rollout_lab.ingest.sequence import ExportedSequence, ExportError, GenericWriter, from_dict, read_generic

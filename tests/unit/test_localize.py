@@ -27,7 +27,7 @@ from rollout_lab.localize.divergence import (
     request_facts,
     summary_lines,
 )
-from rollout_lab.minimize.standalone import TokenDiff
+from rollout_lab.oracles.records import TokenDiff
 
 HYBRID = ["model", "model.embed_tokens", "model.layers", "model.layers.0", "model.layers.0.mamba", "model.layers.0.shared_mlp",
           "model.layers.1", "model.layers.1.self_attn", "model.layers.1.shared_mlp", "model.norm", "lm_head"]

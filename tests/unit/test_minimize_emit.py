@@ -8,7 +8,8 @@ from rollout_lab.minimize.emit import Emitter
 from rollout_lab.minimize.fresh import Confirmation, Flip, Verification, run_isolated
 from rollout_lab.minimize.report_text import minimization_log, report, title
 from rollout_lab.minimize.predicate import FailingRun
-from rollout_lab.minimize.reduce import Reduction, Size, knob_targets
+from rollout_lab.minimize.knobs import knob_targets
+from rollout_lab.minimize.reduce import Reduction, Size
 from rollout_lab.minimize.standalone import Case, Expected, Request
 from rollout_lab.minimize.trials import Rule, TrialRecord, case_key
 

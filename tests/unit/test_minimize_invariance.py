@@ -12,7 +12,7 @@ import pytest
 
 from rollout_lab.engine import SampledOutput
 from rollout_lab.minimize.handoff import CaseFile
-from rollout_lab.minimize.standalone import batch_outcome
+from rollout_lab.oracles.batch_invariance import batch_outcome
 from rollout_lab.minimize.script import LINE_BUDGET, ReproSpec, budget_lines, repro_source
 from rollout_lab.minimize.standalone import Case, Expected, Outcome, Request, same_failure
 from rollout_lab.minimize.trials import TrialRecord
@@ -100,7 +100,8 @@ def test_the_hunt_hands_a_batch_invariance_finding_over_with_its_engines_env():
 def test_the_reducer_keeps_a_batch_of_two_without_running_a_batch_of_one(tmp_path):
     from rich.console import Console
 
-    from rollout_lab.minimize.reduce import Reducer, knob_targets
+    from rollout_lab.minimize.knobs import knob_targets
+    from rollout_lab.minimize.reduce import Reducer
     from rollout_lab.minimize.trials import Rule, TrialRunner
 
     runner = TrialRunner(Expected("batch_invariance", 0.0, targets=4), tmp_path / "log.jsonl", Rule(), Console())
@@ -218,7 +219,8 @@ def test_the_workload_goes_first_when_the_budget_holds_too_few_engine_starts_for
 def batch_reduction(tmp_path, env=ENV):
     from rollout_lab.config import RunConfig
     from rollout_lab.minimize.predicate import FailingRun
-    from rollout_lab.minimize.reduce import Reduction, Size, knob_targets
+    from rollout_lab.minimize.knobs import knob_targets
+    from rollout_lab.minimize.reduce import Reduction, Size
     from rollout_lab.minimize.trials import Rule, case_key
 
     targets = knob_targets(on_gpu=True)

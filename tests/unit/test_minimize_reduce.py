@@ -1,14 +1,10 @@
 """Candidate construction and the knob table, checked by hand."""
 import pytest
 
+from rollout_lab.minimize.knobs import case_knobs, deviating_knobs, knob_targets, with_case_knobs, with_knobs
 from rollout_lab.minimize.reduce import (
     Size,
-    case_knobs,
-    deviating_knobs,
-    knob_targets,
     prompt_indices,
-    with_case_knobs,
-    with_knobs,
     with_merged_prompts,
     with_one_prompt,
     with_prompt_len,

@@ -20,7 +20,7 @@ def run(monkeypatch, outputs, keeps_counts):
     # The records as engine.generate reads them: its one preemption reader is under test too.
     monkeypatch.setattr(standalone, "sample", lambda llm, case: engine.sampled_outputs(outputs))
     # The reference agrees with vLLM to -1.0 on every token: a request at -2.0 is flagged.
-    monkeypatch.setattr(standalone, "reference_logprobs", lambda model, sequences: [[-1.0] * len(c) for _, c in sequences])
+    monkeypatch.setattr("rollout_lab.reference.reference_logprobs", lambda model, sequences: [[-1.0] * len(c) for _, c in sequences])
     monkeypatch.setattr(compat, "keeps_request_preemptions", lambda: keeps_counts)
     return standalone.run_case(None, None, case, Expected("mismatch", 1e-3, request_class="any"))
 

@@ -6,7 +6,8 @@ from rollout_lab.crash import CrashSignature
 from rollout_lab.hunt.protocol import Finding, Signature, TrialResult
 from rollout_lab.hunt.repros import case_file, minimizer_error
 from rollout_lab.minimize.predicate import FailingRun
-from rollout_lab.minimize.reduce import deviating_knobs, knob_targets, minimize
+from rollout_lab.minimize.knobs import deviating_knobs, knob_targets
+from rollout_lab.minimize.reduce import minimize
 from rollout_lab.minimize.standalone import Outcome
 from rollout_lab.minimize.trials import Rule, TrialRunner
 

@@ -7,6 +7,10 @@ from typing import Optional
 
 # What a run was tested against: the clean profile, itself, or nothing (the test did not run).
 PROFILE, SELF, NONE = "profile", "self", "none"
+# A moved condition's A must reach 0.5 + MIN_EFFECT: thousands of tokens make tiny shifts significant, and a
+# clean run differs from the profile's runs by its prompts. A level is named over "all tokens" only when its
+# A exceeds all tokens' by as much: a bug that moves every token (logit noise) is a shift of all tokens.
+MIN_EFFECT = 0.03
 
 @dataclass
 class ConditionTest:
@@ -49,8 +53,12 @@ class ShiftResult:
 
     @property
     def headline(self) -> Optional[ConditionTest]:
-        """The moved condition with the smallest adjusted p (then the largest effect); else the closest one."""
+        """The moved condition with the smallest adjusted p (then the largest effect), a level only where it moved
+        MIN_EFFECT more than all tokens did; else the closest condition."""
         pool = [t for t in self.tests if t.moved] or self.tests
+        everything = [t for t in pool if t.factor == "all"]
+        if everything:
+            pool = [t for t in pool if t.effect >= everything[0].effect + MIN_EFFECT] or everything
         return min(pool, key=lambda t: (t.p_adjusted, -t.effect)) if pool else None
 
     def sentence(self) -> str:

@@ -8,7 +8,7 @@ MAX_LINES = 400
 # Over the limit, to be split (issue 32): it can only shrink. The last five grew past 400 lines when
 # the 2026-12-07 branches (reports, hunt, triage, ingest, shift) were merged.
 STILL_OVER = {"minimize/emit.py", "analysis/verdict.py",
-              "minimize/script.py", "minimize/reduce.py", "hunt/runner.py", "ingest/diagnose.py", "shift.py"}
+              "minimize/script.py", "minimize/reduce.py", "hunt/runner.py", "ingest/diagnose.py"}
 
 
 def module_name(path: Path) -> str:

@@ -9,7 +9,7 @@ calibration and profiles stay as they are): a clean profile (calibrate.clean_run
 clean run of --clean-steps steps whose every step is tested against it as a run of its own (false
 positives), then each planted fault at rising scales, one 1-step run each through the lab's own loop
 (its outcome is what a user gets), until a scale ends `shifted` naming the fault's condition or spikes
-past the threshold. Prints a table and writes the JSON to --out. Stops starting runs after --budget-s.
+past the threshold. Run dirs go to runs/shift_floor/<time>/. Prints a table and writes the JSON to --out. Stops starting runs after --budget-s.
 """
 from __future__ import annotations
 
@@ -69,12 +69,12 @@ def measure(dtype: str, args, work: Path, deadline: float) -> dict:
     else:
         _, _, profile = clean_runs(dtype, args.profile_runs, args.profile_steps, args.model, "float32",
                                    [*args.overrides, "logger.mode=disabled"])
-    path = write_profile(profile_path(profile_key(job(dtype, work, args.overrides, f"model={args.model}"))), profile)
+    path = write_profile(profile_path(profile_key(job(dtype, work, args.overrides, f"model.name={args.model}"))), profile)
     out["profile"] = {"key": profile.key, "tokens": len(profile.tokens), "sequences": int(profile.tokens["sequence"].nunique()),
                       "runs": profile.runs, "steps": profile.steps, "seconds": profile.seconds, "path": str(path)}
     print(f"[{dtype}] profile: {out['profile']['tokens']} tokens, {out['profile']['sequences']} sequences, {profile.seconds:.0f} s", flush=True)
     if args.clean_steps and time.monotonic() < deadline:
-        cfg = job(dtype, work / f"{dtype}-clean", args.overrides, f"model={args.model}", f"loop.steps={args.clean_steps}",
+        cfg = job(dtype, work / f"{dtype}-clean", args.overrides, f"model.name={args.model}", f"loop.steps={args.clean_steps}",
                   "engine.seed=1000", "workload.prompt_seed=1000")
         result = run(cfg)
         frame = shift_frame(cfg.run_dir)
@@ -94,7 +94,7 @@ def measure(dtype: str, args, work: Path, deadline: float) -> dict:
             extra = [f"fault={fault}", f"fault.params.scale={scale}", f"engine.seed={FAULT_SEED}", f"workload.prompt_seed={FAULT_SEED}"]
             if fault == "kv_noise":
                 extra.append(f"fault.params.min_block={KV_MIN_BLOCK}")
-            row = fault_row(fault, scale, run(job(dtype, work / f"{dtype}-{fault}-{scale}", args.overrides, f"model={args.model}", *extra)))
+            row = fault_row(fault, scale, run(job(dtype, work / f"{dtype}-{fault}-{scale}", args.overrides, f"model.name={args.model}", *extra)))
             rows.append(row)
             print(f"[{dtype}] {fault} {scale}: {row['outcome']}, max {row['max_abs_diff']:.3g}, {row['condition']} "
                   f"A {row['effect_A'] or 0:.3f} p {row['p_adjusted'] if row['p_adjusted'] is not None else float('nan'):.3g}", flush=True)
@@ -125,10 +125,10 @@ def main() -> None:
 
     models, started = cache_dir() / "models", time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shift_floor_") as tmp:
-        work = Path(tmp)
-        (work / "cache").mkdir()
-        (work / "cache" / "models").symlink_to(models)
-        os.environ["ROLLOUT_LAB_CACHE"] = str(work / "cache")  # this script's profiles reach no other run
+        cache, work = Path(tmp) / "cache", Path("runs/shift_floor") / time.strftime("%Y%m%d-%H%M%S")
+        cache.mkdir()
+        (cache / "models").symlink_to(models)
+        os.environ["ROLLOUT_LAB_CACHE"] = str(cache)  # this script's profiles reach no other run; its run dirs stay
         report = {"device": device_name(), "engine": engine_version(), "model": args.model, "overrides": args.overrides,
                   "dtypes": [measure(d, args, work, started + args.budget_s) for d in args.dtypes],
                   "seconds": time.monotonic() - started}

@@ -83,7 +83,7 @@ def measure(dtype: str, args, work: Path, deadline: float) -> dict:
                         "closest": [s.headline.sentence() for s in steps], "max_abs_diff": result.abs_diff_max, "seconds": result.seconds}
         print(f"[{dtype}] clean: {out['clean']['shifted_steps']} of {len(steps)} steps shifted; run outcome {result.outcome}", flush=True)
     ladders = LADDERS[dtype]
-    if args.faults:
+    if args.faults is not None:  # `--faults` alone: no fault runs (the false-positive measurement only)
         ladders = {name: [float(v) for v in scales.split(",")] for name, _, scales in (f.partition("=") for f in args.faults)}
     for fault, scales in ladders.items():
         rows = out["faults"][fault] = []
@@ -91,7 +91,7 @@ def measure(dtype: str, args, work: Path, deadline: float) -> dict:
             if time.monotonic() > deadline:
                 rows.append({"fault": fault, "scale": scale, "outcome": "not run (budget)"})
                 continue
-            extra = [f"fault={fault}", f"fault.params.scale={scale}", f"engine.seed={FAULT_SEED}", f"workload.prompt_seed={FAULT_SEED}"]
+            extra = [f"fault.name={fault}", f"fault.params.scale={scale}", f"engine.seed={FAULT_SEED}", f"workload.prompt_seed={FAULT_SEED}"]
             if fault == "kv_noise":
                 extra.append(f"fault.params.min_block={KV_MIN_BLOCK}")
             row = fault_row(fault, scale, run(job(dtype, work / f"{dtype}-{fault}-{scale}", args.overrides, f"model.name={args.model}", *extra)))

@@ -116,9 +116,15 @@ def shift_test(run: pd.DataFrame, profile: Optional[pd.DataFrame], seed: int = 0
         if profile is not None:
             profile_levels = factor.levels(profile)
             for level in sorted(set(run_levels.dropna())):
+                inside, rest = run_levels == level, run_levels.notna() & (run_levels != level)
+                if name != "all" and not rest.any() and (profile_levels.dropna() == level).all():
+                    continue  # every token of both in one level (no prefix-cache hit, say): the all-tokens test again
                 test = _compare(cluster_permutation_test, "prompt permutation of mid-ranks, run vs profile", name, level,
-                                run[run_levels == level], profile[profile_levels == level], rng, unit="prompt")
+                                run[inside], profile[profile_levels == level], rng, unit="prompt")
                 if test is not None:
+                    profile_rest = profile_levels.notna() & (profile_levels != level)
+                    if rest.any() and profile_rest.any():  # where the fault acts, the level moved more than the rest
+                        test.rest_effect = vargha_delaney(run.loc[rest, "abs_diff"].to_numpy(), profile.loc[profile_rest, "abs_diff"].to_numpy())
                     tests.append(test)
             continue
         known = run_levels.notna()

@@ -31,15 +31,23 @@ class ConditionTest:
     p_value: float
     p_adjusted: float = 1.0
     moved: bool = False
+    # Against a profile: A of the run's other tokens of this factor against the profile's (None: no other level).
+    rest_effect: Optional[float] = None
+
+    @property
+    def singled_out(self) -> bool:
+        """This level moved (unadjusted p < 0.05) by MIN_EFFECT more than the rest of its factor's tokens did."""
+        return self.rest_effect is not None and self.p_value < 0.05 and self.effect >= self.rest_effect + MIN_EFFECT
 
     @property
     def condition(self) -> str:
         return f"{self.factor} {self.level}"
 
     def sentence(self) -> str:
-        """'position 16-31: A 0.61, p 0.004 (Holm), mean |diff| 0.045 vs 0.038, p95 0.15 vs 0.10, 132 tokens'."""
-        return (f"{self.condition}: A {self.effect:.3f}, p {self.p_adjusted:.3g} (Holm), mean |diff| {self.run_mean:.3g} vs "
-                f"{self.reference_mean:.3g}, p95 {self.run_p95:.3g} vs {self.reference_p95:.3g}, {self.run_tokens} tokens")
+        """'position 16-31: A 0.61 (the rest of position: A 0.52), p 0.001 (0.004 Holm), mean |diff| 0.045 vs 0.038, p95 0.15 vs 0.10, 132 tokens'."""
+        rest = f" (the rest of {self.factor}: A {self.rest_effect:.3f})" if self.rest_effect is not None else ""
+        return (f"{self.condition}: A {self.effect:.3f}{rest}, p {self.p_value:.3g} ({self.p_adjusted:.3g} Holm), mean |diff| "
+                f"{self.run_mean:.3g} vs {self.reference_mean:.3g}, p95 {self.run_p95:.3g} vs {self.reference_p95:.3g}, {self.run_tokens} tokens")
 
 
 @dataclass
@@ -53,12 +61,16 @@ class ShiftResult:
 
     @property
     def headline(self) -> Optional[ConditionTest]:
-        """The moved condition with the smallest adjusted p (then the largest effect), a level only where it moved
-        MIN_EFFECT more than all tokens did; else the closest condition."""
+        """Where a shifted run moved: the level that moved most beyond the rest of its factor, else all tokens,
+        else the moved condition with the smallest adjusted p; for a run not shifted, the closest condition."""
+        if self.shifted:
+            levels = [t for t in self.tests if t.singled_out]
+            if levels:
+                return max(levels, key=lambda t: (t.effect - t.rest_effect, -t.p_value))
+            everything = [t for t in self.tests if t.factor == "all" and t.moved]
+            if everything:
+                return everything[0]
         pool = [t for t in self.tests if t.moved] or self.tests
-        everything = [t for t in pool if t.factor == "all"]
-        if everything:
-            pool = [t for t in pool if t.effect >= everything[0].effect + MIN_EFFECT] or everything
         return min(pool, key=lambda t: (t.p_adjusted, -t.effect)) if pool else None
 
     def sentence(self) -> str:

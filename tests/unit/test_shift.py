@@ -140,13 +140,14 @@ def test_mismatch_budget_eta_squared_by_hand(tmp_path):
     assert "| position | 1.000 |" in table.read_text() and plot.stat().st_size > 0
 
 
-def test_a_level_is_named_only_where_it_moved_more_than_all_tokens():
-    def test(factor, level, effect):
-        return ConditionTest(factor, level, "t", 100, 10, 100, 10, 0.05, 0.04, 0.1, 0.1, effect, 0.001, 0.01, True)
+def test_a_level_is_named_only_where_it_moved_more_than_the_rest_of_its_factor():
+    def test(factor, level, effect, rest=None, moved=True):
+        return ConditionTest(factor, level, "t", 100, 10, 100, 10, 0.05, 0.04, 0.1, 0.1, effect, 0.001, 0.01, moved, rest)
 
-    # every token moved alike (logit noise): a level's A a little above all tokens' by chance names all tokens
-    result = ShiftResult("profile", "", True, [test("all", "tokens", 0.60), test("position", "8-15", 0.62)])
+    # every token moved alike (logit noise): a level a little above the rest by chance names all tokens
+    result = ShiftResult("profile", "", True, [test("all", "tokens", 0.60), test("position", "8-15", 0.62, rest=0.60)])
     assert result.headline.condition == "all tokens"
-    # the fault acts in one condition: its A stands MIN_EFFECT above all tokens'
-    result = ShiftResult("profile", "", True, [test("all", "tokens", 0.60), test("kv_block", "16-63", 0.68)])
-    assert result.headline.condition == "kv_block 16-63"
+    # the fault acts in one level (kv_noise on blocks >= 16): named, moved after Holm or not, the run being shifted
+    result = ShiftResult("profile", "", True, [test("all", "tokens", 0.62), test("kv_block", "0-15", 0.51, rest=0.69, moved=False),
+                                               test("kv_block", "16-63", 0.69, rest=0.51, moved=False)])
+    assert result.headline.condition == "kv_block 16-63" and "the rest of kv_block: A 0.510" in result.headline.sentence()

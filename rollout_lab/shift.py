@@ -106,6 +106,15 @@ def _compare(test_fn, name: str, factor: str, level: str, x: pd.DataFrame, y: pd
     return _summary(name, factor, level, x, y, p)
 
 
+def _within_run(factor: str, level: str, inside: pd.DataFrame, rest: pd.DataFrame, rng) -> Optional[ConditionTest]:
+    """A level's tokens against the rest of the run: paired within the sequences holding both where the level
+    splits sequences (position, batch size, KV block), else a sequence permutation."""
+    split = bool(set(inside["sequence"]) & set(rest["sequence"]))
+    test_fn, label = ((paired_signflip_test, "paired sign-flip within sequences, level vs rest of run") if split
+                      else (cluster_permutation_test, "sequence permutation of mid-ranks, level vs rest of run"))
+    return _compare(test_fn, label, factor, level, inside, rest, rng)
+
+
 def shift_test(run: pd.DataFrame, profile: Optional[pd.DataFrame], seed: int = 0, reference_detail: str = "") -> ShiftResult:
     """Every condition of `run` (a shift_frame) against `profile` (a clean shift_frame), or against the run
     itself when profile is None; Holm over the conditions tested."""
@@ -125,18 +134,15 @@ def shift_test(run: pd.DataFrame, profile: Optional[pd.DataFrame], seed: int = 0
                     profile_rest = profile_levels.notna() & (profile_levels != level)
                     if rest.any() and profile_rest.any():  # where the fault acts, the level moved more than the rest
                         test.rest_effect = vargha_delaney(run.loc[rest, "abs_diff"].to_numpy(), profile.loc[profile_rest, "abs_diff"].to_numpy())
+                        within = _within_run(name, level, run[inside], run[rest], rng)
+                        test.rest_p = within.p_value if within is not None else None
                     tests.append(test)
             continue
         known = run_levels.notna()
         if name == "all" or run_levels[known].nunique() < 2:
             continue
         for level in sorted(set(run_levels[known])):
-            inside, rest = run[known & (run_levels == level)], run[known & (run_levels != level)]
-            # A level that splits sequences (position, batch size, KV block) is compared within them.
-            split = bool(set(inside["sequence"]) & set(rest["sequence"]))
-            test_fn, label = ((paired_signflip_test, "paired sign-flip within sequences, level vs rest of run") if split
-                              else (cluster_permutation_test, "sequence permutation of mid-ranks, level vs rest of run"))
-            test = _compare(test_fn, label, name, level, inside, rest, rng)
+            test = _within_run(name, level, run[known & (run_levels == level)], run[known & (run_levels != level)], rng)
             if test is not None:
                 tests.append(test)
     for test, adjusted in zip(tests, holm([t.p_value for t in tests])):

@@ -33,11 +33,15 @@ class ConditionTest:
     moved: bool = False
     # Against a profile: A of the run's other tokens of this factor against the profile's (None: no other level).
     rest_effect: Optional[float] = None
+    # And the one-sided p that, inside the run, this level's tokens rank above the rest of its factor's.
+    rest_p: Optional[float] = None
 
     @property
     def singled_out(self) -> bool:
-        """This level moved (unadjusted p < 0.05) by MIN_EFFECT more than the rest of its factor's tokens did."""
-        return self.rest_effect is not None and self.p_value < 0.05 and self.effect >= self.rest_effect + MIN_EFFECT
+        """This level moved (p < 0.05) by MIN_EFFECT more than the rest of its factor's tokens did, and inside the
+        run its tokens rank above the rest's (p < 0.05): a small level's A alone is too noisy to name it."""
+        return (self.rest_effect is not None and self.rest_p is not None and self.p_value < 0.05 and self.rest_p < 0.05
+                and self.effect >= self.rest_effect + MIN_EFFECT)
 
     @property
     def condition(self) -> str:

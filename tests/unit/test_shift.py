@@ -141,11 +141,14 @@ def test_mismatch_budget_eta_squared_by_hand(tmp_path):
 
 
 def test_a_level_is_named_only_where_it_moved_more_than_the_rest_of_its_factor():
-    def test(factor, level, effect, rest=None, moved=True):
-        return ConditionTest(factor, level, "t", 100, 10, 100, 10, 0.05, 0.04, 0.1, 0.1, effect, 0.001, 0.01, moved, rest)
+    def test(factor, level, effect, rest=None, moved=True, rest_p=0.01):
+        return ConditionTest(factor, level, "t", 100, 10, 100, 10, 0.05, 0.04, 0.1, 0.1, effect, 0.001, 0.01, moved, rest, rest_p)
 
     # every token moved alike (logit noise): a level a little above the rest by chance names all tokens
     result = ShiftResult("profile", "", True, [test("all", "tokens", 0.60), test("position", "8-15", 0.62, rest=0.60)])
+    assert result.headline.condition == "all tokens"
+    # a small level whose A stands above the rest's, but whose tokens inside the run do not (logit_noise 0.15, batch 32-127)
+    result = ShiftResult("profile", "", True, [test("all", "tokens", 0.69), test("batch_size", "32-127", 0.74, rest=0.68, rest_p=0.2)])
     assert result.headline.condition == "all tokens"
     # the fault acts in one level (kv_noise on blocks >= 16): named, moved after Holm or not, the run being shifted
     result = ShiftResult("profile", "", True, [test("all", "tokens", 0.62), test("kv_block", "0-15", 0.51, rest=0.69, moved=False),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Optional
 
 import pandas as pd
 
@@ -42,6 +43,27 @@ def _with_overrides(overrides: list[str]) -> RunConfig:
         raise SystemExit(f"rollout_lab.calibrate: bad override ({exc})".splitlines()[0]) from None
 
 
+def clean_runs(dtype: str, runs: int, steps: int, model: str, trainer_dtype: Optional[str], overrides: list[str],
+               first_seed: int = 0) -> tuple[float, int, ShiftProfile]:
+    """`runs` clean jobs of `steps` steps (engine and prompt seeds first_seed, first_seed + 1, ...): their largest
+    |difference|, their token count and their shift profile. A run that does not end `ok` exits naming it."""
+    clean_max, tokens, frames, started = 0.0, 0, [], time.perf_counter()
+    for index in range(first_seed, first_seed + runs):
+        cfg = _with_overrides(overrides)
+        cfg.run_name, cfg.run_dir = f"calibrate-{dtype}-{index}", f"runs/calibrate/{time.strftime('%Y%m%d-%H%M%S')}-{dtype}-{index}"
+        cfg.model.name, cfg.loop.steps = model, steps
+        cfg.engine.dtype, cfg.trainer.dtype = dtype, trainer_dtype or dtype
+        cfg.engine.seed = cfg.workload.prompt_seed = index
+        cfg.loop.check_weight_sync = False
+        result = run(cfg)
+        if result.status != "ok":
+            raise SystemExit(f"calibration run {cfg.run_dir} ended with status {result.status}")
+        clean_max, tokens = max(clean_max, result.abs_diff_max), tokens + result.num_tokens
+        frames.append(shift_frame(cfg.run_dir, run_label=f"{index}/"))
+    profile = ShiftProfile(profile_key(cfg), runs, steps, time.perf_counter() - started, pd.concat(frames, ignore_index=True))
+    return clean_max, tokens, profile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
@@ -55,25 +77,12 @@ def main() -> None:
     path = calibration_path()
     table = json.loads(path.read_text()) if path.exists() else {}
     for dtype in args.dtypes:
-        clean_max, tokens, frames, started = 0.0, 0, [], time.perf_counter()
-        for index in range(args.runs):
-            cfg = _with_overrides(args.overrides)
-            cfg.run_name, cfg.run_dir = f"calibrate-{dtype}-{index}", f"runs/calibrate/{time.strftime('%Y%m%d-%H%M%S')}-{dtype}-{index}"
-            cfg.model.name, cfg.loop.steps = args.model, args.steps
-            cfg.engine.dtype, cfg.trainer.dtype = dtype, args.trainer_dtype or dtype
-            cfg.engine.seed = cfg.workload.prompt_seed = index
-            cfg.loop.check_weight_sync = False
-            result = run(cfg)
-            if result.status != "ok":
-                raise SystemExit(f"calibration run {cfg.run_dir} ended with status {result.status}")
-            clean_max, tokens = max(clean_max, result.abs_diff_max), tokens + result.num_tokens
-            frames.append(shift_frame(cfg.run_dir, run_label=f"{index}/"))
+        clean_max, tokens, profile = clean_runs(dtype, args.runs, args.steps, args.model, args.trainer_dtype, args.overrides)
         threshold = max(MARGIN * clean_max, tolerance(dtype).calibration_floor)
         table[calibration_key(dtype)] = {"clean_max": clean_max, "threshold": threshold, "runs": args.runs, "tokens": tokens}
         print(f"{calibration_key(dtype)}: clean max {clean_max:.3g} over {tokens} tokens -> threshold {threshold:.3g}")
-        key = profile_key(cfg)
-        profile = ShiftProfile(key, args.runs, args.steps, time.perf_counter() - started, pd.concat(frames, ignore_index=True))
-        print(f"shift profile [{key}]: {len(profile.tokens)} tokens, {profile.seconds:.0f} s -> {write_profile(profile_path(key), profile)}")
+        written = write_profile(profile_path(profile.key), profile)
+        print(f"shift profile [{profile.key}]: {len(profile.tokens)} tokens, {profile.seconds:.0f} s -> {written}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=2))
     print(f"wrote {path}")

@@ -7,6 +7,10 @@ from typing import Optional
 
 # What a run was tested against: the clean profile, itself, or nothing (the test did not run).
 PROFILE, SELF, NONE = "profile", "self", "none"
+# A moved condition's A must reach 0.5 + MIN_EFFECT: thousands of tokens make tiny shifts significant, and a
+# clean run differs from the profile's runs by its prompts. A level is named over "all tokens" only when its
+# A exceeds all tokens' by as much: a bug that moves every token (logit noise) is a shift of all tokens.
+MIN_EFFECT = 0.03
 
 @dataclass
 class ConditionTest:
@@ -27,15 +31,27 @@ class ConditionTest:
     p_value: float
     p_adjusted: float = 1.0
     moved: bool = False
+    # Against a profile: A of the run's other tokens of this factor against the profile's (None: no other level).
+    rest_effect: Optional[float] = None
+    # And the one-sided p that, inside the run, this level's tokens rank above the rest of its factor's.
+    rest_p: Optional[float] = None
+
+    @property
+    def singled_out(self) -> bool:
+        """This level moved (p < 0.05) by MIN_EFFECT more than the rest of its factor's tokens did, and inside the
+        run its tokens rank above the rest's (p < 0.05): a small level's A alone is too noisy to name it."""
+        return (self.rest_effect is not None and self.rest_p is not None and self.p_value < 0.05 and self.rest_p < 0.05
+                and self.effect >= self.rest_effect + MIN_EFFECT)
 
     @property
     def condition(self) -> str:
         return f"{self.factor} {self.level}"
 
     def sentence(self) -> str:
-        """'position 16-31: A 0.61, p 0.004 (Holm), mean |diff| 0.045 vs 0.038, p95 0.15 vs 0.10, 132 tokens'."""
-        return (f"{self.condition}: A {self.effect:.3f}, p {self.p_adjusted:.3g} (Holm), mean |diff| {self.run_mean:.3g} vs "
-                f"{self.reference_mean:.3g}, p95 {self.run_p95:.3g} vs {self.reference_p95:.3g}, {self.run_tokens} tokens")
+        """'position 16-31: A 0.61 (the rest of position: A 0.52), p 0.001 (0.004 Holm), mean |diff| 0.045 vs 0.038, p95 0.15 vs 0.10, 132 tokens'."""
+        rest = f" (the rest of {self.factor}: A {self.rest_effect:.3f})" if self.rest_effect is not None else ""
+        return (f"{self.condition}: A {self.effect:.3f}{rest}, p {self.p_value:.3g} ({self.p_adjusted:.3g} Holm), mean |diff| "
+                f"{self.run_mean:.3g} vs {self.reference_mean:.3g}, p95 {self.run_p95:.3g} vs {self.reference_p95:.3g}, {self.run_tokens} tokens")
 
 
 @dataclass
@@ -49,7 +65,15 @@ class ShiftResult:
 
     @property
     def headline(self) -> Optional[ConditionTest]:
-        """The moved condition with the smallest adjusted p (then the largest effect); else the closest one."""
+        """Where a shifted run moved: the level that moved most beyond the rest of its factor, else all tokens,
+        else the moved condition with the smallest adjusted p; for a run not shifted, the closest condition."""
+        if self.shifted:
+            levels = [t for t in self.tests if t.singled_out]
+            if levels:
+                return max(levels, key=lambda t: (t.effect - t.rest_effect, -t.p_value))
+            everything = [t for t in self.tests if t.factor == "all" and t.moved]
+            if everything:
+                return everything[0]
         pool = [t for t in self.tests if t.moved] or self.tests
         return min(pool, key=lambda t: (t.p_adjusted, -t.effect)) if pool else None
 

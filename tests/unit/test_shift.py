@@ -9,8 +9,7 @@ from rollout_lab.analysis.outcome import CLEAN, SHIFTED, SILENT, outcome_class
 from rollout_lab.records import RunResult, read_summary, write_summary
 from rollout_lab.shift import (
     FRAME_COLUMNS,
-    mismatch_budget,
-    write_budget,
+    ConditionTest,
     ProfileError,
     ShiftProfile,
     ShiftResult,
@@ -21,6 +20,7 @@ from rollout_lab.shift import (
     vargha_delaney,
     write_profile,
 )
+from rollout_lab.shift_budget import mismatch_budget, write_budget
 
 
 def test_vargha_delaney_counts_ties_half():
@@ -60,6 +60,7 @@ def _frame(rng, sequences: int, tokens: int, scale_late: float = 1.0, label: str
     diff[position >= 16] *= scale_late
     return pd.DataFrame({
         "sequence": np.repeat([f"{label}{i}" for i in range(sequences)], tokens),
+        "prompt": np.repeat([f"{label}{i // 4}" for i in range(sequences)], tokens),
         "abs_diff": np.round(diff / 0.0078125) * 0.0078125,
         "position": position,
         "batch_size": np.full(sequences * tokens, 32.0),
@@ -137,3 +138,19 @@ def test_mismatch_budget_eta_squared_by_hand(tmp_path):
     assert rows["batch_size"].eta_squared is None and "dtype floor" in rows
     table, plot = write_budget(frame, tmp_path)
     assert "| position | 1.000 |" in table.read_text() and plot.stat().st_size > 0
+
+
+def test_a_level_is_named_only_where_it_moved_more_than_the_rest_of_its_factor():
+    def test(factor, level, effect, rest=None, moved=True, rest_p=0.01):
+        return ConditionTest(factor, level, "t", 100, 10, 100, 10, 0.05, 0.04, 0.1, 0.1, effect, 0.001, 0.01, moved, rest, rest_p)
+
+    # every token moved alike (logit noise): a level a little above the rest by chance names all tokens
+    result = ShiftResult("profile", "", True, [test("all", "tokens", 0.60), test("position", "8-15", 0.62, rest=0.60)])
+    assert result.headline.condition == "all tokens"
+    # a small level whose A stands above the rest's, but whose tokens inside the run do not (logit_noise 0.15, batch 32-127)
+    result = ShiftResult("profile", "", True, [test("all", "tokens", 0.69), test("batch_size", "32-127", 0.74, rest=0.68, rest_p=0.2)])
+    assert result.headline.condition == "all tokens"
+    # the fault acts in one level (kv_noise on blocks >= 16): named, moved after Holm or not, the run being shifted
+    result = ShiftResult("profile", "", True, [test("all", "tokens", 0.62), test("kv_block", "0-15", 0.51, rest=0.69, moved=False),
+                                               test("kv_block", "16-63", 0.69, rest=0.51, moved=False)])
+    assert result.headline.condition == "kv_block 16-63" and "the rest of kv_block: A 0.510" in result.headline.sentence()

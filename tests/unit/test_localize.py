@@ -189,6 +189,16 @@ def test_localization_round_trips_through_its_json_and_writes_a_report(tmp_path)
     assert (tmp_path / "request12_position37.png").stat().st_size > 0
 
 
+def test_a_localization_behind_a_warm_up_says_so(tmp_path):
+    points = capture_points(HYBRID, 2)
+    token = localize_token(_token(0, 0, [0.0] * 4 + [0.5] * 5), [1e-3] * len(points))
+    result = report.Localization("repro/case.json", "llama-tiny", None, "flagged", points, [1e-3] * len(points), 0, [token],
+                                 warmup_requests=2)
+    path = report.write(result, tmp_path)
+    assert report.read(tmp_path / report.RESULT_NAME).warmup_requests == 2
+    assert "Each replay ran the case's warm-up of 2 request(s) first" in path.read_text()
+
+
 def test_the_wandb_run_of_a_localization_holds_one_curve_per_token(tmp_path):
     from rollout_lab.config import RunConfig
     from rollout_lab.wandb_log import log_layer_curves

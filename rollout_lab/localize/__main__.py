@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"rollout_lab.localize: {exc}", file=sys.stderr)
         return 2
+    if not result.tokens:
+        print(f"rollout_lab.localize: no chosen token was captured: {'; '.join(result.warnings)}", file=sys.stderr)
+        return 2
     if args.store_profile:
         from rollout_lab.localize import profile
 
@@ -223,6 +226,9 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
                 engine.install_fault(llm, case.fault, case.fault_params)
             if case.warmup:  # the engine's history the failure needs, as run_case ran it: not captured
                 sample(llm, replace(case, requests=case.warmup, max_tokens=case.warmup_max_tokens, warmup=[]))
+                # The capture and the schedule records know a request by its id, its index in the case:
+                # the warm-up took ids 0.., so the case's requests would have come after them.
+                llm.request_counter.reset()
             schedule.read_new()  # what the first replay (and the warm-up) scheduled
             llm.collective_rpc(capture.install, args=(points, wanted + spread))
             try:

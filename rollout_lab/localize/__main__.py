@@ -2,7 +2,8 @@
 
 Replays the failing step (predicate.load_run's Case) on one fresh in-process engine, twice, reset to
 a fresh engine's state in between (engine.reset), as the run ran it (its planted fault, if any, on;
-a bug from outside the lab has no off switch, so none is assumed):
+a bug from outside the lab has no off switch, so none is assumed; a minimized history-dependent
+case's warm-up first, each time):
   1. sampling only: the worst flagged tokens (or --token pairs); nothing flagged: nothing to localize;
   2. capturing those tokens and a spread of others at every point (capture.py);
 then runs the same sequences through the transformers float32 model with the same hooks
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as exc:
         print(f"rollout_lab.localize: {exc}", file=sys.stderr)
+        return 2
+    if not result.tokens:
+        print(f"rollout_lab.localize: no chosen token was captured: {'; '.join(result.warnings)}", file=sys.stderr)
         return 2
     if args.store_profile:
         from rollout_lab.localize import profile
@@ -220,7 +224,12 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
             engine.reset(llm)
             if fault is not None:
                 engine.install_fault(llm, case.fault, case.fault_params)
-            schedule.read_new()  # what the first replay scheduled
+            if case.warmup:  # the engine's history the failure needs, as run_case ran it: not captured
+                sample(llm, replace(case, requests=case.warmup, max_tokens=case.warmup_max_tokens, warmup=[]))
+                # The capture and the schedule records know a request by its id, its index in the case:
+                # the warm-up took ids 0.., so the case's requests would have come after them.
+                llm.request_counter.reset()
+            schedule.read_new()  # what the first replay (and the warm-up) scheduled
             llm.collective_rpc(capture.install, args=(points, wanted + spread))
             try:
                 outputs = sample(llm, case)
@@ -276,7 +285,7 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
                                                        values, facts), levels, shape_floor))
     return Localization(str(run.run_dir), case.model, fault, run.description, points, levels, len(clean), tokens,
                         round(time.perf_counter() - started, 1), warnings, "; ".join(sources), shape_floor, clean_max,
-                        profile.profile_key(case.model, dtype))
+                        profile.profile_key(case.model, dtype), len(case.warmup))
 
 
 def choose(diffs, pairs: list[tuple[int, int]], count: int, threshold: float):

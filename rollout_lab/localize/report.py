@@ -40,6 +40,8 @@ class Localization:
     clean_max: list[Optional[float]] = field(default_factory=list)
     # The key a clean profile of this model and setting is stored under (profile.profile_key).
     profile_key: str = ""
+    # Requests each replay ran first, not judged (a history-dependent case's Case.warmup).
+    warmup_requests: int = 0
 
     def summary(self) -> list[str]:
         return summary_lines(self.tokens, self.points)
@@ -114,7 +116,10 @@ def markdown(result: Localization, images: list[str]) -> str:
                   f"{JUMP:g}x above every earlier point's divergence and {result.shape_floor:.3g}")
     lines = [f"# Where it fails inside the model: {result.source}", "",
              f"{result.description}. Model `{result.model}`, fault `{result.fault or 'none'}`; {levels} "
-             f"({result.seconds:.0f} s).", "", *[f"- {line}" for line in result.summary()], ""]
+             f"({result.seconds:.0f} s).", "", *([f"Each replay ran the case's warm-up of {result.warmup_requests} request(s) first "
+                                                  "(the engine's history the failure needs), captured nothing of it.", ""]
+                                                 if result.warmup_requests else []),
+             *[f"- {line}" for line in result.summary()], ""]
     lines += [f"- warning: {w}" for w in result.warnings]
     for token, image in zip(result.tokens, images):
         lines += [f"## Request {token.request}, position {token.position} (token {token.token_id})", "",

@@ -2,7 +2,8 @@
 
 Also takes a case file (a hunt finding's case.json, see predicate.load_case) in place of a run dir.
 Besides repro.py, REPORT.md and MINIMIZATION.md it writes minimized.json: the minimal case's engine arguments, the
-knobs that stayed off their defaults (what switches the failure on), sizes before and after.
+knobs that stayed off their defaults (what switches the failure on), sizes before and after; and case.json, the
+emitted case (its warm-up included) as a case file that `python -m rollout_lab.localize` takes.
 
 Exit status: 0 when the emitted repro.py reproduces in a fresh process and, with a planted fault,
 is clean without it (or --no-verify); 1 when not; 2 when the run dir cannot be minimized (missing,
@@ -21,6 +22,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+
+# The emitted case as a handoff.CaseFile, beside repro.py.
+CASE_NAME = "case.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rollout_lab.config import ConfigError
     from rollout_lab.minimize import emit
-    from rollout_lab.minimize.handoff import MinimizedResult
+    from rollout_lab.minimize.handoff import CaseFile, MinimizedResult
     from rollout_lab.minimize.predicate import RunDirError, load_case, load_run
     from rollout_lab.minimize.knobs import case_knobs, knob_targets
     from rollout_lab.minimize.reduce import Size, minimize
@@ -110,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         warmup_requests=len(case.warmup),
         class_note=reduction.class_note,
     ).write(out_dir)
-    console.print(f"[bold]wrote[/] {out_dir / 'repro.py'}, {out_dir / 'REPORT.md'} and {out_dir / emit.LOG_NAME}")
+    # The emitted case for the localizer: a history-dependent one fails only behind its warm-up.
+    CaseFile(run.config.model.name, case, reduction.run.expected, f"minimized from {run.description}").write(out_dir / CASE_NAME)
+    console.print(f"[bold]wrote[/] {out_dir / 'repro.py'}, {out_dir / 'REPORT.md'}, {out_dir / emit.LOG_NAME} and {out_dir / CASE_NAME}")
     ok = True
     if confirmation is not None:
         ok = confirmation.verification.verdict == "REPRODUCED"

@@ -1,8 +1,9 @@
 """Bugs planted outside the lab (tests/fixtures/external_bugs, a vLLM general plugin switched by
 EXTERNAL_BUG, which `fault=` knows nothing of), each through the user path: a one-step job flags it,
 the localizer names the point the plugin corrupts with no fault-off replay, the minimizer shrinks the
-run into a repro.py that exits 1 with the plugin on and 0 with it off in a fresh process in an empty
-directory, and the hunt finds and minimizes it from nothing.
+run into a repro.py that exits 1 with the plugin on and 0 with it off for a stranger (`python -I
+repro.py` in an empty directory, HOME empty), a history-dependent case behind a warm-up of a few
+requests that the localizer runs too, and the hunt finds and minimizes it from nothing.
 
 The plugin's ground truth (external_bugs/__init__.py): long_context corrupts layer 0's MLP output at
 positions >= 56, mid_layer layer 2's attention output there, warm_engine layer 1's MLP output once
@@ -15,6 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import venv
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,6 @@ import pytest
 from rollout_lab.hunt.store import Store
 from rollout_lab.localize import report
 from rollout_lab.minimize.handoff import MinimizedResult
-from rollout_lab.models import resolve_model
 from rollout_lab.records import read_records, read_summary
 
 pytestmark = pytest.mark.integration
@@ -83,30 +85,68 @@ def test_the_job_flags_it_and_the_localizer_names_its_true_first_point(bug_run):
     assert "named by" in text and "clean level" in text
 
 
-def run_repro(repro: Path, bug: str | None, tmp_path: Path) -> subprocess.CompletedProcess:
-    """repro.py copied into an empty directory and run there in a fresh interpreter, the plugin on or off."""
-    empty = tmp_path / ("on" if bug else "off")
-    empty.mkdir()
-    shutil.copy(repro, empty / "repro.py")
-    lab_env = env(bug)
-    lab_env["PYTHONPATH"] = str(PLUGIN) if bug else ""  # the repro needs no rollout_lab
-    return subprocess.run([sys.executable, "repro.py", "--model", resolve_model("llama-tiny")], cwd=empty, env=lab_env,
-                          capture_output=True, text=True, timeout=600)
+def stranger_python(root: Path, bug: str | None) -> Path:
+    """A throwaway venv (`python -I` keeps its own site-packages) that holds this environment's packages
+    as plain paths (no .pth run: rollout_lab's editable install stays out) and, for a bug, the plugin."""
+    venv.create(root, with_pip=False)
+    site = next(root.glob("lib/python*/site-packages"))
+    paths = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
+    (site / "lab_env.pth").write_text("\n".join(paths + ([str(PLUGIN)] if bug else [])) + "\n")
+    return root / "bin" / "python"
 
 
-def test_the_minimized_repro_fails_with_the_plugin_on_and_passes_with_it_off(bug_run, tmp_path):
+def run_repro(out: Path, bug: str | None, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python -I repro.py` in a fresh interpreter in an empty directory, HOME an empty one too, no
+    PYTHON*, HF_*, XDG_* or VLLM_* variable, the plugin installed and EXTERNAL_BUG set, or neither."""
+    where = tmp_path / f"repro_{bug or 'off'}"
+    empty, home = where / "cwd", where / "home"
+    empty.mkdir(parents=True), home.mkdir()
+    shutil.copy(out / "repro.py", empty / "repro.py")
+    python = stranger_python(where / "venv", bug)
+    stranger = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "XDG_", "VLLM_", "EXTERNAL_BUG", "ROLLOUT_LAB"))}
+    stranger |= {"HOME": str(home)} | ({"EXTERNAL_BUG": bug} if bug else {})
+    args = MinimizedResult.read(out).verify_args
+    return subprocess.run([str(python), "-I", "repro.py", *args], cwd=empty, env=stranger, capture_output=True, text=True, timeout=600)
+
+
+def assert_repro_fails_only_with_the_plugin(out: Path, bug: str, tmp_path: Path) -> None:
+    on, off = run_repro(out, bug, tmp_path), run_repro(out, None, tmp_path)
+    assert on.returncode == 1 and "REPRODUCED: " in on.stdout, on.stdout[-3000:] + on.stderr[-2000:]
+    assert off.returncode == 0 and "NOT REPRODUCED: " in off.stdout, off.stdout[-3000:] + off.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def minimized(bug_run, tmp_path_factory):
+    """(bug, the minimizer's output dir) for the module's run of the bug."""
     bug, run_dir = bug_run
-    done = lab(bug, "rollout_lab.minimize", str(run_dir), "--out", str(tmp_path / "repro"), "--name", bug, "--budget-s", "600")
+    out_root = tmp_path_factory.mktemp(f"{bug}_repro")
+    done = lab(bug, "rollout_lab.minimize", str(run_dir), "--out", str(out_root), "--name", bug, "--budget-s", "600")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
-    out = tmp_path / "repro" / bug
+    return bug, out_root / bug
+
+
+def test_the_minimized_repro_fails_with_the_plugin_on_and_passes_with_it_off(minimized, tmp_path):
+    bug, out = minimized
     info = MinimizedResult.read(out)
     if bug == "warm_engine":
         # History-dependent: a small case behind a small warm-up, not the whole step walked back to.
         assert 1 <= info.warmup_requests <= 4 and info.steps_back in (0, None), info
         assert "WARMUP" in (out / "repro.py").read_text()
-    on, off = run_repro(out / "repro.py", bug, tmp_path), run_repro(out / "repro.py", None, tmp_path)
-    assert on.returncode == 1 and "REPRODUCED: " in on.stdout, on.stdout[-3000:] + on.stderr[-2000:]
-    assert off.returncode == 0 and "NOT REPRODUCED: " in off.stdout, off.stdout[-3000:] + off.stderr[-2000:]
+    else:
+        assert info.warmup_requests == 0, info
+    assert_repro_fails_only_with_the_plugin(out, bug, tmp_path)
+
+
+def test_the_localizer_names_a_warm_up_case_behind_its_warm_up(minimized, tmp_path):
+    bug, out = minimized
+    if bug != "warm_engine":
+        pytest.skip("only a history-dependent case has a warm-up")
+    done = lab(bug, "rollout_lab.localize", str(out / "case.json"), "--tokens", "2", "--out", str(tmp_path / "loc"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = report.read(tmp_path / "loc" / report.RESULT_NAME)
+    assert result.warmup_requests == MinimizedResult.read(out).warmup_requests
+    flagged = [t for t in result.tokens if t.flagged]
+    assert flagged and all((result.points[t.first].kind, result.points[t.first].layer) == TRUTH[bug] for t in flagged), done.stdout
 
 
 @pytest.mark.slow
@@ -121,6 +161,11 @@ def test_the_hunt_finds_and_minimizes_it(bug, tmp_path):
     assert mismatches, [str(f.signature) for f in findings]
     verified = [f for f in mismatches if f.state == "verified"]
     assert verified, [(str(f.signature), f.state, f.why) for f in mismatches]
+    # Its repro, as the hunt emitted it, fails only with the plugin on, for a stranger.
+    out = next(p.parent for p in sorted((hunt_dir / "repro").glob("*/minimized.json")))
+    if bug == "warm_engine":
+        assert MinimizedResult.read(out).warmup_requests <= 4
+    assert_repro_fails_only_with_the_plugin(out, bug, tmp_path)
 
 
 # A hunt trial (the hunt's runner and oracles, hunt/runner.run_trial) on a staggered trace: request 0
@@ -175,6 +220,4 @@ def test_a_staggered_hunt_trial_with_an_abort_minimizes_to_a_repro_that_steps_th
                     if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SCHEDULE")
     aborts = [abort for _, abort in schedule if abort is not None]
     assert aborts and any(arrival > min(aborts) for arrival, _ in schedule), schedule  # an arrival after the abort
-    on, off = run_repro(repro, bug, tmp_path), run_repro(repro, None, tmp_path)
-    assert on.returncode == 1 and "REPRODUCED: " in on.stdout, on.stdout[-3000:] + on.stderr[-2000:]
-    assert off.returncode == 0 and "NOT REPRODUCED: " in off.stdout, off.stdout[-3000:] + off.stderr[-2000:]
+    assert_repro_fails_only_with_the_plugin(repro.parent, bug, tmp_path)

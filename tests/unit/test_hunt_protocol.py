@@ -111,6 +111,20 @@ def test_a_case_file_round_trips_and_the_minimizer_reads_what_the_hunt_writes(tm
         CaseFile.read(tmp_path / "bad.json")
 
 
+def test_a_minimized_case_file_keeps_its_warm_up(tmp_path):
+    """The minimizer's case.json of a history-dependent case: the localizer must replay its warm-up first."""
+    from rollout_lab.minimize.predicate import load_case
+    from rollout_lab.minimize.standalone import Request
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    case = failing_result().case
+    case.model, case.warmup, case.warmup_max_tokens = str(model_dir), [Request([5, 6, 7], 3, 0, 0), Request([8], 4, 1, 0)], 16
+    written = CaseFile(str(model_dir), case, Expected("mismatch", 1e-3), "minimized from a run")
+    run = load_case(written.write(tmp_path / "repro" / "case.json"))
+    assert run.case.warmup == case.warmup and run.case.warmup_max_tokens == 16 and run.origin == "case file"
+
+
 def test_a_crash_case_keeps_the_crash_key_and_the_trials_requests():
     from rollout_lab.hunt.repros import case_file
 

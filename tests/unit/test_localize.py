@@ -189,6 +189,16 @@ def test_localization_round_trips_through_its_json_and_writes_a_report(tmp_path)
     assert (tmp_path / "request12_position37.png").stat().st_size > 0
 
 
+def test_a_localization_behind_a_warm_up_says_so(tmp_path):
+    points = capture_points(HYBRID, 2)
+    token = localize_token(_token(0, 0, [0.0] * 4 + [0.5] * 5), [1e-3] * len(points))
+    result = report.Localization("repro/case.json", "llama-tiny", None, "flagged", points, [1e-3] * len(points), 0, [token],
+                                 warmup_requests=2)
+    path = report.write(result, tmp_path)
+    assert report.read(tmp_path / report.RESULT_NAME).warmup_requests == 2
+    assert "Each replay ran the case's warm-up of 2 request(s) first" in path.read_text()
+
+
 def test_the_wandb_run_of_a_localization_holds_one_curve_per_token(tmp_path):
     from rollout_lab.config import RunConfig
     from rollout_lab.wandb_log import log_layer_curves
@@ -328,3 +338,23 @@ def test_a_clean_profile_round_trips_and_applies_only_to_the_same_points(tmp_pat
     assert profile.read("hybrid-tiny", "float32", path) == stored
     assert profile.read("hybrid-tiny", "bfloat16", path) is None
     assert stored.levels_for(points) == [1e-6] * len(points) and stored.levels_for(points[:-1]) is None
+
+
+def test_a_localization_that_captured_no_chosen_token_exits_2(tmp_path, capsys, monkeypatch):
+    """Defect: behind a warm-up the capture looked for the case's requests under the warm-up's ids,
+    captured none of the chosen tokens, and the command still exited 0 having localized nothing."""
+    from rollout_lab.localize import __main__ as command
+    from rollout_lab.minimize.handoff import CaseFile
+    from rollout_lab.minimize.standalone import Case, Expected, Request
+
+    model = tmp_path / "model"
+    model.mkdir()
+    case = Case(str(model), {"dtype": "float32"}, [Request([1, 2], 0, 0, 0)], max_tokens=1, warmup=[Request([3], 1, 0, 0)])
+    path = CaseFile(str(model), case, Expected("mismatch", 1e-3)).write(tmp_path / "case.json")
+    points = capture_points(HYBRID, 2)
+    nothing = report.Localization(str(path), "m", None, "flagged", points, [None] * len(points), 0, [],
+                                  warnings=["request 0 position 0 was not computed in the capture replay"])
+    monkeypatch.setattr(command, "localize", lambda run, args, out_dir: nothing)
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("rollout_lab.localize: no chosen token was captured: "
+                                       "request 0 position 0 was not computed in the capture replay\n")

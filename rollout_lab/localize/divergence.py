@@ -213,7 +213,9 @@ def rule_text(token: TokenLocalization, points: list[Point], levels: list[Option
     d = token.divergences[token.first]
     parts = []
     if token.level_first == token.first:
-        parts.append(f"clean level: {d:.3g} > {levels[token.first]:.3g} ({d / levels[token.first]:.3g}x)")
+        level = levels[token.first]
+        # Level 0 is the on-policy check's (--against trainer, bitwise): no ratio to give.
+        parts.append(f"clean level: {d:.3g} > {level:.3g}" + (f" ({d / level:.3g}x)" if level > 0 else ""))
     elif token.level_first is not None:
         parts.append(f"clean level: first above at {points[token.level_first].label()}")
     elif all(level is None for level in levels):

@@ -199,6 +199,17 @@ def test_a_localization_behind_a_warm_up_says_so(tmp_path):
     assert "Each replay ran the case's warm-up of 2 request(s) first" in path.read_text()
 
 
+def test_the_on_policy_checks_report_is_written_with_its_zero_clean_levels(tmp_path):
+    """Defect: `--against trainer` (clean level 0 at every point, no shape rule) divided by the level writing LOCALIZE.md:
+    ZeroDivisionError after localization.json, no report (found by the slow tier's test_localize on-policy test)."""
+    points = capture_points(HYBRID, 2)
+    levels = [0.0] * len(points)
+    token = localize_token(_token(1, 0, [0.0, 0.0, 5e-7] + [1e-6] * 6), levels)
+    result = report.Localization("runs/clean", "smollm2", None, "209/209 tokens above 0", points, levels, 0, [token], 3.0)
+    text = report.write(result, tmp_path).read_text()
+    assert "named by clean level; clean level: 5e-07 > 0." in text and "the on-policy check (--against trainer)" in text
+
+
 def test_the_wandb_run_of_a_localization_holds_one_curve_per_token(tmp_path):
     from rollout_lab.config import RunConfig
     from rollout_lab.wandb_log import log_layer_curves

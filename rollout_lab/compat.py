@@ -13,6 +13,8 @@ number and never from a try/except around the call that needs it. What differs, 
 - the in-place weight reload entry point (`model_runner.reload_weights(weights_iterator=...)`), and
   vLLM CPU's MoE experts, which that reload leaves unpacked (vLLM CPU 0.32; 0.25 has no such experts);
 - where the batch-invariant kernels live;
+- the engine object's internals the lab reaches: its config, step, shutdown, the scheduler's block
+  pool and its free queue, the worker's seeding, the scheduler class the recording hook extends;
 - the layer names a GraniteMoeHybrid config must carry: vLLM 0.25 reads `mamba`/`attention`
   while transformers 5.x (which it requires) writes `linear_attention`/`full_attention`.
 
@@ -140,6 +142,61 @@ def abort_requests(llm, request_ids: list[str]) -> None:
 
 def has_unfinished_requests(llm) -> bool:
     return llm.llm_engine.has_unfinished_requests()
+
+# The engine object's parts the lab reaches (LLM.llm_engine): its config, its step, its shutdown and,
+# where the engine core runs in this process, the scheduler's block pool.
+def vllm_config(llm):
+    """The engine's resolved VllmConfig (model, scheduler and cache configs as vLLM settled them)."""
+    return llm.llm_engine.vllm_config
+
+
+def wrap_step(llm, before) -> None:
+    """Call `before()` ahead of each of the engine's steps (LLM.generate steps through this same method)."""
+    step = llm.llm_engine.step
+
+    def counted_step(*args, **kwargs):
+        before()
+        return step(*args, **kwargs)
+
+    llm.llm_engine.step = counted_step
+
+
+def shutdown(llm) -> None:
+    """Stop the engine core (its process, or its threads in this one) and free its memory."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+def block_pool(llm):
+    """The engine core's block pool (KV blocks and state slots); the engine core must run in this process."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    if core is None:
+        raise RuntimeError("the block pool is reached only with vLLM's engine core in this process "
+                           "(VLLM_ENABLE_V1_MULTIPROCESSING=0; engine.multiprocessing=false)")
+    return core.scheduler.kv_cache_manager.block_pool
+
+
+def hand_out_blocks_in_order(pool, blocks: list) -> None:
+    """Make the pool's free queue hand out `blocks` in this order (every block must be free)."""
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+
+    if pool.null_block is not pool.blocks[0]:
+        raise RuntimeError("vLLM's block pool no longer keeps its null block first; compat.hand_out_blocks_in_order needs updating")
+    pool.free_block_queue = FreeKVCacheBlockQueue(blocks)
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed the worker's RNGs as vLLM does at engine start (run inside the worker)."""
+    from vllm.utils.torch_utils import set_random_seed as seed_all
+
+    seed_all(seed)
+
+
+def scheduler_base() -> type:
+    """vLLM's v1 scheduler class, which engine_hooks.RecordingScheduler extends."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return Scheduler
+
 
 def engine_metrics(llm) -> dict[str, float]:
     """The engine's counters and gauges under the lab's names, summed over engines. A metric this

@@ -224,9 +224,7 @@ def _remove_fault(worker) -> None:
 
 def _reseed(worker) -> None:
     """Seed the worker's RNG as a fresh engine does once it is warmed up (vLLM's own call)."""
-    from vllm.utils.torch_utils import set_random_seed
-
-    set_random_seed(worker.model_config.seed)
+    compat.set_random_seed(worker.model_config.seed)
 
 
 def _zero_kv_cache(worker) -> None:
@@ -250,16 +248,12 @@ def reset(llm) -> None:
     fault's wrappers (remember_clean noted the fresh state), an empty prefix cache, block ids handed out
     from 1 in order again, zeroed KV memory (a stale read returns what a fresh engine's would), request
     ids from 0, and the RNG that requests without a seed sample from seeded again."""
-    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
-
     llm.collective_rpc(_remove_fault)
     if not llm.reset_prefix_cache():
         raise RuntimeError("the engine still holds KV blocks after its requests finished")
-    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
-    if pool.null_block is not pool.blocks[0]:
-        raise RuntimeError("vLLM's block pool no longer keeps its null block first; engine.reset needs updating")
+    pool = compat.block_pool(llm)
     # A fresh pool hands out block ids in increasing order; a used one in eviction order.
-    pool.free_block_queue = FreeKVCacheBlockQueue(pool.blocks[1:])
+    compat.hand_out_blocks_in_order(pool, pool.blocks[1:])
     llm.request_counter.reset()
     llm.collective_rpc(_zero_kv_cache)
     # Requests without a seed draw from the engine's RNG: start it where a fresh engine's starts.

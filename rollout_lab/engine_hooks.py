@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 
-from vllm.v1.core.sched.scheduler import Scheduler
-
+from rollout_lab import compat
 from rollout_lab.instrument import SCHEDULE_LOG_ENV, CacheGroup, ScheduledRequest, SchedulerStep, header_line, step_line
 
 
-class RecordingScheduler(Scheduler):
+class RecordingScheduler(compat.scheduler_base()):
     """vLLM's scheduler, unchanged, plus one JSON line per step describing what it decided."""
 
     def __init__(self, *args, **kwargs):

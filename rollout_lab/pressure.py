@@ -16,14 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-
-def block_pool(llm):
-    """The engine core's block pool (KV blocks and state slots); the engine core must run in this process."""
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
-    if core is None:
-        raise RuntimeError("block_pool_head needs vLLM's engine core in this process "
-                           "(VLLM_ENABLE_V1_MULTIPROCESSING=0; engine.multiprocessing=false)")
-    return core.scheduler.kv_cache_manager.block_pool
+from rollout_lab import compat
 
 
 def head_block(fraction: float, num_blocks: int) -> int:
@@ -38,15 +31,11 @@ def move_pool_head(llm, fraction: Optional[float]) -> Optional[int]:
     the top); returns that id. None: leave the pool as it is. Every block must be free."""
     if fraction is None:
         return None
-    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
-
-    pool = block_pool(llm)
-    if pool.null_block is not pool.blocks[0]:
-        raise RuntimeError("vLLM's block pool no longer keeps its null block first; pressure.move_pool_head needs updating")
+    pool = compat.block_pool(llm)
     held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
     if held:
         raise RuntimeError(f"block_pool_head: {held} blocks are still held by requests; the queue is moved between requests")
     head = head_block(fraction, pool.num_gpu_blocks)
     # Cached blocks keep their hashes: the prefix cache still finds them, only the order changes.
-    pool.free_block_queue = FreeKVCacheBlockQueue(pool.blocks[head:] + pool.blocks[1:head])
+    compat.hand_out_blocks_in_order(pool, pool.blocks[head:] + pool.blocks[1:head])
     return head

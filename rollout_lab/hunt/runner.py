@@ -91,13 +91,11 @@ def count_engine_steps(llm) -> dict:
     """Wrap the engine's step() with a counter: {"steps": n}, read by the heartbeat (the reference's
     batches count too: a long teacher-forced pass takes no engine step but is progress)."""
     counter = {"steps": 0}
-    step = llm.llm_engine.step
 
-    def counted_step(*args, **kwargs):
+    def count() -> None:
         counter["steps"] += 1
-        return step(*args, **kwargs)
 
-    llm.llm_engine.step = counted_step
+    compat.wrap_step(llm, count)
     return counter
 
 
@@ -146,7 +144,7 @@ def rescore(llm, items: list[Scored]) -> None:
     """Each item's sequence re-scored alone: the logprob of each completion token as a prompt token."""
     for item in items:
         sequence = item.prompt_token_ids + item.token_ids
-        if len(sequence) >= llm.llm_engine.vllm_config.model_config.max_model_len:
+        if len(sequence) >= compat.vllm_config(llm).model_config.max_model_len:
             sequence = sequence[:-1]
         # engine.prompt_logprobs starts at position 1: the first completion token's is at len(prompt) - 1.
         item.rescored = engine.prompt_logprobs(llm, sequence)[len(item.prompt_token_ids) - 1 :]
@@ -259,7 +257,7 @@ def run_group(spec: GroupSpec, lines_path: str) -> None:
                                  time.perf_counter() - started, crash=crash_signature(exc, phase="engine_start"),
                                  message=engine.rejection_message(exc)))
         return
-    config = llm.llm_engine.vllm_config
+    config = compat.vllm_config(llm)
     dtype = str(config.model_config.dtype).removeprefix("torch.")
     limits = Limits(config.model_config.max_model_len, config.scheduler_config.max_num_batched_tokens,
                     config.cache_config.block_size, int(config.cache_config.num_gpu_blocks or 0))

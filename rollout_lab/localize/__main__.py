@@ -151,6 +151,7 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
     import torch
     from rich.progress import Progress
 
+    from rollout_lab import compat
     from rollout_lab.instrument import SCHEDULE_LOG_ENV, ScheduleReader
     from rollout_lab.localize import capture, profile
     from rollout_lab.localize.divergence import (SHAPE_FLOOR, TokenLocalization, clean_levels, divergence, is_clean,
@@ -239,7 +240,7 @@ def localize(run, args: argparse.Namespace, out_dir: Path):
             progress.update(task, advance=1, description="reference on the captured tokens")
             by_key = divergences(vllm_tokens, outputs)
         finally:
-            llm.llm_engine.engine_core.shutdown()
+            compat.shutdown(llm)
         progress.update(task, advance=1)
 
     # The clean tokens of the same replay: unflagged and without a jump (divergence.is_clean).

@@ -20,7 +20,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from rollout_lab import engine
+from rollout_lab import compat, engine
 from rollout_lab.minimize.standalone import Case, Expected, Outcome, crash_outcome, run_case, same_failure, start_engine
 from rollout_lab.oracles.records import TokenDiff
 from rollout_lab.reference import load_reference
@@ -246,7 +246,7 @@ class TrialRunner:
     def close(self) -> None:
         """Shut the engine down and free its memory."""
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            compat.shutdown(self.llm)
         self.llm, self.engine_args_key = None, None
         gc.collect()
 

@@ -1,5 +1,7 @@
-"""The package's shape: no import circle at any level (imports inside functions count), no module over 400 lines."""
+"""The package's shape: no import circle at any level (imports inside functions count), no module over 400 lines,
+every module named in docs/configuration.md's layout."""
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "rollout_lab"
@@ -71,3 +73,10 @@ def test_no_module_over_400_lines():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     over = {name for name, lines in sizes.items() if lines > MAX_LINES}
     assert not over, f"split along its ideas: {({name: sizes[name] for name in over})}"
+
+
+def test_every_module_is_named_in_the_layout_of_docs_configuration():
+    layout = (PACKAGE.parent / "docs" / "configuration.md").read_text()
+    missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if p.stem not in ("__init__", "__main__") and not re.search(rf"\b{p.stem}\b", layout)]
+    assert not missing, f"docs/configuration.md's layout does not name {missing}"

@@ -180,7 +180,7 @@ def setup(cfg: RunConfig) -> Job:
     )
     return Job(cfg, run_dir, result, tokenizer, problems, [encode_prompt(tokenizer, p) for p in problems],
                tokenizer(PROBE_TEXT)["input_ids"], samplers, trainer, group, RunLogger(cfg, run_dir, run_id, config_dict),
-               oracles.get("weight_sync").tolerance(cfg), started)
+               oracles.get("weight_sync").bound(cfg), started)
 
 
 def rl_step(job: Job, step: int, timer: "_PhaseTimer") -> tuple[dict, pa.Table, list]:

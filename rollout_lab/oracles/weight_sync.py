@@ -11,7 +11,9 @@ class WeightSync(Oracle):
     # A run it fails ends with summary.json status sync_mismatch (loop.check_sync); no hunt trial judges it.
     signature_kind = "sync_mismatch"
 
-    def tolerance(self, cfg, row: str = "") -> float:
+    # It judges the RL loop's probe, not a hunt trial: its bound comes from the run's RunConfig (`bound`),
+    # so the hunt-facing `tolerance(oracles, row)` stays the base's.
+    def bound(self, cfg) -> float:
         """The bound on the probe for a RunConfig `cfg` (tolerances.weight_sync_tolerance)."""
         from rollout_lab.tolerances import weight_sync_tolerance
 

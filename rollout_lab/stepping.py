@@ -22,7 +22,11 @@ MAX_ENGINE_STEPS = 20000
 
 def drive(llm, prompts: list[list[int]], params: list, arrive_steps: list[int], abort_steps: list[Optional[int]],
           tag: str) -> tuple[list[engine.SampledOutput], list[int]]:
-    """Run the schedule; (the completions of the requests not aborted, in request order; the aborted indices).
+    """Run the schedule; (the completions of the requests it does not abort, in request order; the aborted indices).
+
+    A request given an abort step is never returned, even when it finished before its abort: which requests
+    come back must follow from the schedule alone (minimize.standalone.completed), not from timing, so that
+    an oracle that re-runs the completed requests pairs each output with its own request.
 
     Request i goes to vLLM as "<tag>-<i>" (the SampledOutput's request_id names it)."""
     pending = sorted(range(len(prompts)), key=lambda i: (arrive_steps[i], i))
@@ -47,5 +51,5 @@ def drive(llm, prompts: list[list[int]], params: list, arrive_steps: list[int], 
         step += 1
         if step > MAX_ENGINE_STEPS:
             raise TimeoutError(f"schedule still running after {MAX_ENGINE_STEPS} engine steps")
-    kept = [finished[i] for i in range(len(prompts)) if i in finished and i not in aborted]
+    kept = [finished[i] for i in range(len(prompts)) if abort_steps[i] is None]
     return engine.sampled_outputs(kept), sorted(aborted)

@@ -53,7 +53,9 @@ def case_file(finding: Finding, reference_tolerance: dict[str, float], fault: st
     case.env = engine_env(finding.engine)
     # The pressure preset's head, moved before the trial (runner.run_group): the minimizer moves it too.
     case.block_pool_head = finding.engine.get("block_pool_head")
-    return CaseFile(model, case, expected, f"hunt trial {finding.first_trial}: {finding.signature}")
+    # The case is the smallest failing trial's (Finding.engine/workload/result), not always the first one's.
+    return CaseFile(model, case, expected, f"hunt trial: the smallest of the {finding.trials} failing "
+                    f"(first seen in trial {finding.first_trial}): {finding.signature}")
 
 
 def trial_case_file(hunt_dir: Path, trial_key: str) -> CaseFile:

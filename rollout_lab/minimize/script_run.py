@@ -74,7 +74,7 @@ def run_schedule(llm, prompts, params, schedule) -> list:
             aborted += late
         step += 1
     print(f"{step} engine steps; added at {[schedule[i][0] for i in added]}, aborted {aborted}")
-    return [finished[i] for i in range(len(prompts)) if i in finished and i not in aborted]  # the aborted return none
+    return [finished[i] for i in range(len(prompts)) if schedule[i][1] is None]  # one given an abort step: none, done or not
 '''
 
 

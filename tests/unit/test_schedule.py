@@ -13,7 +13,7 @@ from rollout_lab.hunt.workloads import TraceRequest
 from rollout_lab.minimize import schedule
 from rollout_lab.minimize.handoff import CaseFile, case_from_json
 from rollout_lab.minimize.script import LINE_BUDGET, SCHEDULE_LINES, ReproSpec, budget_lines, repro_source
-from rollout_lab.minimize.standalone import Case, Expected, Request, is_scheduled
+from rollout_lab.minimize.standalone import Case, Expected, Request, completed, is_scheduled
 from rollout_lab.minimize.trials import TrialRecord, case_key
 
 STAGGERED = [Request([1, 2, 3], 11, 0, 0, arrive_step=0, abort_step=3), Request([4, 5], 12, 1, 0),
@@ -107,6 +107,26 @@ def test_repro_py_steps_the_engine_as_the_minimizer_replays_the_case():
     kept = namespace["run_schedule"](script, [{"prompt_token_ids": p} for p in prompts], params, namespace["SCHEDULE"])
     assert script.llm_engine.log == lab.llm_engine.log
     assert [o.request_id for o in kept] == ["r-1", "r-2", "r-3"]
+
+
+def test_a_request_that_finishes_before_its_abort_is_not_returned_so_outputs_pair_with_the_completed_requests():
+    """Defect (the 0.33 GPU hunt, docs/gpu_runs/2026-12-07c): a request that finished before its abort step came
+    back from the replay, but batch_invariance re-ran only the requests with no abort step and compared the two
+    lists by position, so each pair held two different requests and the minimized repro "reproduced" that."""
+    arrivals, aborts = [0, 0, 0], [5, None, None]
+    params = [SimpleNamespace(max_tokens=n) for n in (2, 3, 4)]  # request 0 finishes at step 2, before its abort at 5
+    prompts = [[1], [2], [3]]
+    lab = SimpleNamespace(llm_engine=FakeEngine())
+    outputs, aborted = stepping.drive(lab, prompts, params, arrivals, aborts, "t")
+    requests = [Request(p, 1, i, 0, a, b) for i, (p, a, b) in enumerate(zip(prompts, arrivals, aborts))]
+    assert aborted == [] and [o.request_id for o in outputs] == ["t-1", "t-2"]
+    assert [r.prompt_token_ids for r in completed(case(requests))] == [o.prompt_token_ids for o in outputs]
+    spec = ReproSpec("[Bug]: x", "y", "smollm2", case(requests), Expected("batch_invariance", 0.0, targets=2))
+    namespace = {}
+    exec(compile(repro_source(spec), "repro.py", "exec"), namespace)
+    kept = namespace["run_schedule"](SimpleNamespace(llm_engine=FakeEngine()), [{"prompt_token_ids": p} for p in prompts],
+                                     params, namespace["SCHEDULE"])
+    assert [o.request_id for o in kept] == ["r-1", "r-2"]
 
 
 @pytest.mark.parametrize("kind", ["crash", "mismatch", "batch_invariance"])

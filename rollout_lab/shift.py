@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rollout_lab.analysis.verdict import ALPHA, holm
-from rollout_lab.shift_conditions import FACTORS, FRAME_COLUMNS, condition_counts, shift_frame
+from rollout_lab.shift_conditions import FACTORS, FRAME_COLUMNS, condition_counts, shift_frame, units
 from rollout_lab.shift_result import MIN_EFFECT, NONE, PROFILE, SELF, ConditionTest, ShiftResult
 
 # 2: tokens carry their prompt, the unit the profile test permutes.
@@ -128,8 +128,9 @@ def shift_test(run: pd.DataFrame, profile: Optional[pd.DataFrame], seed: int = 0
                 inside, rest = run_levels == level, run_levels.notna() & (run_levels != level)
                 if name != "all" and not rest.any() and (profile_levels.dropna() == level).all():
                     continue  # every token of both in one level (no prefix-cache hit, say): the all-tokens test again
-                test = _compare(cluster_permutation_test, "prompt permutation of mid-ranks, run vs profile", name, level,
-                                run[inside], profile[profile_levels == level], rng, unit="prompt")
+                test = _compare(cluster_permutation_test, f"{factor.unit} permutation of mid-ranks, run vs profile", name,
+                                level, run[inside].assign(unit=units(run[inside], factor.unit)),
+                                profile[profile_levels == level].pipe(lambda f: f.assign(unit=units(f, factor.unit))), rng, unit="unit")
                 if test is not None:
                     profile_rest = profile_levels.notna() & (profile_levels != level)
                     if rest.any() and profile_rest.any():  # where the fault acts, the level moved more than the rest

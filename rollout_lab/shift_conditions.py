@@ -34,6 +34,11 @@ class Factor:
 
     name: str
     levels: Callable[[pd.DataFrame], pd.Series]
+    # What the profile test permutes between run and profile: "prompt" where a token's noise is its prompt's
+    # business; "batch" (one engine's step of the RL loop: every prompt of it in the same engine batches) where
+    # the level is the scheduler's choice for the whole batch and changes its arithmetic (bfloat16 kernels round
+    # by batch shape), so the prompts of one run are not exchangeable with the profile's there.
+    unit: str = "prompt"
 
 
 # The conditions tested, each a factor whose levels cut the tokens. One table: adding one is a line here
@@ -41,13 +46,19 @@ class Factor:
 FACTORS = {
     "all": Factor("all", lambda f: pd.Series("tokens", index=f.index, dtype=object)),
     "position": Factor("position", lambda f: _buckets(f["position"], (0, 8, 16, 32, 128, 512))),
-    "batch_size": Factor("batch_size", lambda f: _buckets(f["batch_size"], (1, 4, 16, 32, 128))),
+    "batch_size": Factor("batch_size", lambda f: _buckets(f["batch_size"], (1, 4, 16, 32, 128)), unit="batch"),
     "prefix_cache": Factor("prefix_cache", lambda f: _flag(f["prefix_cache_hit"], "hit", "miss")),
     "preempted": Factor("preempted", lambda f: _flag(f["preempted"], "after a preemption", "not preempted")),
-    "chunked_prefill": Factor("chunked_prefill", lambda f: _flag(f["chunked_prefill"], "chunked", "whole")),
+    "chunked_prefill": Factor("chunked_prefill", lambda f: _flag(f["chunked_prefill"], "chunked", "whole"), unit="batch"),
     "kv_block": Factor("kv_block", lambda f: _buckets(f["kv_block"], (0, 16, 64, 256, 1024, 4096))),
 }
 FRAME_COLUMNS = ("sequence", "prompt", "step", "abs_diff", "position", "batch_size", "prefix_cache_hit", "preempted", "chunked_prefill", "kv_block")
+
+
+def units(frame: pd.DataFrame, unit: str) -> pd.Series:
+    """Each token's permutation unit: its prompt ("<run>/<step>/<worker>/<prompt index>", shift_frame's
+    id) or that prompt's engine batch group (the id without its prompt index)."""
+    return frame["prompt"] if unit == "prompt" else frame["prompt"].str.rsplit("/", n=1).str[0]
 
 
 def _schedule_facts(run_dir: Path) -> dict[tuple[int, str], tuple[dict[int, int], bool]]:

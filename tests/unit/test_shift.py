@@ -21,6 +21,7 @@ from rollout_lab.shift import (
     write_profile,
 )
 from rollout_lab.shift_budget import mismatch_budget, write_budget
+from rollout_lab.shift_conditions import units
 
 
 def test_vargha_delaney_counts_ties_half():
@@ -154,3 +155,29 @@ def test_a_level_is_named_only_where_it_moved_more_than_the_rest_of_its_factor()
     result = ShiftResult("profile", "", True, [test("all", "tokens", 0.62), test("kv_block", "0-15", 0.51, rest=0.69, moved=False),
                                                test("kv_block", "16-63", 0.69, rest=0.51, moved=False)])
     assert result.headline.condition == "kv_block 16-63" and "the rest of kv_block: A 0.510" in result.headline.sentence()
+
+
+def _batched_run(rng, run: int, batch_scale: float, prompts: int = 8, samples: int = 4, tokens: int = 32) -> pd.DataFrame:
+    """One run's step: its tokens at batch size 16-31 (the second half) rounded alike, scaled by batch_scale."""
+    frame = _frame(rng, prompts * samples, tokens, label=f"{run}/")
+    frame["prompt"] = [f"{run}/0/0/{i // (samples * tokens)}" for i in range(len(frame))]
+    frame["batch_size"] = np.where(frame["position"] >= 16, 20.0, 40.0)
+    frame.loc[frame["batch_size"] == 20.0, "abs_diff"] *= batch_scale
+    return frame
+
+
+def test_a_batch_size_level_is_permuted_by_engine_batch_not_by_prompt():
+    """Defect (20 clean seeds, docs/shift.md): a clean run whose batches happened to round worse at batch size 16-31
+    was `shifted` there, its 8 prompts permuted against the profile's as if each had its own batches; one run's
+    prompts share every batch, so a profile of 4 runs holds 4 units of that level, not 32 prompts."""
+    rng = np.random.default_rng(3)
+    profile = pd.concat([_batched_run(rng, r, scale) for r, scale in enumerate((0.9, 1.0, 1.05, 1.1))], ignore_index=True)
+    run = _batched_run(rng, 9, 1.3)
+    assert list(units(run, "batch").unique()) == ["9/0/0"] and units(run, "prompt").nunique() == 8
+    level = run["batch_size"] == 20.0
+    by_prompt = cluster_permutation_test(run.loc[level, "abs_diff"].to_numpy(), run.loc[level, "prompt"].to_numpy(),
+                                         profile.loc[profile["batch_size"] == 20.0, "abs_diff"].to_numpy(),
+                                         profile.loc[profile["batch_size"] == 20.0, "prompt"].to_numpy(), rng)
+    assert by_prompt < 0.01  # what the prompt permutation said of a run-wide batch effect
+    test = next(t for t in shift_test(run, profile).tests if t.condition == "batch_size 16-31")
+    assert test.test.startswith("batch permutation") and test.p_value >= 0.19 and not test.moved

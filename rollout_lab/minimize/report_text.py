@@ -124,7 +124,8 @@ def report(reduction: Reduction, source: str, env_text: str, confirmation: Optio
     """REPORT.md in vLLM's bug template (bug_report.BugReport words it; the log goes to MINIMIZATION.md)."""
     case = confirmation.case if confirmation is not None else reduction.case
     expected, actual = expected_actual(reduction, case)
-    notes = [line[2:] for line in where_it_fails(reduction, case)]
+    # Relative: the run's own path (the localize command's argument) means nothing to a maintainer.
+    notes = [bug_report.relative_paths(line[2:]) for line in where_it_fails(reduction, case)]
     if case.fault:
         notes.insert(0, f"**Not a vLLM bug as shipped**: it needs rollout_lab's planted fault `{case.fault}` "
                         f"({json.dumps(case.fault_params, sort_keys=True)}), which repro.py carries (labelled); `--no-fault` runs vLLM as shipped.")

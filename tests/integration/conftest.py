@@ -20,3 +20,20 @@ def stale_state_run(tmp_path_factory, ray_session, compose) -> Path:
     cfg.run_dir = str(run_dir)
     run(cfg)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def overflow_run(tmp_path_factory, ray_session, compose) -> Path:
+    """`python -m rollout_lab +pressure=many_slots fault=index_overflow loop.steps=1 loop.check_weight_sync=false
+    workload.num_prompts=4 workload.max_tokens=16`: half the default job's prompts, 16 tokens each, still hand out
+    blocks past the fault's threshold (16) to some requests and not to others. Read by test_localize (where the
+    divergence starts) and test_faults (which requests go wrong), one engine run for both."""
+    from rollout_lab.loop import run
+
+    run_dir = tmp_path_factory.mktemp("overflow_run")
+    cfg = compose("+pressure=many_slots", "fault=index_overflow", "loop.steps=1", "loop.check_weight_sync=false",
+                  "logger.mode=disabled", "workload.num_prompts=4", "workload.max_tokens=16")
+    cfg.run_dir = str(run_dir)
+    result = run(cfg)
+    assert result.status == "ok", result.crash
+    return run_dir

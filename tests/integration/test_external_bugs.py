@@ -187,8 +187,7 @@ point = {"model": "llama-tiny", "engine.dtype": "float32", "engine.enforce_eager
 workload = {"generator": "timed_trace", "seed": 1, "sampling.max_tokens": 8, "sampling.temperature": 1.0, "sampling.logprobs": 0}
 trace = [TraceRequest(list(range(100, 112)), 0, 2), TraceRequest(list(range(300, 309)), 0), TraceRequest(list(range(500, 507)), 4)]
 oracles = OracleConfig()
-spec = GroupSpec("g", point, resolve_model("llama-tiny"), [], 0.0, reference_tolerance=oracles.reference_tolerance,
-                 metamorphic_tolerance=oracles.metamorphic_tolerance)
+spec = GroupSpec("g", point, resolve_model("llama-tiny"), [], 0.0, oracles=oracles)
 llm = engine.start(model=spec.model_path, **(engine_args(point) | {"disable_log_stats": False}))
 engine.remember_clean(llm)
 result = run_trial(llm, load_reference(spec.model_path), spec, workload, trace, "t", "float32")

@@ -1,21 +1,15 @@
 """Planted faults under the matching pressure preset are seen by the lab, and point at the right
 requests. Each run is composed from conf/ as `python -m rollout_lab +pressure=<p> fault=<f>` composes
 it (the presets' own values), one RL step long."""
+import json
+
 import numpy as np
 import pytest
 
 from rollout_lab.instrument import ScheduleReader, engine_request_id
-from rollout_lab.loop import run
 from rollout_lab.records import read_records, read_summary
 
 pytestmark = pytest.mark.integration
-
-
-def fault_run(run_dir, compose, *overrides):
-    """(config, result) of one RL step of the default job under `overrides`, no weight-sync check."""
-    cfg = compose(*overrides, "loop.steps=1", "loop.check_weight_sync=false", "logger.mode=disabled")
-    cfg.run_dir = str(run_dir)
-    return cfg, run(cfg)
 
 
 def blocks_by_request(run_dir):
@@ -48,19 +42,22 @@ def test_stale_state_hits_only_preempted_requests(stale_state_run):
     assert set(others.prompt_index) <= set(preempted.prompt_index)
 
 
-# Slow tier (78 s alone, its own engine); the fast tier runs index_overflow's remap in
+# Slow tier (its engine run is shared with test_localize.py, all slow); the fast tier runs index_overflow's remap in
 # tests/unit/test_faults_remap.py and a planted fault end to end above.
 @pytest.mark.slow
-def test_index_overflow_hits_only_requests_holding_high_blocks(tmp_path, ray_session, compose):
-    cfg, result = fault_run(tmp_path, compose, "+pressure=many_slots", "fault=index_overflow")
-    threshold = cfg.fault.params["threshold"]  # in blocks (stride 1)
+def test_index_overflow_hits_only_requests_holding_high_blocks(overflow_run):
+    """On the session's many_slots index_overflow run (4 prompts x 4 samples x 16 tokens, shared with test_localize).
+    Fails with the fault firing below its threshold (faults._FaultState.remap_block_table wrapping blocks >= 8 mod 8):
+    requests that never held a block past 16 go wrong."""
+    threshold = json.loads((overflow_run / "config.json").read_text())["fault"]["params"]["threshold"]  # in blocks (stride 1)
+    result = read_summary(overflow_run)
     assert result.status == "ok", result.crash
-    table = read_records(tmp_path).to_pandas()
+    table = read_records(overflow_run).to_pandas()
     flagged = table[table.abs_diff > result.spike_threshold]
     assert result.spike_fraction > 0.05
-    held = blocks_by_request(tmp_path)
+    held = blocks_by_request(overflow_run)
     for request_id in set(flagged.request_id):
         assert max(held[request_id]) >= threshold, request_id
-    # Requests that never held a block past the threshold are clean.
+    # Requests that never held a block past the threshold are clean (and there are some).
     low = [rid for rid, blocks in held.items() if max(blocks) < threshold]
-    assert np.all(table[table.request_id.isin(low)].abs_diff <= result.spike_threshold)
+    assert low and np.all(table[table.request_id.isin(low)].abs_diff <= result.spike_threshold)

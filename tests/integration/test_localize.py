@@ -38,11 +38,7 @@ def localize(run_dir: Path, *args: str) -> tuple[report.Localization, str]:
     return report.read(out / report.RESULT_NAME), done.stdout
 
 
-@pytest.fixture(scope="module")
-def overflow_run(tmp_path_factory, ray_session, compose):
-    return fault_run(tmp_path_factory.mktemp("overflow"), compose, "+pressure=many_slots", "fault=index_overflow")
-
-
+# overflow_run: the session's `+pressure=many_slots fault=index_overflow` run (tests/integration/conftest.py).
 def test_index_overflow_diverges_first_at_attention_on_high_block_requests(overflow_run):
     result, stdout = localize(overflow_run)
     flagged = [t for t in result.tokens if t.flagged]

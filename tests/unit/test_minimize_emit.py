@@ -100,6 +100,17 @@ def test_report_follows_vllms_bug_template_within_its_visible_budget():
     assert bug_report.problems(text) == []
 
 
+def test_a_report_of_a_run_given_by_its_absolute_path_names_no_absolute_path():
+    """`python -m rollout_lab.minimize /abs/run` of an unlocalized mismatch: the note naming the localize command
+    carried the run's absolute path into REPORT.md (test_minimize's high_ids run, issue 35)."""
+    red = reduction()
+    red = replace(red, run=replace(red.run, run_dir=Path("/home/someone/runs/x")))
+    confirmation = Confirmation(red.case, Verification([], 1, 31.0, TRACEBACK, "REPRODUCED: 3 tokens"), [])
+    text = report(red, "print(1)\n", COLLECT_ENV, confirmation, [], "CPU", "repro/x/repro.py")
+    assert "not localized yet (`python -m rollout_lab.localize x`)" in text
+    assert bug_report.problems(text) == []
+
+
 def test_a_report_of_a_case_the_budget_left_unreduced_is_a_draft():
     red = replace(reduction(fault=None, kind="crash"), budget_spent=True)
     confirmation = Confirmation(red.case, Verification([], 1, 5.0, TRACEBACK, "REPRODUCED: x"), [])

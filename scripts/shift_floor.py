@@ -1,13 +1,13 @@
 """The smallest shift the shift test detects, per dtype, on the device this runs on (CPU or CUDA).
 
     python scripts/shift_floor.py --out shift_floor.json [--dtypes bfloat16 float32] [--budget-s 270]
-        [--profile-runs 1 --profile-steps 2] [--clean-steps 2] [--profile PATH] [--faults logit_noise=0.01,0.03]
+        [--profile-runs 1 --profile-steps 2] [--clean-steps 2] [--clean-seeds 20] [--profile PATH] [--faults logit_noise=0.01,0.03]
         [key=value ...]   # RunConfig overrides for every run, e.g. engine.kv_cache_memory_bytes=268435456
 
 Per dtype (engine in that dtype, trainer float32: the users' setting), in a private cache (the user's
 calibration and profiles stay as they are): a clean profile (calibrate.clean_runs, or --profile), one
-clean run of --clean-steps steps whose every step is tested against it as a run of its own (false
-positives), then each planted fault at rising scales, one 1-step run each through the lab's own loop
+clean run of --clean-steps steps whose every step is tested against it as a run of its own and
+--clean-seeds clean one-step jobs each judged by the loop against it (false positives), then each planted fault at rising scales, one 1-step run each through the lab's own loop
 (its outcome is what a user gets), until a scale ends `shifted` naming the fault's condition or spikes
 past the threshold. Run dirs go to runs/shift_floor/<time>/. Prints a table and writes the JSON to --out. Stops starting runs after --budget-s.
 """
@@ -28,6 +28,7 @@ LADDERS = {
 }
 KV_MIN_BLOCK = 16  # kv_noise writes blocks >= this: the condition it must be named by is a kv_block level from here up
 FAULT_SEED = 7  # engine and prompt seed of the fault runs: not a profile seed (0, 1, ...) nor the clean run's
+CLEAN_SEED = 1000  # the first seed of the clean runs (--clean-steps' run, then --clean-seeds' runs)
 
 
 def right_condition(fault: str, head) -> bool:
@@ -58,6 +59,29 @@ def fault_row(fault: str, scale: float, result) -> dict:
             "crash": result.crash.exception_type if result.crash is not None else None, "seconds": result.seconds}
 
 
+def clean_seeds(dtype: str, args, work: Path, deadline: float) -> dict:
+    """The false-positive rate as a user meets it: --clean-seeds clean one-step jobs (engine and prompt seed
+    CLEAN_SEED, CLEAN_SEED + 1, ...), each run through the loop, whose outcome is judged against the profile."""
+    from tqdm import tqdm
+
+    from rollout_lab.loop import run
+
+    rows = []
+    seeds = args.clean_seed_list or range(CLEAN_SEED, CLEAN_SEED + args.clean_seeds)
+    for seed in tqdm(seeds, desc=f"[{dtype}] clean seeds", unit="run"):
+        if time.monotonic() > deadline:
+            break
+        result = run(job(dtype, work / f"{dtype}-clean-seed{seed}", args.overrides, f"model.name={args.model}",
+                         f"engine.seed={seed}", f"workload.prompt_seed={seed}"))
+        head = result.shift.headline if result.shift is not None else None
+        rows.append({"seed": seed, "status": result.status, "outcome": result.outcome, "max_abs_diff": result.abs_diff_max,
+                     "closest": head.sentence() if head else None, "seconds": result.seconds})
+        print(f"[{dtype}] clean seed {seed}: {result.outcome}; {rows[-1]['closest']}", flush=True)
+    clean = sum(r["outcome"] == "clean" for r in rows)
+    print(f"[{dtype}] clean seeds: {clean} of {len(rows)} clean", flush=True)
+    return {"runs": len(rows), "clean": clean, "rows": rows}
+
+
 def measure(dtype: str, args, work: Path, deadline: float) -> dict:
     from rollout_lab.calibrate import clean_runs
     from rollout_lab.loop import run
@@ -75,13 +99,15 @@ def measure(dtype: str, args, work: Path, deadline: float) -> dict:
     print(f"[{dtype}] profile: {out['profile']['tokens']} tokens, {out['profile']['sequences']} sequences, {profile.seconds:.0f} s", flush=True)
     if args.clean_steps and time.monotonic() < deadline:
         cfg = job(dtype, work / f"{dtype}-clean", args.overrides, f"model.name={args.model}", f"loop.steps={args.clean_steps}",
-                  "engine.seed=1000", "workload.prompt_seed=1000")
+                  f"engine.seed={CLEAN_SEED}", f"workload.prompt_seed={CLEAN_SEED}")
         result = run(cfg)
         frame = shift_frame(cfg.run_dir)
         steps = [shift_test(part, profile.tokens) for _, part in frame.groupby("step")]
         out["clean"] = {"status": result.status, "outcome": result.outcome, "steps": len(steps), "shifted_steps": sum(s.shifted for s in steps),
                         "closest": [s.headline.sentence() for s in steps], "max_abs_diff": result.abs_diff_max, "seconds": result.seconds}
         print(f"[{dtype}] clean: {out['clean']['shifted_steps']} of {len(steps)} steps shifted; run outcome {result.outcome}", flush=True)
+    if (args.clean_seeds or args.clean_seed_list) and time.monotonic() < deadline:
+        out["clean_seeds"] = clean_seeds(dtype, args, work, deadline)
     ladders = LADDERS[dtype]
     if args.faults is not None:  # `--faults` alone: no fault runs (the false-positive measurement only)
         ladders = {name: [float(v) for v in scales.split(",")] for name, _, scales in (f.partition("=") for f in args.faults)}
@@ -113,6 +139,9 @@ def main() -> None:
     parser.add_argument("--profile-runs", type=int, default=1)
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--clean-steps", type=int, default=2, help="steps of the clean run tested step by step (0: none)")
+    parser.add_argument("--clean-seeds", type=int, default=0, help="clean one-step jobs at seeds 1000, 1001, ..., "
+                        "each judged by the loop against the profile (the false-positive rate; 0: none)")
+    parser.add_argument("--clean-seed-list", type=int, nargs="+", help="these seeds instead (a run lost to memory, say)")
     parser.add_argument("--profile", help="an existing profile file to test against (one dtype) instead of measuring one")
     parser.add_argument("--faults", nargs="*", help="ladders replacing the built-in ones, e.g. logit_noise=0.02,0.04 kv_noise=0.01")
     parser.add_argument("--budget-s", type=float, default=270, help="start no run after this many seconds")

@@ -124,13 +124,14 @@ def shift_test(run: pd.DataFrame, profile: Optional[pd.DataFrame], seed: int = 0
         run_levels = factor.levels(run)
         if profile is not None:
             profile_levels = factor.levels(profile)
+            # Each token's permutation unit for this factor, labelled once (shift_conditions.units).
+            run_units, profile_units = run.assign(unit=units(run, factor.unit)), profile.assign(unit=units(profile, factor.unit))
             for level in sorted(set(run_levels.dropna())):
                 inside, rest = run_levels == level, run_levels.notna() & (run_levels != level)
                 if name != "all" and not rest.any() and (profile_levels.dropna() == level).all():
                     continue  # every token of both in one level (no prefix-cache hit, say): the all-tokens test again
                 test = _compare(cluster_permutation_test, f"{factor.unit} permutation of mid-ranks, run vs profile", name,
-                                level, run[inside].assign(unit=units(run[inside], factor.unit)),
-                                profile[profile_levels == level].pipe(lambda f: f.assign(unit=units(f, factor.unit))), rng, unit="unit")
+                                level, run_units[inside], profile_units[profile_levels == level], rng, unit="unit")
                 if test is not None:
                     profile_rest = profile_levels.notna() & (profile_levels != level)
                     if rest.any() and profile_rest.any():  # where the fault acts, the level moved more than the rest

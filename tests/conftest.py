@@ -14,11 +14,48 @@ def pytest_addoption(parser):
                      help="run the selected tests in reverse order: a test that needs another's side effects fails")
 
 
+# Session runs that tests in several files read (tests/integration/conftest.py): under
+# `pytest -n N --dist loadgroup` (the Makefile's) the tests reading one go to one worker, which makes
+# the run once. Every other test is grouped by its file, so a module-scoped engine is started once too.
+SHARED_RUNS = ("stale_state_run", "overflow_run")
+
+
+class _WorkerGroups:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items):
+        # tryfirst: before pytest-xdist reads the groups into the node ids.
+        for item in items:
+            if not item.get_closest_marker("xdist_group"):
+                shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+                item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_WorkerGroups(), "rollout_lab_worker_groups")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     # trylast: after pytest has grouped the items by fixture scope, so a module's tests stay together.
     if config.getoption("--reverse"):
         items.reverse()
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Every test leaves os.environ as it found it. The lab's entry points set vLLM's variables for
+    their own process (`localize.main` VLLM_USE_V2_MODEL_RUNNER=0, an exec'd repro.py its ENV), and
+    tests call them in-process: before this, a unit test's VLLM_USE_V2_MODEL_RUNNER=1 reached every
+    engine the same worker started after it (found by `pytest -n 2`: "Model Runner V2 requires
+    Triton" in test_ingest, test_faults, test_external_bugs). Session fixtures are set up before this
+    one (pytest orders fixtures by scope), so what they set stays."""
+    before = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(before) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[name]
+    for name, value in before.items():
+        if name != "PYTEST_CURRENT_TEST" and os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 # The two commands a new user needs (README.md): `make run` and `make test`.
 # `make test` is the fast tier, `make test-slow` the full-size end-to-end runs (docs/testing.md);
-# .ci/run runs both. TEST_ARGS passes pytest options, e.g. `make test TEST_ARGS=--reverse`.
+# .ci/run runs the fast tier only (docs/testing.md). TEST_ARGS passes pytest options, e.g. `make test TEST_ARGS=--reverse`.
 # TEST_WORKERS pytest-xdist processes (default 2, this 2-core machine's count; 0 runs in one process):
 # one file's tests, and the tests reading one shared run, go to one worker (tests/conftest.py).
 .PHONY: setup run test test-slow unit

@@ -14,10 +14,29 @@ def pytest_addoption(parser):
                      help="run the selected tests in reverse order: a test that needs another's side effects fails")
 
 
-# Session runs that tests in several files read (tests/integration/conftest.py): under
-# `pytest -n N --dist loadgroup` (the Makefile's) the tests reading one go to one worker, which makes
-# the run once. Every other test is grouped by its file, so a module-scoped engine is started once too.
+# The fixtures that make a run (an engine, a job, a minimization), with the tests that read them:
+# under `pytest -n N --dist loadgroup` (the Makefile's) the tests reading one go to one worker, which
+# makes the run once. The session runs (tests/integration/conftest.py) are read by tests in several
+# files; the module-scoped ones by one file's tests, one group per parameter (test_external_bugs
+# makes one run per bug). Every other test is a group of its own, so the two workers share out one
+# file's tests too (a module fixture left out here, like test_models' `prepared`, is cheap to make twice).
 SHARED_RUNS = ("stale_state_run", "overflow_run")
+MODULE_RUNS = ("bug_run", "lab_run")
+
+
+def worker_group(item) -> str:
+    """The xdist group of a test: the first run fixture it reads (`=param` for a parametrized one: xdist
+    reads a group name with a "]" in it as no group), else its node id."""
+    names = getattr(item, "fixturenames", ())
+    for name in SHARED_RUNS:
+        if name in names:
+            return name
+    for name in MODULE_RUNS:
+        if name in names:
+            callspec = getattr(item, "callspec", None)
+            param = callspec.params.get(name) if callspec else None
+            return f"{item.nodeid.split('::')[0]}::{name}" + (f"={param}" if param is not None else "")
+    return item.nodeid
 
 
 class _WorkerGroups:
@@ -26,8 +45,7 @@ class _WorkerGroups:
         # tryfirst: before pytest-xdist reads the groups into the node ids.
         for item in items:
             if not item.get_closest_marker("xdist_group"):
-                shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
-                item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+                item.add_marker(pytest.mark.xdist_group(worker_group(item)))
 
 
 def pytest_configure(config):

@@ -79,6 +79,7 @@ def assert_standalone_repro(repro: Path, with_fault_off: bool, *args: str) -> No
         assert clean.verdict == "NOT REPRODUCED", clean.output
 
 
+@pytest.mark.long  # 18+ minimization trials, a fresh engine each, over 26 min on 2 cores: make test-long (docs/testing.md)
 def test_stale_state_shrinks_to_two_prompts_and_only_the_knobs_that_matter(stale_state_run, tmp_path):
     assert read_summary(stale_state_run).status == "ok"
     assert {r.seed for r in read_requests(stale_state_run, 0)} == {None}
